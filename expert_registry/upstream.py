@@ -1,0 +1,198 @@
+"""Clients that carry one request to an expert's upstream.
+
+Two kinds, one interface (``send`` for a whole answer, ``open_stream`` for SSE):
+
+- ``HTTPUpstream``: vLLM workers and any OpenAI-compatible server, through the
+  process's one pooled ``httpx.AsyncClient``. Bytes in, bytes out: nothing is decoded.
+- ``LiteLLMUpstream``: provider model strings through ``litellm`` (imported lazily).
+
+Failures the caller must map (the gateway maps them to 502/504):
+``UpstreamUnreachable`` (connect error), ``UpstreamTimedOut``, ``UpstreamProtocolError``
+(the upstream broke the connection or spoke garbage). A non-2xx answer is *not* an
+exception: it comes back as ``(status, body)`` so 4xx errors reach the client as sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import httpx
+import orjson
+
+from expert_registry.spec import ExpertSpec
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = ("chat/completions", "completions")
+
+
+class UpstreamFailure(Exception):
+    """The upstream gave no usable answer."""
+
+
+class UpstreamUnreachable(UpstreamFailure):
+    pass
+
+
+class UpstreamTimedOut(UpstreamFailure):
+    pass
+
+
+class UpstreamProtocolError(UpstreamFailure):
+    pass
+
+
+@dataclass
+class UpstreamStream:
+    """An open streamed answer: status, then bytes; ``aclose`` releases the connection."""
+
+    status: int
+    chunks: AsyncIterator[bytes]
+    aclose: Callable[[], Awaitable[None]]
+    retry_after: str | None = None
+
+    async def read_all(self) -> bytes:
+        try:
+            return b"".join([c async for c in self.chunks])
+        finally:
+            await self.aclose()
+
+
+def _http_failure(exc: Exception, spec: ExpertSpec) -> UpstreamFailure:
+    where = f"expert '{spec.name}' at {spec.base_url}"
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        return UpstreamTimedOut(f"{where} did not answer in time")
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return UpstreamUnreachable(f"{where} is unreachable ({type(exc).__name__})")
+    return UpstreamProtocolError(f"{where} broke the connection ({type(exc).__name__}: {exc})")
+
+
+class HTTPUpstream:
+    def __init__(self, client: httpx.AsyncClient):
+        self.client = client
+
+    def _request(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None) -> httpx.Request:
+        headers = {"content-type": "application/json"}
+        if spec.api_key:
+            headers["authorization"] = f"Bearer {spec.api_key}"
+        if request_id:
+            headers["x-request-id"] = request_id
+        return self.client.build_request("POST", f"{spec.base_url}/{endpoint}",
+                                         content=orjson.dumps(body), headers=headers)
+
+    async def send(self, spec: ExpertSpec, endpoint: str, body: dict,
+                   request_id: str | None = None) -> tuple[int, bytes]:
+        try:
+            resp = await self.client.send(self._request(spec, endpoint, body, request_id))
+        except httpx.HTTPError as exc:
+            raise _http_failure(exc, spec) from exc
+        return resp.status_code, resp.content
+
+    async def open_stream(self, spec: ExpertSpec, endpoint: str, body: dict,
+                          request_id: str | None = None) -> UpstreamStream:
+        try:
+            resp = await self.client.send(self._request(spec, endpoint, body, request_id), stream=True)
+        except httpx.HTTPError as exc:
+            raise _http_failure(exc, spec) from exc
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError as exc:
+                raise _http_failure(exc, spec) from exc
+
+        return UpstreamStream(resp.status_code, chunks(), resp.aclose, resp.headers.get("retry-after"))
+
+
+class LiteLLMUpstream:
+    """Calls ``litellm.acompletion`` / ``atext_completion`` with the expert's provider string."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._litellm: Any = None
+
+    def _lib(self) -> Any:
+        if self._litellm is None:
+            # Offline machines cannot fetch litellm's remote price map at import.
+            os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+            import litellm
+
+            litellm.suppress_debug_info = True
+            self._litellm = litellm
+        return self._litellm
+
+    def _call(self, spec: ExpertSpec, endpoint: str, body: dict):
+        lib = self._lib()
+        kwargs = dict(body)
+        kwargs["model"] = spec.served_model
+        if spec.base_url:
+            kwargs["api_base"] = spec.base_url
+        kwargs["api_key"] = spec.api_key or "none"
+        kwargs.setdefault("timeout", self.timeout_s)
+        fn = lib.acompletion if endpoint == "chat/completions" else lib.atext_completion
+        return fn(**kwargs)
+
+    def _failure(self, exc: Exception, spec: ExpertSpec) -> UpstreamFailure | tuple[int, bytes]:
+        lib = self._lib()
+        where = f"expert '{spec.name}' ({spec.served_model})"
+        if isinstance(exc, lib.Timeout):
+            return UpstreamTimedOut(f"{where} did not answer in time")
+        if isinstance(exc, lib.APIConnectionError):
+            return UpstreamUnreachable(f"{where} is unreachable: {exc}")
+        status = getattr(exc, "status_code", None)
+        if isinstance(status, int) and 400 <= status < 600:
+            err = {"error": {"message": str(exc), "type": type(exc).__name__, "param": None, "code": None}}
+            return status, orjson.dumps(err)
+        return UpstreamProtocolError(f"{where} failed: {type(exc).__name__}: {exc}")
+
+    async def send(self, spec: ExpertSpec, endpoint: str, body: dict,
+                   request_id: str | None = None) -> tuple[int, bytes]:
+        try:
+            resp = await self._call(spec, endpoint, body)
+        except Exception as exc:  # litellm raises provider-specific types; map them all
+            mapped = self._failure(exc, spec)
+            if isinstance(mapped, tuple):
+                return mapped
+            raise mapped from exc
+        return 200, orjson.dumps(resp.model_dump(mode="json", exclude_none=True))
+
+    async def open_stream(self, spec: ExpertSpec, endpoint: str, body: dict,
+                          request_id: str | None = None) -> UpstreamStream:
+        try:
+            stream = await self._call(spec, endpoint, body)
+        except Exception as exc:  # see send()
+            mapped = self._failure(exc, spec)
+            if isinstance(mapped, tuple):
+                status, payload = mapped
+                return UpstreamStream(status, _once(payload), _noop)
+            raise mapped from exc
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in stream:
+                    data = orjson.dumps(chunk.model_dump(mode="json", exclude_none=True))
+                    yield b"data: " + data + b"\n\n"
+            except Exception as exc:  # see send()
+                mapped = self._failure(exc, spec)
+                raise (mapped if isinstance(mapped, UpstreamFailure)
+                       else UpstreamProtocolError(f"expert '{spec.name}' failed mid-stream")) from exc
+            yield b"data: [DONE]\n\n"
+
+        async def aclose() -> None:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+        return UpstreamStream(200, chunks(), aclose)
+
+
+async def _once(payload: bytes) -> AsyncIterator[bytes]:
+    yield payload
+
+
+async def _noop() -> None:
+    return None

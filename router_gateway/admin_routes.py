@@ -1,0 +1,114 @@
+"""``/v1/experts``: register, replace, list and remove experts (admin key), and the model list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from expert_registry.spec import ExpertSpec
+from expert_registry.store import ExpertExists, ExpertMissing, ExpertStore
+from router_gateway.app_helpers import read_json
+from router_gateway.errors import Conflict, InvalidRequest, NotFound
+from router_gateway.protocol import invalid_from_validation
+from router_gateway.registry_view import RegistryView
+
+router = APIRouter(prefix="/v1/experts", tags=["experts"])
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
+
+
+def _spec_from(body: Any, name: str | None = None) -> ExpertSpec:
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object (an expert spec)")
+    if name is not None:
+        if body.setdefault("name", name) != name:
+            raise InvalidRequest(f"name in body '{body['name']}' differs from the URL's '{name}'", param="name")
+    try:
+        return ExpertSpec.model_validate(body)
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from None
+
+
+def _entry(view: RegistryView, spec: ExpertSpec) -> dict:
+    rec = view.health.get(spec.name)
+    health = None if rec is None else {"healthy": rec.healthy, "checked_at": rec.checked_at, "error": rec.error}
+    return {**spec.public(), "health": health}
+
+
+async def _admin(request: Request) -> tuple[ExpertStore, RegistryView]:
+    request.app.state.keys.admin(request)
+    return request.app.state.store, request.app.state.view
+
+
+@router.get("")
+async def list_experts(request: Request) -> Response:
+    _, view = await _admin(request)
+    await view.refresh()
+    return _json({"object": "list", "data": [_entry(view, s) for s in view.experts.values()]})
+
+
+@router.post("")
+async def add_expert(request: Request) -> Response:
+    store, view = await _admin(request)
+    spec = _spec_from(await read_json(request, request.app.state.settings.max_body_bytes))
+    try:
+        await anyio.to_thread.run_sync(store.add, spec)
+    except ExpertExists:
+        raise Conflict(f"expert '{spec.name}' already exists; PUT /v1/experts/{spec.name} replaces it",
+                       param="name") from None
+    await view.refresh()
+    return _json(_entry(view, spec), 201)
+
+
+@router.get("/{name:path}")
+async def get_expert(name: str, request: Request) -> Response:
+    _, view = await _admin(request)
+    await view.refresh()
+    spec = view.experts.get(name)
+    if spec is None:
+        raise NotFound(f"expert '{name}' does not exist")
+    return _json(_entry(view, spec))
+
+
+@router.put("/{name:path}")
+async def put_expert(name: str, request: Request) -> Response:
+    store, view = await _admin(request)
+    spec = _spec_from(await read_json(request, request.app.state.settings.max_body_bytes), name)
+    created = await anyio.to_thread.run_sync(store.put, spec)
+    await view.refresh()
+    return _json(_entry(view, spec), 201 if created else 200)
+
+
+@router.delete("/{name:path}")
+async def delete_expert(name: str, request: Request) -> Response:
+    store, view = await _admin(request)
+    try:
+        await anyio.to_thread.run_sync(store.remove, name)
+    except ExpertMissing:
+        raise NotFound(f"expert '{name}' does not exist") from None
+    await view.refresh()
+    return _json({"id": name, "object": "expert", "deleted": True})
+
+
+def model_list(view: RegistryView, routers: dict[str, type]) -> dict:
+    """OpenAI's list format: experts, then collaboration groups and routers as they exist."""
+    data = []
+    for spec in view.experts.values():
+        mid = f"collab:{spec.name}" if spec.backend == "collab" else spec.name
+        bad = view.is_unhealthy(spec.name)
+        data.append({"id": mid, "object": "model", "created": 0, "owned_by": "switchyard",
+                     "kind": "collab" if spec.backend == "collab" else "expert",
+                     "healthy": bad is None, "context_window": spec.context_window,
+                     "pricing": {"input_per_mtok": spec.input_price_per_mtok,
+                                 "output_per_mtok": spec.output_price_per_mtok}})
+    for name in sorted(routers):
+        data.append({"id": f"router:{name}", "object": "model", "created": 0, "owned_by": "switchyard",
+                     "kind": "router"})
+    return {"object": "list", "data": data}

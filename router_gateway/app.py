@@ -1,0 +1,130 @@
+"""The app factory: one pooled upstream client, the registry view and its background
+tasks, all owned by the lifespan; thin routes over ``Dispatcher`` and ``ExpertStore``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import anyio
+import httpx
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+import router_models
+from expert_registry.store import ExpertStore, open_redis
+from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream
+from router_gateway import admin_routes
+from router_gateway.auth import KeyChecker
+from router_gateway.dispatch import Dispatcher, error_response
+from router_gateway.app_helpers import read_json
+from router_gateway.errors import GatewayError, InvalidRequest, error_body
+from router_gateway.model_string import parse_model
+from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, validate_body
+from router_gateway.registry_view import RegistryView, health_loop
+from router_gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = ".".join(str(p) for p in first["loc"] if p != "body")
+        msg = f"'{loc}': {first['msg']}" if loc else str(first["msg"])
+        return error_response(InvalidRequest(msg, param=loc or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return Response(orjson.dumps(error_body(str(exc.detail), kind)), status_code=exc.status_code,
+                        media_type="application/json", headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unexpected error")
+        return Response(orjson.dumps(error_body("internal error in the gateway", "internal_error")),
+                        status_code=500, media_type="application/json")
+
+
+def create_app(settings: Settings | None = None, store: ExpertStore | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        st = store or ExpertStore(await anyio.to_thread.run_sync(open_redis, settings.redis_url, settings.data_dir))
+        view = RegistryView(st, settings.registry_refresh_s)
+        await view.refresh()
+        limits = httpx.Limits(max_connections=settings.upstream_max_connections,
+                              max_keepalive_connections=settings.upstream_max_connections)
+        timeout = httpx.Timeout(settings.upstream_timeout_s, connect=settings.upstream_connect_timeout_s)
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+            app.state.store = st
+            app.state.view = view
+            app.state.keys = KeyChecker(settings.resolved_admin_key(), settings.api_keys)
+            app.state.dispatcher = Dispatcher(view, HTTPUpstream(client), LiteLLMUpstream(settings.upstream_timeout_s),
+                                              router_models.ROUTERS)
+            app.state.http = client
+            tasks = [asyncio.create_task(view.run(), name="registry-refresh")]
+            if settings.health_interval_s > 0:
+                tasks.append(asyncio.create_task(health_loop(view, client, settings.health_interval_s),
+                                                 name="health"))
+            try:
+                yield
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    app = FastAPI(title="Switchyard", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible multi-LLM routing gateway")
+    app.state.settings = settings
+    _install_error_handlers(app)
+
+    async def _proxy(request: Request, endpoint: str, wire: type) -> Response:
+        t0 = time.perf_counter()
+        request.app.state.keys.client(request)
+        body = await read_json(request, settings.max_body_bytes)
+        validate_body(wire, body)
+        dispatcher: Dispatcher = request.app.state.dispatcher
+        decision = dispatcher.resolve(parse_model(body["model"]))
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        return await dispatcher.handle(endpoint, body, decision, rid, t0)
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(request: Request) -> Response:
+        return await _proxy(request, "chat/completions", ChatCompletionRequest)
+
+    @app.post("/v1/completions", tags=["openai"])
+    async def completions(request: Request) -> Response:
+        return await _proxy(request, "completions", CompletionRequest)
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models(request: Request) -> Response:
+        request.app.state.keys.client(request)
+        return Response(orjson.dumps(admin_routes.model_list(request.app.state.view, router_models.ROUTERS)),
+                        media_type="application/json")
+
+    @app.get("/health", tags=["ops"])
+    async def health(request: Request) -> Response:
+        view: RegistryView = request.app.state.view
+        healthy = sum(1 for n in view.experts if view.is_unhealthy(n) is None)
+        body = {"status": "ok" if view.store_error is None else "degraded",
+                "store": "ok" if view.store_error is None else f"unreachable: {view.store_error}",
+                "experts": len(view.experts), "healthy_experts": healthy}
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    app.include_router(admin_routes.router)
+    return app

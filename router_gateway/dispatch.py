@@ -1,0 +1,180 @@
+"""From a validated request to the upstream's answer: resolve the target, call, re-frame.
+
+The upstream's answer comes back unchanged except for ``model`` (the name the client
+asked for) and the ``x-switchyard-*`` headers. Non-2xx answers: 4xx pass through as
+the upstream sent them (it is the client's error); 5xx and transport failures become
+502/504. An error after a stream started is an SSE error frame, then ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from expert_registry.spec import ExpertSpec
+from expert_registry.upstream import (
+    HTTPUpstream,
+    LiteLLMUpstream,
+    UpstreamFailure,
+    UpstreamStream,
+    UpstreamTimedOut,
+)
+from router_gateway.errors import (
+    ExpertUnavailable,
+    GatewayError,
+    ModelNotFound,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+    sse_error_frame,
+)
+from router_gateway.model_string import ModelTarget
+from router_gateway.registry_view import RegistryView
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    target: ModelTarget
+    expert: ExpertSpec
+    router: str  # "direct" when the client named the expert
+
+
+class Dispatcher:
+    def __init__(self, view: RegistryView, http: HTTPUpstream, litellm: LiteLLMUpstream,
+                 routers: dict[str, type] | None = None):
+        self.view = view
+        self.http = http
+        self.litellm = litellm
+        self.routers = routers or {}
+
+    # --- resolving ---------------------------------------------------------------
+    def available(self) -> str:
+        experts = ", ".join(sorted(self.view.experts)) or "none registered"
+        routers = ", ".join(f"router:{r}" for r in sorted(self.routers)) or "none installed yet"
+        return f"experts: {experts}; routers: {routers}"
+
+    def resolve(self, target: ModelTarget) -> RouteDecision:
+        if target.kind == "expert":
+            spec = self.view.experts.get(target.name)
+            if spec is None or spec.backend == "collab":
+                raise ModelNotFound(f"model '{target.name}' does not exist. Available {self.available()}",
+                                    param="model")
+            bad = self.view.is_unhealthy(spec.name)
+            if bad is not None:
+                raise ExpertUnavailable(f"expert '{spec.name}' is unhealthy ({bad.error or 'failed its health check'}); "
+                                        f"try another model. Available {self.available()}")
+            return RouteDecision(target, spec, "direct")
+        if target.kind == "router":
+            raise ModelNotFound(f"router '{target.name}' is not available. Available {self.available()}",
+                                param="model")
+        if target.kind == "auto":
+            raise ModelNotFound("'auto' needs a default router, and none is configured yet. "
+                                f"Name an expert instead. Available {self.available()}", param="model")
+        groups = sorted(n for n, s in self.view.experts.items() if s.backend == "collab")
+        raise ModelNotFound(f"collaboration group '{target.name}' is not available "
+                            f"(groups: {', '.join(groups) or 'none'}). Available {self.available()}",
+                            param="model")
+
+    def _upstream(self, spec: ExpertSpec) -> HTTPUpstream | LiteLLMUpstream:
+        return self.litellm if spec.backend == "litellm" else self.http
+
+    # --- calling -----------------------------------------------------------------
+    async def handle(self, endpoint: str, body: dict, decision: RouteDecision, request_id: str,
+                     t0: float) -> Response:
+        spec = decision.expert
+        client_model = body["model"]
+        body["model"] = spec.served_model
+        rewrite = client_model if client_model != spec.served_model else None
+        headers = {"x-switchyard-expert": spec.name, "x-switchyard-router": decision.router,
+                   "x-request-id": request_id}
+        upstream = self._upstream(spec)
+        t_up = time.perf_counter()
+        try:
+            if body.get("stream") is True:
+                stream = await upstream.open_stream(spec, endpoint, body, request_id)
+                up_s = time.perf_counter() - t_up
+                if stream.status == 200:
+                    headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
+                    return StreamingResponse(self._relay(stream, rewrite, spec), media_type="text/event-stream",
+                                             headers=headers)
+                status, content = stream.status, await stream.read_all()
+            else:
+                status, content = await upstream.send(spec, endpoint, body, request_id)
+                up_s = time.perf_counter() - t_up
+        except UpstreamTimedOut as exc:
+            raise UpstreamTimeout(str(exc)) from exc
+        except UpstreamFailure as exc:
+            raise UpstreamError(str(exc)) from exc
+        content = _answer_or_raise(spec, status, content, rewrite)
+        headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
+        return Response(content, status_code=status, media_type="application/json", headers=headers)
+
+    async def _relay(self, stream: UpstreamStream, rewrite: str | None, spec: ExpertSpec) -> AsyncIterator[bytes]:
+        from router_gateway.sse import reframe
+
+        try:
+            async for frame in reframe(stream.chunks, rewrite):
+                yield frame
+        except UpstreamFailure as exc:
+            log.warning("stream from expert %s broke: %s", spec.name, exc)
+            err = UpstreamTimeout(str(exc)) if isinstance(exc, UpstreamTimedOut) else UpstreamError(str(exc))
+            yield sse_error_frame(err)
+        finally:
+            await stream.aclose()
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(seconds, 0.0) * 1000:.3f}"
+
+
+def _answer_or_raise(spec: ExpertSpec, status: int, content: bytes, rewrite: str | None) -> bytes:
+    """The body to send back: rewritten on success, passed through on 4xx; raises on 5xx/garbage."""
+    if status >= 500:
+        raise UpstreamError(f"expert '{spec.name}' answered HTTP {status}: {_upstream_message(content)}")
+    if status >= 400:
+        try:
+            obj = orjson.loads(content)
+            if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+                return content
+        except orjson.JSONDecodeError:
+            pass
+        return orjson.dumps(error_body(f"expert '{spec.name}': {_upstream_message(content)}",
+                                       "invalid_request_error", None, f"upstream_{status}"))
+    if rewrite is None:
+        return content
+    try:
+        obj = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(f"expert '{spec.name}' answered with invalid JSON") from None
+    if isinstance(obj, dict) and "model" in obj:
+        obj["model"] = rewrite
+        return orjson.dumps(obj)
+    return content
+
+
+def _upstream_message(content: bytes, limit: int = 300) -> str:
+    try:
+        obj = orjson.loads(content)
+        if isinstance(obj, dict):
+            err = obj.get("error")
+            if isinstance(err, dict) and err.get("message"):
+                return str(err["message"])[:limit]
+            if isinstance(obj.get("message"), str):
+                return obj["message"][:limit]
+            if isinstance(obj.get("detail"), str):
+                return obj["detail"][:limit]
+    except orjson.JSONDecodeError:
+        pass
+    return content[:limit].decode("utf-8", "replace") or "(empty body)"
+
+
+def error_response(err: GatewayError) -> Response:
+    return Response(orjson.dumps(err.body()), status_code=err.status_code, media_type="application/json",
+                    headers=err.headers)

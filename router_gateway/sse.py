@@ -1,0 +1,90 @@
+"""Server-sent events: split an upstream byte stream into events and re-frame them.
+
+The upstream's chunks are forwarded unchanged except for the ``model`` field of each
+JSON data payload (clients see the name they asked for, not the upstream's id).
+Chunk boundaries from the network fall anywhere, so the splitter buffers until a
+blank line (``\\n\\n``, ``\\r\\n\\r\\n`` or ``\\r\\r``) ends an event.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import AsyncIterator, Iterable
+
+import orjson
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE_SPLIT = re.compile(rb"\r\n|\n|\r")
+DONE = b"[DONE]"
+
+
+class SSESplitter:
+    """Incremental splitter: feed bytes, get complete events (without their terminator)."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._buf += chunk
+        events = []
+        while True:
+            m = _EVENT_END.search(self._buf)
+            if m is None:
+                break
+            events.append(self._buf[: m.start()])
+            self._buf = self._buf[m.end():]
+        return events
+
+    def flush(self) -> bytes | None:
+        """What is left when the stream ends (an event without its blank line), if anything."""
+        rest, self._buf = self._buf, b""
+        return rest if rest.strip() else None
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The joined ``data:`` payload of one event, or None when it has no data line."""
+    parts = []
+    for line in _LINE_SPLIT.split(event):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(parts) if parts else None
+
+
+def encode_data(payload: bytes) -> bytes:
+    """One SSE event carrying ``payload`` (which may span lines)."""
+    return b"".join(b"data: " + line + b"\n" for line in payload.split(b"\n")) + b"\n"
+
+
+def rewrite_event(event: bytes, model: str | None) -> bytes:
+    """Re-frame one upstream event, replacing the JSON payload's ``model`` when given."""
+    data = event_data(event)
+    if data is None:
+        return event + b"\n\n"  # comments / keep-alives pass through as they came
+    if model is None or data == DONE:
+        return encode_data(data)
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return encode_data(data)
+    if isinstance(obj, dict) and "model" in obj:
+        obj["model"] = model
+        data = orjson.dumps(obj)
+    return encode_data(data)
+
+
+async def reframe(chunks: AsyncIterator[bytes], model: str | None) -> AsyncIterator[bytes]:
+    """Turn an upstream byte stream into re-framed SSE events, one ``bytes`` per network write."""
+    splitter = SSESplitter()
+    async for chunk in chunks:
+        events = splitter.feed(chunk)
+        if events:
+            yield b"".join(rewrite_event(e, model) for e in events)
+    tail = splitter.flush()
+    if tail is not None:
+        yield rewrite_event(tail, model)
+
+
+def frames_from_objects(objs: Iterable[dict]) -> bytes:
+    """SSE frames for already-decoded chunk objects (backends that are not HTTP streams)."""
+    return b"".join(encode_data(orjson.dumps(o)) for o in objs)

@@ -1,0 +1,1 @@
+"""Trainable collaboration heads (logit addition, latent fusion)."""

@@ -1,0 +1,97 @@
+"""A real OpenAI-shaped HTTP server for gateway tests, whose behaviour each test picks.
+
+Not a mock: it runs on loopback under uvicorn and the gateway talks real HTTP to it. It
+stands in for an upstream only where the upstream's own behaviour is not under test
+(echoing what it received, failing on purpose); tests of real model serving use vLLM.
+
+The behaviour is chosen by the ``served_model`` the gateway forwards:
+  echo         answers and echoes the forwarded request body under "received"
+  fail500      HTTP 500 with an OpenAI error body
+  bad400       HTTP 400 with an OpenAI error body (passes through the gateway)
+  slow         waits 5 s before answering (for timeouts)
+  breakstream  streams two chunks then drops the connection
+  garbage      HTTP 200 with a body that is not JSON
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+def _completion(model: str, received: dict, chat: bool) -> dict:
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": "hello there"}, "finish_reason": "stop"}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": "hello there", "finish_reason": "stop"}
+        obj = "text_completion"
+    return {"id": "cmpl-test", "object": obj, "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": usage, "received": received}
+
+
+def _chunks(model: str, include_usage: bool, chat: bool) -> list[dict]:
+    out = []
+    for i, piece in enumerate(["hel", "lo ", "there"]):
+        delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+        choice = {"index": 0, "delta": delta, "finish_reason": None} if chat else \
+            {"index": 0, "text": piece, "finish_reason": None}
+        out.append({"id": "cmpl-test", "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": 1, "model": model, "choices": [choice]})
+    out[-1]["choices"][0]["finish_reason"] = "stop"
+    if include_usage:
+        out.append({"id": "cmpl-test", "object": "chat.completion.chunk", "created": 1, "model": model,
+                    "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}})
+    return out
+
+
+async def _serve(request: Request, chat: bool) -> Response:
+    body = await request.json()
+    model = body.get("model", "")
+    if model == "fail500":
+        return JSONResponse({"error": {"message": "engine crashed", "type": "server_error"}}, status_code=500)
+    if model == "bad400":
+        return JSONResponse({"error": {"message": "max_tokens too large", "type": "BadRequestError",
+                                       "param": "max_tokens", "code": 400}}, status_code=400)
+    if model == "slow":
+        await asyncio.sleep(5)
+    if model == "garbage":
+        return Response(b"<html>not json</html>", media_type="text/html")
+    if not body.get("stream"):
+        return JSONResponse(_completion(model, body, chat))
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    chunks = _chunks(model, include_usage, chat)
+
+    async def gen():
+        for i, c in enumerate(chunks):
+            if model == "breakstream" and i == 2:
+                raise RuntimeError("upstream dropped the connection on purpose")
+            yield f"data: {json.dumps(c)}\n\n".encode()
+            await asyncio.sleep(0)
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+async def chat(request: Request) -> Response:
+    return await _serve(request, chat=True)
+
+
+async def completions(request: Request) -> Response:
+    return await _serve(request, chat=False)
+
+
+async def models(_: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [{"id": "echo", "object": "model"}]})
+
+
+app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                        Route("/v1/completions", completions, methods=["POST"]),
+                        Route("/v1/models", models)])
