@@ -1,0 +1,69 @@
+"""The `switchyard` CLI as a user runs it: separate processes sharing the embedded Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def sy(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SWITCHYARD_DATA_DIR": str(data_dir), "NO_COLOR": "1", "COLUMNS": "200"}
+    env.pop("SWITCHYARD_REDIS_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "router_gateway.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"switchyard {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_add_list_remove_persist_across_processes(tmp_path: Path):
+    d = tmp_path / "data"
+    sy(d, "experts", "add", "smol", "--backend", "vllm", "--base-url", "http://127.0.0.1:8101/v1",
+       "--served-model", "smol-135m", "--input-price", "0.05", "--output-price", "0.1", "--context-window", "2048",
+       "--tokenizer", "smollm2", "--tag", "demo", "--tag", "small", "--launch-model-path", "/models/smol",
+       "--launch-port", "8101", "--launch-arg=--max-model-len", "--launch-arg=2048")
+    spec_file = tmp_path / "remote.yaml"
+    spec_file.write_text("name: remote\nbackend: litellm\nserved_model: openai/gpt-4o-mini\n"
+                         "input_price_per_mtok: 0.15\noutput_price_per_mtok: 0.6\n")
+    sy(d, "experts", "add", "--file", str(spec_file))
+    listed = json.loads(sy(d, "experts", "list", "--json").stdout)
+    by_name = {e["name"]: e for e in listed}
+    assert set(by_name) == {"smol", "remote"}
+    assert by_name["smol"]["launch"] == {"engine": "vllm", "model_path": "/models/smol", "port": 8101,
+                                         "args": ["--max-model-len", "2048"], "env": {}}
+    assert by_name["smol"]["tags"] == ["demo", "small"]
+    assert by_name["remote"]["output_price_per_mtok"] == 0.6
+    assert "smol-135m" in sy(d, "experts", "list").stdout
+
+    dup = sy(d, "experts", "add", "smol", "--backend", "openai", "--base-url", "http://x:1/v1", check=False)
+    assert dup.returncode == 1 and "already exists" in dup.stderr
+    sy(d, "experts", "remove", "remote")
+    assert [e["name"] for e in json.loads(sy(d, "experts", "list", "--json").stdout)] == ["smol"]
+    missing = sy(d, "experts", "remove", "remote", check=False)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["experts", "add", "x", "--backend", "nope", "--base-url", "http://a:1/v1"], "backend"),
+    (["experts", "add", "x", "--backend", "vllm"], "needs base_url"),
+    (["experts", "add", "auto", "--backend", "openai", "--base-url", "http://a:1/v1"], "name"),
+    (["experts", "add", "--file", "/no/such/file.yaml"], "cannot read"),
+])
+def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path, args, needle):
+    proc = sy(tmp_path / "data", *args, check=False)
+    assert proc.returncode == 1
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_health_reports_unreachable_expert(tmp_path: Path):
+    d = tmp_path / "data"
+    sy(d, "experts", "add", "gone", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1")
+    proc = sy(d, "experts", "health", "--json", check=False)
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout)["gone"]["healthy"] is False
+    assert json.loads(sy(d, "experts", "list", "--json").stdout)[0]["healthy"] is False

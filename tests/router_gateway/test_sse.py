@@ -1,0 +1,73 @@
+"""SSE framing: events survive any chunking of the byte stream; only `model` changes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from hypothesis import given, strategies as st
+
+from router_gateway.sse import SSESplitter, event_data, reframe, rewrite_event
+
+json_objs = st.fixed_dictionaries({
+    "id": st.text(max_size=8),
+    "model": st.text(max_size=12),
+    "choices": st.lists(st.fixed_dictionaries({"delta": st.fixed_dictionaries({"content": st.text(max_size=20)})}),
+                        max_size=2),
+})
+terminators = st.sampled_from([b"\n\n", b"\r\n\r\n"])
+
+
+def _stream(objs: list[dict], term: bytes) -> bytes:
+    body = b"".join(b"data: " + json.dumps(o).encode() + term for o in objs)
+    return body + b"data: [DONE]" + term
+
+
+def _chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:])]
+
+
+async def _collect(chunks: list[bytes], model: str | None) -> bytes:
+    async def gen():
+        for c in chunks:
+            yield c
+    return b"".join([f async for f in reframe(gen(), model)])
+
+
+def _decode(data: bytes) -> list:
+    out = []
+    for event in SSESplitter().feed(data):
+        payload = event_data(event)
+        out.append(payload.decode() if payload == b"[DONE]" else json.loads(payload))
+    return out
+
+
+@given(st.lists(json_objs, max_size=6), terminators, st.lists(st.integers(min_value=0), max_size=12))
+def test_any_chunking_gives_the_same_events(objs, term, cuts):
+    data = _stream(objs, term)
+    out = asyncio.run(_collect(_chunked(data, cuts), "client-name"))
+    events = _decode(out)
+    assert events[-1] == "[DONE]"
+    assert len(events) == len(objs) + 1
+    for got, sent in zip(events, objs):
+        assert got["model"] == "client-name"
+        assert {k: v for k, v in got.items() if k != "model"} == {k: v for k, v in sent.items() if k != "model"}
+
+
+@given(st.lists(json_objs, max_size=4), st.lists(st.integers(min_value=0), max_size=6))
+def test_without_rewrite_payloads_are_unchanged(objs, cuts):
+    data = _stream(objs, b"\n\n")
+    out = asyncio.run(_collect(_chunked(data, cuts), None))
+    assert _decode(out) == [*objs, "[DONE]"]
+
+
+def test_comments_and_multiline_data_pass_through():
+    assert rewrite_event(b": keep-alive", "m") == b": keep-alive\n\n"
+    assert rewrite_event(b"data: line1\ndata: line2", "m") == b"data: line1\ndata: line2\n\n"
+    assert rewrite_event(b'data: {"model": "up"}', None) == b'data: {"model": "up"}\n\n'
+
+
+def test_an_unterminated_last_event_is_still_delivered():
+    out = asyncio.run(_collect([b'data: {"model": "a", "x": 1}\n\ndata: {"model": "b"}'], "z"))
+    assert _decode(out) == [{"model": "z", "x": 1}, {"model": "z"}]

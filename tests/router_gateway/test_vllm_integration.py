@@ -1,0 +1,88 @@
+"""The gateway in front of a REAL vLLM CPU worker serving a model the project built,
+with the real OpenAI SDK as client and litellm's async completion for the litellm backend."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+
+from expert_registry.spec import ExpertSpec
+from router_gateway.app import create_app
+from tests.router_gateway.conftest import CLIENT_KEY, make_settings, serve_in_thread
+
+pytestmark = pytest.mark.vllm
+MSG = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+@pytest.fixture(scope="module")
+def vllm_gateway(vllm_worker, tmp_path_factory) -> Iterator[openai.OpenAI]:
+    from expert_registry.store import ExpertStore, open_redis
+
+    data_dir = tmp_path_factory.mktemp("gw") / "data"
+    store = ExpertStore(open_redis(None, data_dir))
+    base = vllm_worker.spec
+    store.put(ExpertSpec(name="smol", backend="vllm", base_url=vllm_worker.base_url,
+                         served_model=vllm_worker.served_model, input_price_per_mtok=0.1,
+                         output_price_per_mtok=0.2, tokenizer=base.tokenizer))
+    store.put(ExpertSpec(name="smol-litellm", backend="litellm", base_url=vllm_worker.base_url,
+                         served_model=f"hosted_vllm/{vllm_worker.served_model}"))
+    with serve_in_thread(create_app(make_settings(data_dir, upstream_timeout_s=120, health_interval_s=1), store)) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=120)
+
+
+def test_chat_through_gateway_matches_vllm_directly(vllm_gateway: openai.OpenAI, vllm_worker):
+    direct = openai.OpenAI(base_url=vllm_worker.base_url, api_key="x", max_retries=0, timeout=120)
+    kw = dict(messages=MSG, temperature=0, max_tokens=16, seed=1)
+    via = vllm_gateway.chat.completions.create(model="smol", **kw)
+    ref = direct.chat.completions.create(model=vllm_worker.served_model, **kw)
+    assert via.model == "smol"
+    assert via.choices[0].message.content == ref.choices[0].message.content
+    assert via.choices[0].message.content.strip()
+    assert via.usage.prompt_tokens == ref.usage.prompt_tokens > 0
+
+
+def test_streaming_with_usage(vllm_gateway: openai.OpenAI):
+    chunks = list(vllm_gateway.chat.completions.create(model="smol", messages=MSG, max_tokens=12, temperature=0,
+                                                       stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert {c.model for c in chunks} == {"smol"}
+    assert chunks[-1].usage is not None and 0 < chunks[-1].usage.completion_tokens <= 12
+
+
+def test_unknown_fields_reach_vllm(vllm_gateway: openai.OpenAI):
+    resp = vllm_gateway.chat.completions.create(model="smol", messages=MSG, max_tokens=4, logprobs=True,
+                                                top_logprobs=2)
+    content = resp.choices[0].logprobs.content
+    assert content and len(content[0].top_logprobs) == 2
+
+
+def test_completions_endpoint(vllm_gateway: openai.OpenAI):
+    resp = vllm_gateway.completions.create(model="smol", prompt="The capital of France is", max_tokens=5,
+                                           temperature=0)
+    assert resp.model == "smol" and resp.choices[0].text.strip()
+
+
+def test_vllm_errors_pass_through_as_openai_errors(vllm_gateway: openai.OpenAI):
+    with pytest.raises(openai.BadRequestError) as info:
+        vllm_gateway.chat.completions.create(model="smol", messages=MSG, max_tokens=10_000_000)
+    assert info.value.status_code == 400
+
+
+def test_litellm_backend_against_the_same_worker(vllm_gateway: openai.OpenAI):
+    resp = vllm_gateway.chat.completions.create(model="smol-litellm", messages=MSG, max_tokens=8, temperature=0)
+    assert resp.model == "smol-litellm" and resp.choices[0].message.content.strip()
+    chunks = list(vllm_gateway.chat.completions.create(model="smol-litellm", messages=MSG, max_tokens=8,
+                                                       temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+
+
+def test_models_lists_the_vllm_expert_as_healthy(vllm_gateway: openai.OpenAI):
+    import time
+
+    time.sleep(1.5)  # one health round
+    data = {m.id: m for m in vllm_gateway.models.list().data}
+    assert data["smol"].model_extra["healthy"] is True
