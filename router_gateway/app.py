@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 import router_models
-from expert_registry.store import ExpertStore, open_redis
+from expert_registry.store import ExpertStore, close_redis, open_redis
 from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream
 from router_gateway import admin_routes
 from router_gateway.auth import KeyChecker
@@ -87,6 +87,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if store is None:  # we opened it, we close it
+                    await anyio.to_thread.run_sync(close_redis, st.client)
 
     app = FastAPI(title="Switchyard", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible multi-LLM routing gateway")

@@ -71,7 +71,7 @@ def data_dir(tmp_path: Path) -> Path:
 def store(data_dir: Path) -> Iterator[ExpertStore]:
     client = open_redis(None, data_dir)
     yield ExpertStore(client)
-    client.flushall()
+    client.shutdown(nosave=True)  # never leave an embedded server behind
 
 
 def make_settings(data_dir: Path, **kw) -> Settings:

@@ -105,8 +105,11 @@ def test_registry_survives_gateway_and_redis_restart(tmp_path):
         r = httpx.get(url + "/v1/experts/new-expert", headers=auth)
         assert r.status_code == 200 and r.json()["served_model"] == "smol"
     fresh = open_redis(None, data_dir)
-    assert fresh.pid != pid
-    assert ExpertStore(fresh).get("new-expert").launch.port == 9999
+    try:
+        assert fresh.pid != pid
+        assert ExpertStore(fresh).get("new-expert").launch.port == 9999
+    finally:
+        fresh.shutdown(nosave=True)
 
 
 def _alive(pid: int) -> bool:

@@ -31,6 +31,7 @@ def vllm_gateway(vllm_worker, tmp_path_factory) -> Iterator[openai.OpenAI]:
                          served_model=f"hosted_vllm/{vllm_worker.served_model}"))
     with serve_in_thread(create_app(make_settings(data_dir, upstream_timeout_s=120, health_interval_s=1), store)) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=120)
+    store.client.shutdown(nosave=True)
 
 
 def test_chat_through_gateway_matches_vllm_directly(vllm_gateway: openai.OpenAI, vllm_worker):
