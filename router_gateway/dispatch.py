@@ -178,3 +178,10 @@ def _upstream_message(content: bytes, limit: int = 300) -> str:
 def error_response(err: GatewayError) -> Response:
     return Response(orjson.dumps(err.body()), status_code=err.status_code, media_type="application/json",
                     headers=err.headers)
+
+
+def internal_error_response(exc: BaseException) -> Response:
+    """A bug in the gateway: logged with its traceback, answered as an OpenAI-shaped 500."""
+    log.error("unexpected error", exc_info=exc)
+    return Response(orjson.dumps(error_body("internal error in the gateway", "internal_error")), status_code=500,
+                    media_type="application/json")

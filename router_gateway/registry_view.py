@@ -12,8 +12,8 @@ import asyncio
 import logging
 import time
 
+import aiohttp
 import anyio
-import httpx
 
 from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore, HealthRecord
@@ -70,21 +70,22 @@ def health_url(spec: ExpertSpec) -> str | None:
     return None  # litellm providers: no cheap probe; judged by their answers
 
 
-async def probe(client: httpx.AsyncClient, spec: ExpertSpec, timeout_s: float = 3.0) -> tuple[bool, str | None]:
+async def probe(session: aiohttp.ClientSession, spec: ExpertSpec, timeout_s: float = 3.0) -> tuple[bool, str | None]:
     url = health_url(spec)
     if url is None:
         return True, None
     headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     try:
-        resp = await client.get(url, headers=headers, timeout=timeout_s)
-    except httpx.HTTPError as exc:
-        return False, f"{type(exc).__name__} from {url}"
-    if resp.status_code >= 400:
-        return False, f"HTTP {resp.status_code} from {url}"
+        async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            status = resp.status
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return False, f"{'ConnectError' if isinstance(exc, aiohttp.ClientConnectorError) else type(exc).__name__} from {url}"
+    if status >= 400:
+        return False, f"HTTP {status} from {url}"
     return True, None
 
 
-async def probe_all(view: RegistryView, client: httpx.AsyncClient) -> dict[str, tuple[bool, str | None]]:
+async def probe_all(view: RegistryView, client: aiohttp.ClientSession) -> dict[str, tuple[bool, str | None]]:
     specs = list(view.experts.values())
     results = await asyncio.gather(*(probe(client, s) for s in specs))
     out = dict(zip((s.name for s in specs), results))
@@ -98,7 +99,7 @@ async def probe_all(view: RegistryView, client: httpx.AsyncClient) -> dict[str, 
     return out
 
 
-async def health_loop(view: RegistryView, client: httpx.AsyncClient, interval_s: float) -> None:
+async def health_loop(view: RegistryView, client: aiohttp.ClientSession, interval_s: float) -> None:
     while True:
         try:
             await probe_all(view, client)
@@ -111,5 +112,5 @@ async def probe_all_once(store: ExpertStore) -> dict[str, tuple[bool, str | None
     """One probe round outside a running gateway (the CLI's `experts health`)."""
     view = RegistryView(store)
     await view.refresh()
-    async with httpx.AsyncClient() as client:
-        return await probe_all(view, client)
+    async with aiohttp.ClientSession() as session:
+        return await probe_all(view, session)
