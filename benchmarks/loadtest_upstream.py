@@ -1,0 +1,291 @@
+"""A load-test upstream: a minimal, fast OpenAI-shaped HTTP server. NOT a model.
+
+It answers every chat or text completion with the same short canned text, at once, so
+that a benchmark measures what sits *in front of* it (the Switchyard gateway, a LiteLLM
+proxy) and not a model. ``benchmarks/gateway_overhead.py`` starts it; it is also handy
+for poking at the gateway by hand::
+
+    python benchmarks/loadtest_upstream.py --port 9001
+
+Endpoints (HTTP/1.1, keep-alive):
+
+- ``POST /v1/chat/completions`` -- a ``chat.completion`` object with ``usage``; with
+  ``"stream": true`` a few ``chat.completion.chunk`` SSE frames then ``data: [DONE]``,
+  plus a final usage-only chunk when ``stream_options.include_usage`` is true.
+- ``POST /v1/completions`` -- the same for ``text_completion`` objects.
+- ``GET /v1/models`` -- one model, ``loadtest`` (any requested ``model`` is echoed back).
+- ``GET /health`` -- ``{"status": "ok"}``.
+
+``max_tokens`` (or ``max_completion_tokens``) shortens the answer and sets
+``finish_reason`` to ``"length"``; token counts are words, prompt tokens are estimated
+as characters / 4. Malformed requests get an OpenAI error object with status 400.
+
+Why a raw server: it is an ``asyncio.Protocol`` on uvloop with the ``httptools`` parser
+(the pieces uvicorn itself is built from) and no ASGI layer in between. On one core
+it serves 2-3x the requests per second of a minimal ASGI app on uvicorn
+(numbers in ``benchmarks/README.md``), so it stays far from being the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import time
+
+import httptools
+import orjson
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "loadtest"
+#: The canned answer, one "token" per word.
+ANSWER_TOKENS = ("This ", "is ", "a ", "canned ", "answer ", "from ", "the ", "load-test ", "upstream.")
+_ids = itertools.count(1)
+
+
+class BadRequest(Exception):
+    """The client sent something we cannot answer (becomes a 400 error object)."""
+
+
+def _prompt_tokens(body: dict) -> int:
+    """Rough prompt size: characters / 4 over message contents (or the prompt)."""
+    chars = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(part.get("text", "")) for part in content if isinstance(part, dict))
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        chars += len(prompt)
+    elif isinstance(prompt, list):
+        chars += sum(len(p) for p in prompt if isinstance(p, str))
+    return max(1, chars // 4)
+
+
+def _answer(body: dict) -> tuple[tuple[str, ...], str]:
+    """The answer tokens and finish reason, honouring ``max_tokens``."""
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise BadRequest("max_tokens must be a positive integer")
+    if limit is not None and limit < len(ANSWER_TOKENS):
+        return ANSWER_TOKENS[:limit], "length"
+    return ANSWER_TOKENS, "stop"
+
+
+def _usage(body: dict, n_completion: int) -> dict:
+    n_prompt = _prompt_tokens(body)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
+
+
+def _parse(raw: bytes, needs: str) -> dict:
+    try:
+        body = orjson.loads(raw or b"null")
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    if needs == "messages" and not isinstance(body.get("messages"), list):
+        raise BadRequest("'messages' must be a list")
+    if needs == "prompt" and not isinstance(body.get("prompt"), (str, list)):
+        raise BadRequest("'prompt' must be a string or a list")
+    return body
+
+
+def chat_completion(body: dict) -> dict:
+    """A complete ``chat.completion`` object for a request body."""
+    tokens, finish = _answer(body)
+    return {
+        "id": f"chatcmpl-loadtest-{next(_ids)}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model") or DEFAULT_MODEL,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": "".join(tokens)},
+            "logprobs": None,
+            "finish_reason": finish,
+        }],
+        "usage": _usage(body, len(tokens)),
+    }
+
+
+def text_completion(body: dict) -> dict:
+    """A complete ``text_completion`` object for a request body."""
+    tokens, finish = _answer(body)
+    return {
+        "id": f"cmpl-loadtest-{next(_ids)}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.get("model") or DEFAULT_MODEL,
+        "choices": [{"index": 0, "text": "".join(tokens), "logprobs": None, "finish_reason": finish}],
+        "usage": _usage(body, len(tokens)),
+    }
+
+
+def stream_events(body: dict, chat: bool) -> list[bytes]:
+    """The SSE events (each ``data: ...\\n\\n``) of a streamed answer, ``[DONE]`` last."""
+    tokens, finish = _answer(body)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    base = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-loadtest-{next(_ids)}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": body.get("model") or DEFAULT_MODEL,
+    }
+    if include_usage:
+        base["usage"] = None  # OpenAI sends usage: null on every chunk but the last
+    choices: list[dict] = []
+    if chat:
+        choices.append({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+        choices += [{"index": 0, "delta": {"content": t}, "logprobs": None, "finish_reason": None} for t in tokens]
+        choices.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish})
+    else:
+        choices += [{"index": 0, "text": t, "logprobs": None, "finish_reason": None} for t in tokens]
+        choices[-1]["finish_reason"] = finish
+    frames = [{**base, "choices": [choice]} for choice in choices]
+    if include_usage:
+        frames.append({**base, "choices": [], "usage": _usage(body, len(tokens))})
+    return [b"data: " + orjson.dumps(f) + b"\n\n" for f in frames] + [b"data: [DONE]\n\n"]
+
+
+def error_body(message: str, status: int) -> bytes:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
+
+
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed"}
+_MODELS = orjson.dumps({"object": "list", "data": [
+    {"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "switchyard-loadtest"}]})
+_HEALTH = orjson.dumps({"status": "ok"})
+_ROUTES = {
+    b"/v1/chat/completions": b"POST",
+    b"/v1/completions": b"POST",
+    b"/v1/models": b"GET",
+    b"/health": b"GET",
+}
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, parsed by httptools, answered synchronously."""
+
+    __slots__ = ("transport", "parser", "url", "body", "keep_alive")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.body: list[bytes] = []
+        self.keep_alive = True
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._send(400, b"application/json", error_body("protocol upgrades are not supported", 400), close=True)
+        except httptools.HttpParserError as exc:
+            self._send(400, b"application/json", error_body(f"malformed HTTP request: {exc}", 400), close=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.body = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+        path = self.url.split(b"?", 1)[0]
+        method = self.parser.get_method()
+        allowed = _ROUTES.get(path)
+        if allowed is None:
+            self._send(404, b"application/json", error_body(f"no route {path.decode(errors='replace')}", 404))
+        elif method != allowed:
+            self._send(405, b"application/json", error_body(f"use {allowed.decode()} on this path", 405))
+        elif path == b"/health":
+            self._send(200, b"application/json", _HEALTH)
+        elif path == b"/v1/models":
+            self._send(200, b"application/json", _MODELS)
+        else:
+            self._complete(chat=path == b"/v1/chat/completions")
+
+    def _complete(self, chat: bool) -> None:
+        try:
+            body = _parse(b"".join(self.body), "messages" if chat else "prompt")
+            if body.get("stream"):
+                self._send_stream(stream_events(body, chat))
+            else:
+                answer = chat_completion(body) if chat else text_completion(body)
+                self._send(200, b"application/json", orjson.dumps(answer))
+        except BadRequest as exc:
+            self._send(400, b"application/json", error_body(str(exc), 400))
+
+    def _send(self, status: int, content_type: bytes, payload: bytes, close: bool = False) -> None:
+        if self.transport is None:
+            return
+        close = close or not self.keep_alive
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n" % (
+            status, _REASONS.get(status, b"Error"), content_type, len(payload),
+            b"connection: close\r\n" if close else b"")
+        self.transport.write(head + payload)
+        if close:
+            self.transport.close()
+
+    def _send_stream(self, events: list[bytes]) -> None:
+        """SSE over chunked transfer encoding, one HTTP chunk per event."""
+        if self.transport is None:
+            return
+        parts = [b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+                 b"transfer-encoding: chunked\r\n%s\r\n" % (b"" if self.keep_alive else b"connection: close\r\n")]
+        parts += [b"%x\r\n%s\r\n" % (len(e), e) for e in events]
+        parts.append(b"0\r\n\r\n")
+        self.transport.write(b"".join(parts))
+        if not self.keep_alive:
+            self.transport.close()
+
+
+async def serve(host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    """Serve until cancelled; sets ``ready`` once the socket listens."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(UpstreamProtocol, host, port, backlog=2048, reuse_address=True)
+    logger.info("load-test upstream listening on http://%s:%d/v1", host, port)
+    if ready is not None:
+        ready.set()
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fast OpenAI-shaped load-test upstream (canned answers, not a model).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9001)
+    parser.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio event loop")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run = asyncio.run
+    if not args.no_uvloop:
+        import uvloop
+
+        run = uvloop.run
+    try:
+        run(serve(args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
