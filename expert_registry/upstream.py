@@ -3,9 +3,8 @@
 Two kinds, one interface (``send`` for a whole answer, ``open_stream`` for SSE):
 
 - ``HTTPUpstream``: vLLM workers and any OpenAI-compatible server, through the
-  process's one pooled ``aiohttp.ClientSession``. Bytes in, bytes out: nothing is decoded.
-  (aiohttp rather than httpx here: httpcore's pool scans every connection on every
-  request, which cost ~90% of the gateway's CPU at 64 concurrent clients.)
+  process's one pooled ``HTTP1Client`` (``expert_registry/http1.py``, which says why
+  not httpx or aiohttp). Bytes in, bytes out: nothing is decoded.
 - ``LiteLLMUpstream``: provider model strings through ``litellm`` (imported lazily).
 
 Failures the caller must map (the gateway maps them to 502/504):
@@ -21,11 +20,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-import asyncio
-
-import aiohttp
 import orjson
 
+from expert_registry.http1 import ConnectFailed, HTTP1Client, HTTPClientError, ReadTimeout
 from expert_registry.spec import ExpertSpec
 
 log = logging.getLogger(__name__)
@@ -65,59 +62,55 @@ class UpstreamStream:
             await self.aclose()
 
 
-def _http_failure(exc: BaseException, spec: ExpertSpec) -> UpstreamFailure:
+def _http_failure(exc: HTTPClientError, spec: ExpertSpec) -> UpstreamFailure:
     where = f"expert '{spec.name}' at {spec.base_url}"
-    if isinstance(exc, aiohttp.ClientConnectorError) or isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamUnreachable(f"{where} is unreachable ({type(exc).__name__})")
-    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's read timeouts derive from it
+    if isinstance(exc, ConnectFailed):
+        return UpstreamUnreachable(f"{where} is unreachable ({exc})")
+    if isinstance(exc, ReadTimeout):
         return UpstreamTimedOut(f"{where} did not answer in time")
-    return UpstreamProtocolError(f"{where} broke the connection ({type(exc).__name__}: {exc})")
-
-
-_TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+    return UpstreamProtocolError(f"{where} broke the connection ({exc})")
 
 
 class HTTPUpstream:
-    """POSTs JSON to ``{base_url}/{endpoint}``; the session's timeouts bound each request."""
+    """POSTs JSON to ``{base_url}/{endpoint}``. A plain answer must start within the
+    client's read timeout; a stream is bounded per read, since it may last long."""
 
-    def __init__(self, session: aiohttp.ClientSession, stream_read_timeout_s: float):
-        self.session = session
-        # Whole-request timeout for plain answers comes from the session; a stream may
-        # last long, so it is bounded per read instead.
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=session.timeout.connect,
-                                                     sock_read=stream_read_timeout_s)
+    def __init__(self, client: HTTP1Client):
+        self.client = client
 
     @staticmethod
     def _headers(spec: ExpertSpec, request_id: str | None) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
         if spec.api_key:
             headers["authorization"] = f"Bearer {spec.api_key}"
         if request_id:
             headers["x-request-id"] = request_id
         return headers
 
+    async def _post(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None):
+        try:
+            return await self.client.request("POST", f"{spec.base_url}/{endpoint}", orjson.dumps(body),
+                                             self._headers(spec, request_id))
+        except HTTPClientError as exc:
+            raise _http_failure(exc, spec) from exc
+
     async def send(self, spec: ExpertSpec, endpoint: str, body: dict,
                    request_id: str | None = None) -> tuple[int, bytes]:
+        resp = await self._post(spec, endpoint, body, request_id)
         try:
-            async with self.session.post(f"{spec.base_url}/{endpoint}", data=orjson.dumps(body),
-                                         headers=self._headers(spec, request_id)) as resp:
-                return resp.status, await resp.read()
-        except _TRANSPORT_ERRORS as exc:
+            return resp.status, await resp.read()
+        except HTTPClientError as exc:
             raise _http_failure(exc, spec) from exc
 
     async def open_stream(self, spec: ExpertSpec, endpoint: str, body: dict,
                           request_id: str | None = None) -> UpstreamStream:
-        try:
-            resp = await self.session.post(f"{spec.base_url}/{endpoint}", data=orjson.dumps(body),
-                                           headers=self._headers(spec, request_id), timeout=self._stream_timeout)
-        except _TRANSPORT_ERRORS as exc:
-            raise _http_failure(exc, spec) from exc
+        resp = await self._post(spec, endpoint, body, request_id)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
-                async for chunk in resp.content.iter_any():
+                async for chunk in resp.iter_chunks():
                     yield chunk
-            except _TRANSPORT_ERRORS as exc:
+            except HTTPClientError as exc:
                 raise _http_failure(exc, spec) from exc
 
         async def aclose() -> None:

@@ -10,7 +10,6 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-import aiohttp
 import anyio
 import orjson
 from fastapi import FastAPI, Request
@@ -19,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 import router_models
+from expert_registry.http1 import HTTP1Client
 from expert_registry.store import ExpertStore, close_redis, open_redis
 from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream
 from router_gateway import admin_routes
@@ -92,15 +92,13 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         st = store or ExpertStore(await anyio.to_thread.run_sync(open_redis, settings.redis_url, settings.data_dir))
         view = RegistryView(st, settings.registry_refresh_s)
         await view.refresh()
-        connector = aiohttp.TCPConnector(limit=settings.upstream_max_connections, limit_per_host=0,
-                                         ttl_dns_cache=300, enable_cleanup_closed=True)
-        timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, connect=settings.upstream_connect_timeout_s)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                         skip_auto_headers=("User-Agent",)) as client:
+        client = HTTP1Client(settings.upstream_max_connections, settings.upstream_connect_timeout_s,
+                             settings.upstream_timeout_s)
+        try:
             app.state.store = st
             app.state.view = view
             app.state.keys = KeyChecker(settings.resolved_admin_key(), settings.api_keys)
-            app.state.dispatcher = Dispatcher(view, HTTPUpstream(client, settings.upstream_timeout_s), LiteLLMUpstream(settings.upstream_timeout_s),
+            app.state.dispatcher = Dispatcher(view, HTTPUpstream(client), LiteLLMUpstream(settings.upstream_timeout_s),
                                               router_models.ROUTERS)
             app.state.http = client
             tasks = [asyncio.create_task(view.run(), name="registry-refresh")]
@@ -115,6 +113,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                 await asyncio.gather(*tasks, return_exceptions=True)
                 if store is None:  # we opened it, we close it
                     await anyio.to_thread.run_sync(close_redis, st.client)
+        finally:
+            await client.aclose()
 
     app = FastAPI(title="Switchyard", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible multi-LLM routing gateway")

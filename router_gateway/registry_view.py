@@ -12,9 +12,9 @@ import asyncio
 import logging
 import time
 
-import aiohttp
 import anyio
 
+from expert_registry.http1 import HTTP1Client, HTTPClientError
 from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore, HealthRecord
 
@@ -70,22 +70,22 @@ def health_url(spec: ExpertSpec) -> str | None:
     return None  # litellm providers: no cheap probe; judged by their answers
 
 
-async def probe(session: aiohttp.ClientSession, spec: ExpertSpec, timeout_s: float = 3.0) -> tuple[bool, str | None]:
+async def probe(client: HTTP1Client, spec: ExpertSpec, timeout_s: float = 3.0) -> tuple[bool, str | None]:
     url = health_url(spec)
     if url is None:
         return True, None
     headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     try:
-        async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            status = resp.status
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        return False, f"{'ConnectError' if isinstance(exc, aiohttp.ClientConnectorError) else type(exc).__name__} from {url}"
-    if status >= 400:
-        return False, f"HTTP {status} from {url}"
+        resp = await client.request("GET", url, headers=headers, read_timeout=timeout_s)
+        await resp.read()
+    except HTTPClientError as exc:
+        return False, f"{type(exc).__name__} from {url}: {exc}"
+    if resp.status >= 400:
+        return False, f"HTTP {resp.status} from {url}"
     return True, None
 
 
-async def probe_all(view: RegistryView, client: aiohttp.ClientSession) -> dict[str, tuple[bool, str | None]]:
+async def probe_all(view: RegistryView, client: HTTP1Client) -> dict[str, tuple[bool, str | None]]:
     specs = list(view.experts.values())
     results = await asyncio.gather(*(probe(client, s) for s in specs))
     out = dict(zip((s.name for s in specs), results))
@@ -99,7 +99,7 @@ async def probe_all(view: RegistryView, client: aiohttp.ClientSession) -> dict[s
     return out
 
 
-async def health_loop(view: RegistryView, client: aiohttp.ClientSession, interval_s: float) -> None:
+async def health_loop(view: RegistryView, client: HTTP1Client, interval_s: float) -> None:
     while True:
         try:
             await probe_all(view, client)
@@ -112,5 +112,8 @@ async def probe_all_once(store: ExpertStore) -> dict[str, tuple[bool, str | None
     """One probe round outside a running gateway (the CLI's `experts health`)."""
     view = RegistryView(store)
     await view.refresh()
-    async with aiohttp.ClientSession() as session:
-        return await probe_all(view, session)
+    client = HTTP1Client(connect_timeout=3.0, read_timeout=3.0)
+    try:
+        return await probe_all(view, client)
+    finally:
+        await client.aclose()

@@ -109,7 +109,7 @@ def test_health_probe_marks_a_dead_upstream_unavailable(store, data_dir, scripte
         time.sleep(0.6)
         with httpx.Client(base_url=url, headers={"authorization": "Bearer sy-client-test"}) as c:
             err = assert_openai_error(c.post(CHAT, json={**OK_BODY, "model": "down"}), 503, "unhealthy")
-            assert "ConnectError" in err["message"]
+            assert "ConnectFailed" in err["message"]
             assert c.post(CHAT, json=OK_BODY).status_code == 200
             assert c.get("/health").json()["healthy_experts"] == len(scripted_experts(scripted_upstream)) - 1
     assert store.health()["down"].healthy is False
