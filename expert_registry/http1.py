@@ -68,13 +68,15 @@ _SENTINEL = object()
 
 
 class _Conn(asyncio.Protocol):
-    """One connection; carries one exchange at a time. Body chunks go to ``queue``."""
+    """One connection; carries one exchange at a time. Body chunks (then ``_SENTINEL`` or
+    an exception) go to ``inbox``; ``waiter`` wakes the reader when it has caught up."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.headers_done: asyncio.Future | None = None
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.inbox: deque = deque()
+        self.waiter: asyncio.Future | None = None
         self.headers: dict[str, str] = {}
         self.got_bytes = False
         self.complete = False
@@ -110,23 +112,28 @@ class _Conn(asyncio.Protocol):
             self.headers_done.set_result(self.parser.get_status_code())
 
     def on_body(self, body: bytes) -> None:
-        self.queue.put_nowait(body)
+        self._deliver(body)
 
     def on_message_complete(self) -> None:
         self.complete = True
-        self.queue.put_nowait(_SENTINEL)
+        self._deliver(_SENTINEL)
 
     # --- helpers ----------------------------------------------------------------
+    def _deliver(self, item) -> None:
+        self.inbox.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
     def _fail(self, exc: Exception) -> None:
         if self.headers_done is not None and not self.headers_done.done():
             self.headers_done.set_exception(exc)
-        self.queue.put_nowait(exc)
+        self._deliver(exc)
 
     def start(self, request: bytes) -> asyncio.Future:
         self.headers_done = asyncio.get_running_loop().create_future()
         self.headers = {}
         self.got_bytes = self.complete = self.keep_alive = False
-        self.queue = asyncio.Queue()
+        self.inbox = deque()
         self.transport.write(request)
         return self.headers_done
 
@@ -147,21 +154,28 @@ class Response:
     _released: bool = field(default=False)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive; chunks already received are merged into one, so a
+        consumer that falls behind catches up in fewer (and larger) writes."""
+        conn = self._conn
         while True:
-            queue = self._conn.queue
-            if queue.empty():
+            if not conn.inbox:
+                conn.waiter = asyncio.get_running_loop().create_future()
                 try:
                     async with asyncio.timeout(self._read_timeout):  # no task per wait, unlike wait_for
-                        item = await queue.get()
+                        await conn.waiter
                 except TimeoutError:
                     raise ReadTimeout("upstream stopped sending") from None
-            else:
-                item = queue.get_nowait()
+                finally:
+                    conn.waiter = None
+            item = conn.inbox.popleft()
             if item is _SENTINEL:
                 return
             if isinstance(item, Exception):
                 raise item
-            yield item
+            parts = [item]
+            while conn.inbox and isinstance(conn.inbox[0], bytes):
+                parts.append(conn.inbox.popleft())
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read(self) -> bytes:
         try:
