@@ -61,6 +61,7 @@ def serve(
     host = host or settings.host
     port = port or settings.port
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per worker health poll is noise
     launcher = None
     if demo:
         from router_gateway.demo import start_demo
