@@ -140,7 +140,7 @@ def start_upstream(fleet: Fleet) -> tuple[str, int]:
     return f"http://127.0.0.1:{port}/v1", proc.pid
 
 
-def start_gateway(fleet: Fleet, upstream: str) -> tuple[str, int]:
+def start_gateway(fleet: Fleet, upstream: str, workers: int = 1) -> tuple[str, int]:
     """Embedded-Redis gateway in a temp data dir, the upstream registered via the CLI."""
     exe = shutil.which("switchyard", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if exe is None:
@@ -152,7 +152,8 @@ def start_gateway(fleet: Fleet, upstream: str) -> tuple[str, int]:
     if done.returncode != 0:
         raise BenchError(f"switchyard experts add failed:\n{done.stdout}{done.stderr}")
     port = free_port()
-    proc, log = fleet.spawn("gateway", [exe, "serve", "--host", "127.0.0.1", "--port", str(port)], env)
+    proc, log = fleet.spawn("gateway", [exe, "serve", "--host", "127.0.0.1", "--port", str(port),
+                                        "--workers", str(workers)], env)
     wait_http(f"http://127.0.0.1:{port}/health", proc, 60, log)
     return f"http://127.0.0.1:{port}/v1", proc.pid
 
@@ -352,6 +353,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM proxy column")
     p.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV, help="venv for litellm[proxy] (made on demand)")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite benchmarks/README.md")
+    p.add_argument("--gateway-workers", type=int, default=1, help="gateway processes (switchyard serve --workers)")
     p.add_argument("--wrk", default=shutil.which("wrk"), help="wrk binary")
     args = p.parse_args(argv)
     if not args.wrk:
@@ -368,11 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(args.wrk),
                     "command": shlex.join(["python", "benchmarks/gateway_overhead.py", *(argv or sys.argv[1:])]),
                     "commit": git_commit(), "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "wrk_threads": 1,
-                                 "request": request_body(False)}}
+                                 "gateway_workers": args.gateway_workers, "request": request_body(False)}}
     with tempfile.TemporaryDirectory(prefix="switchyard-bench-") as tmp, Fleet(Path(tmp)) as fleet:
         upstream, upstream_pid = start_upstream(fleet)
         targets = {"direct": (upstream, upstream_pid, {})}
-        gateway, gateway_pid = start_gateway(fleet, upstream)
+        gateway, gateway_pid = start_gateway(fleet, upstream, args.gateway_workers)
         targets["gateway"] = (gateway, gateway_pid, {})
         if args.no_litellm:
             report["litellm_skipped"] = "--no-litellm was given."

