@@ -60,23 +60,6 @@ def close_redis(client: redis.Redis) -> None:
             log.debug("embedded redis cleanup: %s", exc)
 
 
-def async_redis_from(sync_client: redis.Redis):
-    """An asyncio client to the same server as ``sync_client`` (embedded or not)."""
-    import redis.asyncio as aioredis
-
-    kw = sync_client.connection_pool.connection_kwargs
-    if "path" in kw:
-        return aioredis.Redis(unix_socket_path=kw["path"], db=kw.get("db", 0), decode_responses=True)
-    return aioredis.Redis(
-        host=kw.get("host", "localhost"),
-        port=kw.get("port", 6379),
-        db=kw.get("db", 0),
-        username=kw.get("username"),
-        password=kw.get("password"),
-        decode_responses=True,
-    )
-
-
 @dataclass(frozen=True)
 class HealthRecord:
     healthy: bool

@@ -100,7 +100,6 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             app.state.keys = KeyChecker(settings.resolved_admin_key(), settings.api_keys)
             app.state.dispatcher = Dispatcher(view, HTTPUpstream(client), LiteLLMUpstream(settings.upstream_timeout_s),
                                               router_models.ROUTERS)
-            app.state.http = client
             tasks = [asyncio.create_task(view.run(), name="registry-refresh")]
             if settings.health_interval_s > 0:
                 tasks.append(asyncio.create_task(health_loop(view, client, settings.health_interval_s),

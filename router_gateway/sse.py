@@ -9,7 +9,7 @@ blank line (``\\n\\n``, ``\\r\\n\\r\\n`` or ``\\r\\r``) ends an event.
 from __future__ import annotations
 
 import re
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator
 
 import orjson
 
@@ -84,7 +84,3 @@ async def reframe(chunks: AsyncIterator[bytes], model: str | None) -> AsyncItera
     if tail is not None:
         yield rewrite_event(tail, model)
 
-
-def frames_from_objects(objs: Iterable[dict]) -> bytes:
-    """SSE frames for already-decoded chunk objects (backends that are not HTTP streams)."""
-    return b"".join(encode_data(orjson.dumps(o)) for o in objs)

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from expert_registry.launcher import WorkerLauncher, WorkerStartError
-from expert_registry.local_models import BASE_NAME, CONCISE_GENERATION_DEFAULTS, CONCISE_NAME
+from expert_registry.local_models import CONCISE_GENERATION_DEFAULTS, CONCISE_NAME
 from expert_registry.spec import ExpertSpec, LaunchSpec
 from expert_registry.store import ExpertStore, open_redis
 

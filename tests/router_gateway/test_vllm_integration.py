@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import httpx
 import openai
 import pytest
 
