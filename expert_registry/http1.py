@@ -56,6 +56,13 @@ class Origin:
 
 
 @lru_cache(maxsize=1024)
+def split_url(url: str) -> tuple[Origin, str]:
+    """The origin and the request target (path and query) of a URL; cached, as the
+    gateway sends to the same few URLs over and over."""
+    parts = urlsplit(url)
+    return parse_origin(url), (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
 def parse_origin(url: str) -> Origin:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -257,9 +264,7 @@ class HTTP1Client:
     async def request(self, method: str, url: str, body: bytes = b"", headers: dict[str, str] | None = None,
                       read_timeout: float | None = -1.0) -> Response:
         """Send; wait for the status line and headers (within ``read_timeout``, default the client's)."""
-        origin = parse_origin(url)
-        target = urlsplit(url)
-        path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+        origin, path = split_url(url)
         lines = [f"{method} {path} HTTP/1.1".encode(), b"host: " + origin.host_header,
                  b"content-length: " + str(len(body)).encode()]
         lines += [f"{k}: {v}".encode("latin-1") for k, v in (headers or {}).items()]

@@ -25,9 +25,9 @@ from router_gateway import admin_routes
 from router_gateway.auth import KeyChecker
 from router_gateway.dispatch import Dispatcher, error_response, internal_error_response
 from router_gateway.app_helpers import read_json
-from router_gateway.errors import GatewayError, InvalidRequest, error_body
+from router_gateway.errors import GatewayError, error_body
 from router_gateway.model_string import parse_model
-from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, validate_body
+from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, invalid_from_errors, validate_body
 from router_gateway.registry_view import RegistryView, health_loop
 from router_gateway.settings import Settings
 
@@ -41,10 +41,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = ".".join(str(p) for p in first["loc"] if p != "body")
-        msg = f"'{loc}': {first['msg']}" if loc else str(first["msg"])
-        return error_response(InvalidRequest(msg, param=loc or None))
+        return error_response(invalid_from_errors(list(exc.errors()), skip=("body",)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:

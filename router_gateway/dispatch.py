@@ -35,6 +35,7 @@ from router_gateway.errors import (
 )
 from router_gateway.model_string import ModelTarget
 from router_gateway.registry_view import RegistryView
+from router_gateway.sse import reframe
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,6 @@ class Dispatcher:
         return Response(content, status_code=status, media_type="application/json", headers=headers)
 
     async def _relay(self, stream: UpstreamStream, rewrite: str | None, spec: ExpertSpec) -> AsyncIterator[bytes]:
-        from router_gateway.sse import reframe
-
         try:
             async for frame in reframe(stream.chunks, rewrite):
                 yield frame

@@ -58,9 +58,19 @@ def validate_body(model_cls: type[BaseModel], body: Any) -> BaseModel:
 
 
 def invalid_from_validation(exc: ValidationError) -> InvalidRequest:
-    first = exc.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    more = exc.error_count() - 1
+    return invalid_from_errors(exc.errors(include_url=False))
+
+
+def invalid_from_errors(errors: list[dict], skip: tuple[str, ...] = ()) -> InvalidRequest:
+    """One 400 naming the first problem (``skip``: leading loc parts such as FastAPI's "body")."""
+    if not errors:
+        return InvalidRequest("invalid request")
+    first = errors[0]
+    parts = list(first.get("loc", ()))
+    while parts and parts[0] in skip:
+        parts.pop(0)
+    loc = ".".join(str(p) for p in parts)
+    more = len(errors) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     where = f"'{loc}': " if loc else ""
     return InvalidRequest(f"{where}{first['msg']}{suffix}", param=loc or None)
