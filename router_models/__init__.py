@@ -1,4 +1,15 @@
-"""Routers and everything to train and evaluate them. Pure ML: no HTTP, no Redis."""
+"""Routers and everything to train and evaluate them; pure ML (no web, no Redis).
 
-# name -> Router class; filled as routers land (classifier, symbolic, gnn, ...).
-ROUTERS: dict[str, type] = {}
+``ROUTERS`` names every router class: ``ROUTERS["classifier"](featurizer="tfidf")``.
+"""
+
+from router_models.base import Router, load_router
+from router_models.classifier import ClassifierRouter
+from router_models.knn import KNNRouter
+
+ROUTERS: dict[str, type[Router]] = {
+    KNNRouter.name: KNNRouter,
+    ClassifierRouter.name: ClassifierRouter,
+}
+
+__all__ = ["ROUTERS", "Router", "load_router", "ClassifierRouter", "KNNRouter"]

@@ -1,0 +1,209 @@
+"""The Router contract, the per-expert cost model, and safe artifact files.
+
+A router is scikit-learn style (DESIGN.md): ``__init__`` stores hyper-parameters only,
+``fit(logs)`` returns ``self``, learned state ends in ``_``::
+
+    router = ROUTERS["classifier"](featurizer="minilm").fit(train_logs)
+    q = router.predict_quality(["What is 2+2?"])     # [1, len(router.experts_)]
+    c = router.predict_cost(["What is 2+2?"])        # USD per call, same columns
+    router.save("out/"); same = load_router("out/")
+
+Artifacts are a directory: ``router.json`` (class name, hyper-parameters, experts,
+cost model, whatever small state) plus ``arrays.safetensors`` for the arrays. Nothing
+is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from router_models.logs import BenchmarkLogs
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_VERSION = 1
+ROUTER_FILE = "router.json"
+ARRAYS_FILE = "arrays.safetensors"
+
+
+class NotFittedError(RuntimeError):
+    """A router was used before ``fit`` (or ``load``)."""
+
+
+class ArtifactError(ValueError):
+    """A router directory is missing, incomplete or from an unknown router."""
+
+
+class CostModel:
+    """Per-expert cost of one call as a linear function of the prompt's length.
+
+    ``cost_j(prompt) = a_j + b_j * chars(prompt)``, least squares on the logged calls of
+    expert ``j`` with ``a_j, b_j >= 0`` (a negative fit falls back to the expert's mean
+    cost). Prompt length drives input tokens, the larger part of most bills; output length
+    is in ``a_j`` on average.
+    """
+
+    def __init__(self, intercept: np.ndarray, slope: np.ndarray):
+        self.intercept = np.asarray(intercept, dtype=float)
+        self.slope = np.asarray(slope, dtype=float)
+
+    @classmethod
+    def fit(cls, prompts: list[str], costs: np.ndarray) -> "CostModel":
+        length = np.array([len(p) for p in prompts], dtype=float)
+        m = costs.shape[1]
+        a, b = np.zeros(m), np.zeros(m)
+        for j in range(m):
+            ok = ~np.isnan(costs[:, j])
+            if not ok.any():
+                continue
+            x, y = length[ok], costs[ok, j]
+            mean = float(y.mean())
+            a[j] = mean
+            if ok.sum() >= 3 and x.std() > 0:
+                slope, icept = np.polyfit(x, y, 1)
+                if slope >= 0 and icept >= 0:
+                    a[j], b[j] = icept, slope
+        return cls(a, b)
+
+    def predict(self, prompts: list[str]) -> np.ndarray:
+        length = np.array([len(p) for p in prompts], dtype=float)
+        return self.intercept[None, :] + length[:, None] * self.slope[None, :]
+
+    def to_dict(self) -> dict:
+        return {"intercept": self.intercept.tolist(), "slope": self.slope.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostModel":
+        return cls(np.asarray(d["intercept"]), np.asarray(d["slope"]))
+
+
+class Router:
+    """Base class. Subclasses set ``name``, implement ``_fit``, ``_predict``,
+    ``_explain``, ``_state`` / ``_restore`` (small JSON state + named arrays)."""
+
+    name: ClassVar[str] = "router"
+
+    # ---- the contract --------------------------------------------------------
+    def fit(self, logs: BenchmarkLogs) -> "Router":
+        if logs.n_prompts == 0 or logs.n_experts == 0:
+            raise ValueError("cannot fit a router on empty logs")
+        self.experts_ = list(logs.experts)
+        self.cost_model_ = CostModel.fit(logs.prompts, logs.costs)
+        self._fit(logs)
+        costs = self.cost_model_.predict(logs.prompts)
+        self.cost_scale_ = float(max(costs.mean(axis=0).max(), 1e-12))
+        return self
+
+    def predict_quality(self, queries: list[str]) -> np.ndarray:
+        self._check_fitted()
+        if not queries:
+            return np.zeros((0, len(self.experts_)))
+        return np.clip(self._predict(list(queries)), 0.0, 1.0)
+
+    def predict_cost(self, queries: list[str]) -> np.ndarray:
+        self._check_fitted()
+        return self.cost_model_.predict(list(queries))
+
+    def explain(self, query: str) -> dict[str, Any]:
+        self._check_fitted()
+        q = self.predict_quality([query])[0]
+        c = self.predict_cost([query])[0]
+        return {
+            "router": self.name,
+            "experts": {e: {"quality": round(float(q[j]), 4), "cost_usd": float(c[j])}
+                        for j, e in enumerate(self.experts_)},
+            **self._explain(query),
+        }
+
+    def get_params(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.endswith("_")}
+
+    # ---- persistence ---------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        self._check_fitted()
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state, arrays = self._state()
+        meta = {
+            "version": ARTIFACT_VERSION,
+            "router": self.name,
+            "params": self.get_params(),
+            "experts": self.experts_,
+            "cost_model": self.cost_model_.to_dict(),
+            "cost_scale": self.cost_scale_,
+            "state": state,
+        }
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                  str(d / ARRAYS_FILE))
+        (d / ROUTER_FILE).write_text(json.dumps(meta, indent=1))
+        return d
+
+    @classmethod
+    def _from_meta(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "Router":
+        router = cls(**meta["params"])
+        router.experts_ = list(meta["experts"])
+        router.cost_model_ = CostModel.from_dict(meta["cost_model"])
+        router.cost_scale_ = float(meta["cost_scale"])
+        router._restore(meta["state"], arrays)
+        return router
+
+    # ---- for subclasses ------------------------------------------------------
+    def _fit(self, logs: BenchmarkLogs) -> None:
+        raise NotImplementedError
+
+    def _predict(self, queries: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _explain(self, query: str) -> dict[str, Any]:
+        return {}
+
+    def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return {}, {}
+
+    def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "experts_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: "
+                                 "call fit(logs) or load_router(dir) first")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+def read_artifact(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    d = Path(directory)
+    if not (d / ROUTER_FILE).is_file():
+        raise ArtifactError(f"{d} is not a router directory (no {ROUTER_FILE})")
+    try:
+        meta = json.loads((d / ROUTER_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{d / ROUTER_FILE} is not valid JSON: {exc}") from exc
+    if meta.get("version") != ARTIFACT_VERSION:
+        raise ArtifactError(f"{d}: artifact version {meta.get('version')!r}, "
+                            f"this Switchyard reads version {ARTIFACT_VERSION}")
+    arrays = load_file(str(d / ARRAYS_FILE)) if (d / ARRAYS_FILE).is_file() else {}
+    return meta, arrays
+
+
+def load_router(directory: str | Path) -> Router:
+    """Load a saved router (JSON + safetensors; never unpickles)."""
+    from router_models import ROUTERS
+
+    meta, arrays = read_artifact(directory)
+    cls = ROUTERS.get(meta.get("router"))
+    if cls is None:
+        raise ArtifactError(f"{directory}: unknown router {meta.get('router')!r}; "
+                            f"known: {', '.join(sorted(ROUTERS))}")
+    return cls._from_meta(meta, arrays)
