@@ -93,6 +93,7 @@ class Router:
         if logs.n_prompts == 0 or logs.n_experts == 0:
             raise ValueError("cannot fit a router on empty logs")
         self.experts_ = list(logs.experts)
+        self.train_prompt_ids_ = list(logs.prompt_ids)
         self.cost_model_ = CostModel.fit(logs.prompts, logs.costs)
         self._fit(logs)
         costs = self.cost_model_.predict(logs.prompts)
@@ -138,6 +139,7 @@ class Router:
             "experts": self.experts_,
             "cost_model": self.cost_model_.to_dict(),
             "cost_scale": self.cost_scale_,
+            "train_prompt_ids": self.train_prompt_ids_,
             "state": state,
         }
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
@@ -151,6 +153,7 @@ class Router:
         router.experts_ = list(meta["experts"])
         router.cost_model_ = CostModel.from_dict(meta["cost_model"])
         router.cost_scale_ = float(meta["cost_scale"])
+        router.train_prompt_ids_ = list(meta.get("train_prompt_ids", []))
         router._restore(meta["state"], arrays)
         return router
 

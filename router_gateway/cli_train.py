@@ -1,0 +1,204 @@
+"""``switchyard train`` and ``switchyard eval``: routers from benchmark logs.
+
+    switchyard train --logs logs/ --router classifier --out routers/clf --holdout 0.2
+    switchyard eval --router-dir routers/clf --logs routers/clf/heldout.jsonl --plot curve.png
+
+Heavy imports (numpy, scikit-learn, torch) happen inside the commands, so the rest of
+the CLI stays quick.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def _prices(path: Optional[Path]) -> dict | None:
+    """``{"model": [input_per_1m, output_per_1m], ...}`` from a JSON file."""
+    if path is None:
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return {str(k): (float(v[0]), float(v[1])) for k, v in raw.items()}
+    except (OSError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        _fail(f"--prices-file {path}: expected {{\"model\": [input_per_1m, output_per_1m]}}: {exc}")
+
+
+def _load(logs: Path, fmt: Optional[str], prices: Optional[Path]):
+    from router_models.logs import LogFormatError, load_logs
+
+    try:
+        data = load_logs(logs, fmt, progress=True, prices=_prices(prices))
+    except FileNotFoundError as exc:
+        _fail(f"no such logs: {exc}")
+    except (LogFormatError, ValueError) as exc:
+        _fail(str(exc))
+    rep = data.report
+    console.print(f"[bold]{logs}[/bold] ({rep.format}): {rep.rows_read} rows read -> "
+                  f"{data.n_prompts} prompts x {data.n_experts} experts, "
+                  f"{rep.dropped_rows} dropped")
+    for note in rep.notes:
+        console.print(f"  - {note}")
+    return data
+
+
+def _router_params(router: str, featurizer: str, model: str, k: int, cv: int, seed: int) -> dict:
+    if router == "classifier":
+        return {"featurizer": featurizer, "model": model, "cv": cv, "seed": seed}
+    if router == "knn":
+        return {"k": k}
+    return {}
+
+
+def train(
+    logs: Path = typer.Option(..., help="Benchmark logs: one file or a directory of one layout"),
+    router: str = typer.Option(..., help="Router to train (knn, classifier, ...)"),
+    out: Path = typer.Option(..., help="Directory to write the router into"),
+    format: Optional[str] = typer.Option(None, "--format", help="Log layout; guessed when omitted"),
+    featurizer: str = typer.Option("minilm", help="classifier: minilm embeddings or tfidf (fast)"),
+    model: str = typer.Option("auto", help="classifier: auto (cross-validated), logreg or mlp"),
+    k: int = typer.Option(40, help="knn: neighbours"),
+    cv: int = typer.Option(5, help="classifier: folds for model selection (0 = no selection)"),
+    seed: int = typer.Option(0, help="Seed for splits and cross-validation"),
+    holdout: float = typer.Option(0.0, help="Fraction of prompts held out (written to OUT/heldout.jsonl for eval)"),
+    prices_file: Optional[Path] = typer.Option(None, help="JSON {model: [input, output] USD per 1M tokens} to derive costs"),
+) -> None:
+    """Train a router on benchmark logs and save it (JSON + safetensors)."""
+    from router_models import ROUTERS
+    from router_models.logs import split_by_prompt, write_logs
+
+    if router not in ROUTERS:
+        _fail(f"unknown router {router!r}; choose one of {', '.join(sorted(ROUTERS))}")
+    if not 0.0 <= holdout < 1.0:
+        _fail("--holdout must be in [0, 1)")
+    data = _load(logs, format, prices_file)
+    if data.n_prompts < 2 or data.n_experts < 2:
+        _fail("need at least 2 prompts and 2 experts to train a router")
+    if holdout > 0:
+        data, held = split_by_prompt(data, test_size=holdout, seed=seed)
+        out.mkdir(parents=True, exist_ok=True)
+        write_logs(held, out / "heldout.jsonl")
+        console.print(f"held out {held.n_prompts} prompts -> {out / 'heldout.jsonl'}")
+    try:
+        est = ROUTERS[router](**_router_params(router, featurizer, model, k, cv, seed))
+        t0 = time.perf_counter()
+        est.fit(data)
+        took = time.perf_counter() - t0
+    except ValueError as exc:
+        _fail(str(exc))
+    est.save(out)
+    console.print(f"trained {est!r} on {data.n_prompts} prompts in {took:.1f} s -> {out}")
+    for row in getattr(est, "cv_results_", []) or []:
+        console.print(f"  cv {row['model']}: AIQ {row['aiq']:.4f}, Brier {row['brier']:.4f}")
+    console.print(f"experts: {', '.join(est.experts_)}")
+
+
+def _fmt(x: Any, money: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"${x:.6f}" if money else f"{x:.4f}"
+
+
+def _print_eval(result: dict) -> None:
+    table = Table("router", "AIQ", "APGR", "CPT(50%)", "CPT(80%)", "cost to best single")
+    rows = [result["router"]] + [result["baselines"][b] for b in ("random", "best_single", "oracle")]
+    for r in rows:
+        table.add_row(r["name"], _fmt(r["aiq"]), _fmt(r["apgr"]), _fmt(r["cpt50"], True),
+                      _fmt(r["cpt80"], True), _fmt(r["cost_to_best_single"]))
+    console.print(table)
+    pts = result["router"]["points"]
+    console.print("router quality-cost points (USD/query, quality): " +
+                  ", ".join(f"({c:.6f}, {q:.3f})" for c, q in pts[:: max(1, len(pts) // 12)]))
+    d = result["data"]
+    console.print(f"{d['prompts']} prompts, {len(d['experts'])} experts, {d['dropped_rows']} rows dropped")
+
+
+def evaluate(router_dir: Path, logs: Path, fmt: Optional[str] = None,
+             prices: Optional[Path] = None, plot: Optional[Path] = None) -> dict:
+    """Evaluate a saved router on logs; returns the fixed ``--json`` layout."""
+    from router_models import load_router
+    from router_models.base import ArtifactError
+    from router_models.metrics import (baselines, evaluate_router, plot_curves,
+                                       reference_points, single_expert_points)
+
+    try:
+        est = load_router(router_dir)
+    except ArtifactError as exc:
+        _fail(str(exc))
+    data = _load(logs, fmt, prices)
+    common = [e for e in est.experts_ if e in set(data.experts)]
+    missing = [e for e in est.experts_ if e not in set(data.experts)]
+    if len(common) < 2:
+        _fail(f"the logs share {len(common)} expert(s) with the router; need 2. Router: "
+              f"{', '.join(est.experts_)}; logs: {', '.join(data.experts)}")
+    if missing:
+        console.print(f"[yellow]router experts not in the logs, left out:[/yellow] {', '.join(missing)}")
+    seen = set(getattr(est, "train_prompt_ids_", ()))
+    if seen:
+        import numpy as np
+
+        fresh = np.array([pid not in seen for pid in data.prompt_ids])
+        if not fresh.all():
+            console.print(f"[yellow]{int((~fresh).sum())} prompts were in the router's training "
+                          "logs; evaluating on the other prompts only[/yellow]")
+            data = data.subset(np.flatnonzero(fresh))
+    data = data.select_experts(common).complete()
+    if data.n_prompts == 0:
+        _fail("no prompt has every expert's score logged")
+    cols = [est.experts_.index(e) for e in data.experts]
+    q = est.predict_quality(data.prompts)[:, cols]
+    c = est.predict_cost(data.prompts)[:, cols]
+    ref = reference_points(data.scores, data.costs)
+    report = evaluate_router(est.name, data.scores, data.costs, q, c, ref=ref)
+    base = baselines(data.scores, data.costs)
+    result = {
+        "router": report.to_dict(),
+        "baselines": {k: base[k].to_dict() for k in ("random", "best_single", "oracle")},
+        "data": {"prompts": data.n_prompts, "experts": list(data.experts),
+                 "dropped_rows": int(data.report.dropped_rows)},
+    }
+    if plot is not None:
+        plot_curves([report, *base.values()],
+                    single_expert_points(data.scores, data.costs, data.experts), plot,
+                    title=f"{est.name} on {logs.name}")
+    return result
+
+
+def eval_cmd(
+    router_dir: Path = typer.Option(..., help="A directory written by `switchyard train`"),
+    logs: Path = typer.Option(..., help="Benchmark logs the router has not seen"),
+    format: Optional[str] = typer.Option(None, "--format", help="Log layout; guessed when omitted"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (fixed layout)"),
+    plot: Optional[Path] = typer.Option(None, help="Draw the quality-cost curves into this PNG"),
+    prices_file: Optional[Path] = typer.Option(None, help="JSON {model: [input, output] USD per 1M tokens} to derive costs"),
+) -> None:
+    """Evaluate a router: AIQ, APGR, CPT(50%/80%), quality-cost points, and baselines."""
+    if as_json:
+        console.quiet = True  # only the JSON on stdout
+    result = evaluate(router_dir, logs, format, prices_file, plot)
+    if as_json:
+        console.quiet = False
+        print(json.dumps(result))
+        return
+    _print_eval(result)
+    if plot is not None:
+        console.print(f"plot -> {plot}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("eval")(eval_cmd)

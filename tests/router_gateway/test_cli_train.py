@@ -1,0 +1,95 @@
+"""`switchyard train` / `switchyard eval` as a user runs them, on hand-made logs."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from router_models.logs import write_logs
+from tests.router_gateway.test_cli import sy
+
+EXPERTS = {"cheap-math": 0.0001, "dear-all": 0.002, "mid-poet": 0.0004}
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    """Arithmetic prompts: cheap-math and dear-all right, mid-poet wrong. Poems: mid-poet and
+    dear-all right. A little noise so no expert is perfect everywhere."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        math = i % 2 == 0
+        prompt = (f"compute {rng.randint(2, 99)} plus {rng.randint(2, 99)} and give the sum"
+                  if math else f"write a short poem about the {rng.choice(['sea', 'moon', 'rain', 'city'])} and the number {i}")
+        truth = {"cheap-math": math, "dear-all": rng.random() < 0.9, "mid-poet": not math}
+        for model, cost in EXPERTS.items():
+            right = truth[model] if rng.random() > 0.05 else not truth[model]
+            rows.append({"prompt_id": f"p{seed}-{i}", "prompt": prompt, "task": "math" if math else "poem",
+                         "model": model, "score": float(right), "cost_usd": cost})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("logs")
+    train, test = d / "train.jsonl", d / "test.csv"
+    write_logs(_rows(80, 1), train)
+    write_logs(_rows(40, 2), test)
+    return train, test
+
+
+def test_train_then_eval_json_layout_and_plot(tmp_path: Path, logs):
+    train, test = logs
+    out = tmp_path / "clf"
+    proc = sy(tmp_path / "data", "train", "--logs", str(train), "--router", "classifier", "--featurizer", "tfidf",
+              "--cv", "3", "--out", str(out))
+    assert "trained ClassifierRouter" in proc.stdout and "cv {" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["arrays.safetensors", "router.json"]
+    plot = tmp_path / "curve.png"
+    res = json.loads(sy(tmp_path / "data", "eval", "--router-dir", str(out), "--logs", str(test), "--json",
+                        "--plot", str(plot)).stdout)
+    assert set(res) == {"router", "baselines", "data"}
+    keys = {"name", "aiq", "apgr", "cpt50", "cpt80", "cost_to_best_single", "points"}
+    assert keys <= set(res["router"]) and res["router"]["name"] == "classifier"
+    assert set(res["baselines"]) == {"random", "best_single", "oracle"}
+    assert all(keys <= set(b) for b in res["baselines"].values())
+    assert res["data"] == {"prompts": 40, "experts": sorted(EXPERTS), "dropped_rows": 0}
+    # The signal is learnable: the router beats random, stays under the oracle, and
+    # matches the best single expert's quality for less than its cost.
+    r, b = res["router"], res["baselines"]
+    assert b["random"]["aiq"] < r["aiq"] <= b["oracle"]["aiq"] + 1e-9
+    assert r["cost_to_best_single"] is not None and r["cost_to_best_single"] < 0.8
+    costs = [c for c, _ in r["points"]]
+    assert costs == sorted(costs) and len(costs) >= 2
+    assert plot.stat().st_size > 10_000
+
+
+def test_train_holdout_and_eval_table(tmp_path: Path, logs):
+    train, _ = logs
+    out = tmp_path / "knn"
+    sy(tmp_path / "data", "train", "--logs", str(train), "--router", "knn", "--k", "5", "--holdout", "0.25",
+       "--out", str(out))
+    held = out / "heldout.jsonl"
+    assert held.is_file()
+    table = sy(tmp_path / "data", "eval", "--router-dir", str(out), "--logs", str(held)).stdout
+    for word in ("knn", "random", "best_single", "oracle", "AIQ", "APGR", "20 prompts"):
+        assert word in table
+    # The whole training file: the 60 prompts it trained on are left out.
+    both = sy(tmp_path / "data", "eval", "--router-dir", str(out), "--logs", str(train)).stdout
+    assert "60 prompts were in the router's training logs" in both and "20 prompts" in both
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--logs", "missing.jsonl", "--router", "knn", "--out", "x"], "no such logs"),
+    (["train", "--logs", "{train}", "--router", "nope", "--out", "x"], "unknown router 'nope'"),
+    (["train", "--logs", "{train}", "--router", "knn", "--out", "x", "--format", "parquet-ish"], "parquet-ish"),
+    (["eval", "--router-dir", "{tmp}", "--logs", "{train}"], "not a router directory"),
+])
+def test_bad_input_is_a_clear_error(tmp_path: Path, logs, args, message):
+    train, _ = logs
+    args = [a.format(train=train, tmp=tmp_path) for a in args]
+    proc = sy(tmp_path / "data", *args, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
