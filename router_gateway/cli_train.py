@@ -199,6 +199,48 @@ def eval_cmd(
         console.print(f"plot -> {plot}")
 
 
+def calibrate_cmd(
+    router_dir: Path = typer.Option(..., help="A directory written by `switchyard train`"),
+    logs: Path = typer.Option(..., help="Logged prompts that look like your traffic (scores not needed)"),
+    format: Optional[str] = typer.Option(None, "--format", help="Log layout; guessed when omitted"),
+    target_spend: Optional[float] = typer.Option(None, help="Average USD per query to spend at most"),
+    strong_share: Optional[float] = typer.Option(None, help="Share of calls (0..1) to the strongest expert at most"),
+    threshold: bool = typer.Option(False, "--threshold", help="Calibrate min_quality (cheapest expert above a bar) instead of lambda"),
+) -> None:
+    """Find the cost knob (lambda, or min_quality) that hits a target spend or strong-expert share."""
+    import numpy as np
+
+    from router_models import load_router
+    from router_models.base import ArtifactError
+    from router_models.policy import calibrate
+
+    if (target_spend is None) == (strong_share is None):
+        _fail("give exactly one of --target-spend and --strong-share")
+    value = target_spend if target_spend is not None else strong_share
+    if value is None or value < 0 or (strong_share is not None and value > 1):
+        _fail("--target-spend must be >= 0 and --strong-share within [0, 1]")
+    try:
+        est = load_router(router_dir)
+    except ArtifactError as exc:
+        _fail(str(exc))
+    data = _load(logs, format, None)
+    q, c = est.predict_quality(data.prompts), est.predict_cost(data.prompts)
+    policy = calibrate(q, c, est.cost_scale_, target="spend" if target_spend is not None else "strong_share",
+                       value=float(value), mode="threshold" if threshold else "wtp")
+    chosen = policy.choose(q, c, est.cost_scale_)
+    rows = np.arange(len(chosen))
+    strong = int(np.argmax(q.mean(axis=0)))
+    knob = (f"min_quality={policy.min_quality:.4f}" if threshold else f"lambda={policy.lam:.6g}")
+    console.print(f"{knob}: predicted spend ${c[rows, chosen].mean():.6f}/query, "
+                  f"{(chosen == strong).mean():.1%} of calls to {est.experts_[strong]}, "
+                  f"predicted quality {q[rows, chosen].mean():.4f} on {len(chosen)} prompts")
+    share = np.bincount(chosen, minlength=len(est.experts_)) / len(chosen)
+    console.print("calls per expert: " + ", ".join(f"{e} {s:.1%}" for e, s in zip(est.experts_, share) if s > 0))
+    flag = f"--min-quality {policy.min_quality:.4f}" if threshold else f"--lambda {policy.lam:.6g}"
+    console.print(f"use it: switchyard routers add NAME --router-dir {router_dir} {flag} --map ...")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("eval")(eval_cmd)
+    app.command("calibrate")(calibrate_cmd)

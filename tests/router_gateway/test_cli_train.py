@@ -93,3 +93,23 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, logs, args, message):
     proc = sy(tmp_path / "data", *args, check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_calibrate_hits_a_target_spend(tmp_path: Path, logs):
+    import re
+
+    train, test = logs
+    out = tmp_path / "clf"
+    sy(tmp_path / "data", "train", "--logs", str(train), "--router", "classifier", "--featurizer", "tfidf",
+       "--model", "logreg", "--cv", "0", "--out", str(out))
+    for target in ("0.0003", "0.001"):
+        text = sy(tmp_path / "data", "calibrate", "--router-dir", str(out), "--logs", str(test),
+                  "--target-spend", target).stdout
+        spend = float(re.search(r"predicted spend \$([0-9.]+)/query", text).group(1))
+        assert spend <= float(target) and "--lambda" in text
+    text = sy(tmp_path / "data", "calibrate", "--router-dir", str(out), "--logs", str(test),
+              "--strong-share", "0.2", "--threshold").stdout
+    share = float(re.search(r"([0-9.]+)% of calls to", text).group(1))
+    assert share <= 20.0 and "--min-quality" in text
+    bad = sy(tmp_path / "data", "calibrate", "--router-dir", str(out), "--logs", str(test), check=False)
+    assert bad.returncode == 1 and "exactly one of" in bad.stderr
