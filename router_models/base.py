@@ -95,7 +95,11 @@ class Router:
         self.experts_ = list(logs.experts)
         self.train_prompt_ids_ = list(logs.prompt_ids)
         self.cost_model_ = CostModel.fit(logs.prompts, logs.costs)
-        self._fit(logs)
+        try:
+            self._fit(logs)
+        except BaseException:
+            del self.experts_  # a failed fit leaves the router unfitted, not half-fitted
+            raise
         costs = self.cost_model_.predict(logs.prompts)
         self.cost_scale_ = float(max(costs.mean(axis=0).max(), 1e-12))
         return self
@@ -184,6 +188,7 @@ class Router:
 
 
 def read_artifact(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     d = Path(directory)
@@ -191,12 +196,17 @@ def read_artifact(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise ArtifactError(f"{d} is not a router directory (no {ROUTER_FILE})")
     try:
         meta = json.loads((d / ROUTER_FILE).read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{d / ROUTER_FILE} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{d / ROUTER_FILE} is not a JSON object")
     if meta.get("version") != ARTIFACT_VERSION:
         raise ArtifactError(f"{d}: artifact version {meta.get('version')!r}, "
                             f"this Switchyard reads version {ARTIFACT_VERSION}")
-    arrays = load_file(str(d / ARRAYS_FILE)) if (d / ARRAYS_FILE).is_file() else {}
+    try:
+        arrays = load_file(str(d / ARRAYS_FILE)) if (d / ARRAYS_FILE).is_file() else {}
+    except SafetensorError as exc:
+        raise ArtifactError(f"{d / ARRAYS_FILE} is not a safetensors file: {exc}") from exc
     return meta, arrays
 
 
@@ -209,4 +219,8 @@ def load_router(directory: str | Path) -> Router:
     if cls is None:
         raise ArtifactError(f"{directory}: unknown router {meta.get('router')!r}; "
                             f"known: {', '.join(sorted(ROUTERS))}")
-    return cls._from_meta(meta, arrays)
+    try:
+        return cls._from_meta(meta, arrays)
+    except (KeyError, TypeError, ValueError) as exc:  # a missing field or array
+        raise ArtifactError(f"{directory}: incomplete or damaged {meta['router']} artifact "
+                            f"({type(exc).__name__}: {exc})") from exc

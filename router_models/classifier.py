@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from router_models.base import Router
-from router_models.estimators import head_from_state, make_head
 from router_models.featurize import FEATURIZERS, make_featurizer
 from router_models.logs import BenchmarkLogs
 from router_models.metrics import evaluate_router, reference_points
@@ -40,6 +39,8 @@ def cross_validate(X: Any, Y: np.ndarray, costs: np.ndarray, c_hat: np.ndarray,
     ``{"model": spec, "aiq": float, "brier": float}`` (AIQ on prompts with every score and
     cost logged)."""
     from tqdm import tqdm
+
+    from router_models.estimators import make_head  # sklearn (and pandas) only when training
 
     n = Y.shape[0]
     folds = _fold_ids(n, min(k, n), seed)
@@ -82,6 +83,8 @@ class ClassifierRouter(Router):
         return CANDIDATES[self.model]
 
     def _fit(self, logs: BenchmarkLogs) -> None:
+        from router_models.estimators import make_head
+
         if self.featurizer not in FEATURIZERS:
             raise ValueError(f"unknown featurizer {self.featurizer!r}; choose one of "
                              f"{sorted(FEATURIZERS)}")
@@ -130,6 +133,8 @@ class ClassifierRouter(Router):
                 {**farrays, **harrays})
 
     def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
+        from router_models.estimators import head_from_state
+
         self.featurizer_ = FEATURIZERS[state["featurizer"]["name"]].from_state(
             state["featurizer"], arrays)
         self.head_ = head_from_state(state["head"], arrays)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -42,6 +42,11 @@ class SoftLabelLogisticRegression(RegressorMixin, BaseEstimator):
         self.C = C
         self.max_iter = max_iter
 
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True  # fit/predict take CSR (TF-IDF features)
+        return tags
+
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> "SoftLabelLogisticRegression":
         from sklearn.linear_model import LogisticRegression
 
@@ -50,13 +55,15 @@ class SoftLabelLogisticRegression(RegressorMixin, BaseEstimator):
         y = np.asarray(y, dtype=float)
         if np.any((y < 0) | (y > 1)):
             raise ValueError("SoftLabelLogisticRegression needs targets in [0, 1]")
-        w = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, float)
+        # Validated: right length, non-negative, not all zero.
+        w = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
         n = X.shape[0]
         self.coef_ = np.zeros(X.shape[1])
         pos, neg = w * y, w * (1.0 - y)
         if pos.sum() <= 0 or neg.sum() <= 0:  # one class only: a constant predictor
-            p = float(np.clip(y.mean() if pos.sum() > 0 else 0.0, 1e-6, 1 - 1e-6))
+            p = float(np.clip(pos.sum() / w.sum(), 1e-6, 1 - 1e-6))  # weighted mean of y
             self.intercept_ = float(np.log(p / (1 - p)))
+            self.n_iter_ = 1  # closed form
             return self
         from scipy import sparse
 
@@ -70,6 +77,7 @@ class SoftLabelLogisticRegression(RegressorMixin, BaseEstimator):
             lr.fit(X2[keep], y2[keep], sample_weight=w2[keep])
         self.coef_ = lr.coef_[0].astype(float)
         self.intercept_ = float(lr.intercept_[0])
+        self.n_iter_ = int(np.max(lr.n_iter_))
         return self
 
     def decision_function(self, X: Any) -> np.ndarray:

@@ -138,7 +138,8 @@ class MiniLMFeaturizer:
         found = cache.get_many(list(dict.fromkeys(keys)))
         todo = list(dict.fromkeys(k for k in keys if k not in found))
         if todo:
-            first = {k: t for k, t in zip(keys, cut) if k in set(todo)}
+            wanted = set(todo)  # built once: a set per text made this quadratic
+            first = {k: t for k, t in zip(keys, cut) if k in wanted}
             vecs = self._encode([first[k] for k in todo])
             new = dict(zip(todo, vecs))
             cache.put_many(new)

@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from router_models.metrics import policy_choices
+from router_models.metrics import _TIE_RTOL, policy_choices
 
 Mode = Literal["wtp", "threshold"]
 
@@ -65,8 +65,11 @@ class CostAwarePolicy:
         """[n, m] score that orders experts for each prompt (higher is better)."""
         q = np.asarray(q, dtype=float)
         c = np.asarray(c, dtype=float)
-        if self.mode == "wtp":
-            u = q - self.lam * c / cost_scale
+        if self.mode == "wtp" and math.isinf(self.lam):
+            # The limit of large lambda: cheapest first, then quality (no inf * 0 = NaN).
+            u = -(c / cost_scale) + 1e-9 * q
+        elif self.mode == "wtp":
+            u = q - self.lam * (c / cost_scale)  # as policy_choices rounds it
         else:
             # Experts over the bar rank by cheapness, above every expert under the bar,
             # which rank by quality.
@@ -86,6 +89,10 @@ class CostAwarePolicy:
         c = np.asarray(c, dtype=float)
         if allowed is not None:
             u = np.where(np.asarray(allowed, dtype=bool), u, -np.inf)
+        # Near-ties with the best count as ties, as in choose()/policy_choices: calibrate
+        # puts lambda exactly on a tie, where float noise must not pick the dearer expert.
+        best = u.max(axis=1, keepdims=True)
+        u = np.where(u >= best - _TIE_RTOL * np.maximum(1.0, np.abs(best)), best, u)
         # lexsort: last key is primary. Utility descending, then cost ascending.
         order = np.stack([np.lexsort((c[i], -u[i])) for i in range(u.shape[0])])
         if allowed is not None:

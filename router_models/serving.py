@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from router_models.base import Router
-from router_models.featurize import query_text
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,8 @@ class BatchedScorer:
 
     @staticmethod
     def _key(text: str) -> str:
-        return hashlib.sha1(query_text(text).encode("utf-8", "surrogatepass")).hexdigest()
+        # The whole text, not its featurized tail: the cost model reads the full length.
+        return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
 
     async def score(self, text: str) -> Scores:
         t0 = time.perf_counter()

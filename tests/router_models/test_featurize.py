@@ -1,0 +1,206 @@
+"""Featurizers: the embedding cache (memory LRU + SQLite), the real offline MiniLM model,
+the prompt tail a featurizer reads, and TF-IDF saved as JSON + one array."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from router_models import featurize
+from router_models.featurize import (
+    EMBED_DIM,
+    MAX_CHARS,
+    EmbeddingCache,
+    MiniLMFeaturizer,
+    TfidfFeaturizer,
+    make_featurizer,
+    minilm_model,
+    query_text,
+)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return minilm_model()  # the real offline model, loaded once
+
+
+class CountingMiniLM(MiniLMFeaturizer):
+    """The real featurizer, counting what reaches the model."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.encoded: list[list[str]] = []
+
+    def _encode(self, texts):
+        self.encoded.append(list(texts))
+        return super()._encode(texts)
+
+
+# ---- the cache ----------------------------------------------------------------------------
+
+def test_sqlite_cache_persists_across_instances(tmp_path):
+    path = tmp_path / "deep" / "dir" / "emb.sqlite"
+    vecs = {f"k{i}": np.random.default_rng(i).normal(size=EMBED_DIM).astype(np.float32)
+            for i in range(3)}
+    EmbeddingCache(path).put_many(vecs)
+    fresh = EmbeddingCache(path)
+    found = fresh.get_many(["k0", "k1", "k2", "nope"])
+    assert set(found) == {"k0", "k1", "k2"}
+    for k, v in vecs.items():
+        assert found[k].dtype == np.float32
+        np.testing.assert_array_equal(found[k], v)
+
+
+def test_memory_cache_is_an_lru(tmp_path):
+    cache = EmbeddingCache(capacity=2)
+    a, b, c = (np.full(4, x, np.float32) for x in (1, 2, 3))
+    cache.put_many({"a": a, "b": b})
+    assert set(cache.get_many(["a"])) == {"a"}          # a is now the most recent
+    cache.put_many({"c": c})                            # evicts b
+    assert set(cache.get_many(["a", "b", "c"])) == {"a", "c"}
+
+
+def test_sqlite_keeps_what_memory_evicts(tmp_path):
+    cache = EmbeddingCache(tmp_path / "e.sqlite", capacity=1)
+    cache.put_many({"a": np.ones(4, np.float32)})
+    cache.put_many({"b": np.zeros(4, np.float32)})
+    np.testing.assert_array_equal(cache.get_many(["a"])["a"], np.ones(4, np.float32))
+
+
+# ---- MiniLM ------------------------------------------------------------------------------------
+
+TEXTS = ["What is 12 plus 30?", "Compute 7 times 8.", "Write a haiku about the sea."]
+
+
+def test_minilm_embeddings_are_unit_norm_384d_and_deterministic(minilm):
+    a = MiniLMFeaturizer(cache=EmbeddingCache()).transform(TEXTS)
+    b = MiniLMFeaturizer(cache=EmbeddingCache()).transform(TEXTS[::-1])[::-1]
+    assert a.shape == (3, EMBED_DIM) == (3, 384) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-5)   # fresh caches: encoded twice, same vectors
+    sims = a @ a.T
+    assert sims[0, 1] > sims[0, 2] and sims[0, 1] > sims[1, 2]   # arithmetic is closer to arithmetic
+    assert MiniLMFeaturizer(cache=EmbeddingCache()).transform([]).shape == (0, EMBED_DIM)
+
+
+def test_minilm_cache_avoids_re_encoding(minilm):
+    feat = CountingMiniLM(cache=EmbeddingCache())
+    first = feat.transform([TEXTS[0], TEXTS[1], TEXTS[0]])
+    assert feat.encoded == [[TEXTS[0], TEXTS[1]]]              # duplicates encoded once
+    np.testing.assert_array_equal(first[0], first[2])
+    again = feat.transform([TEXTS[1], TEXTS[0]])
+    assert len(feat.encoded) == 1                              # all from the cache
+    np.testing.assert_array_equal(again, first[[1, 0]])
+    feat.transform([TEXTS[2], TEXTS[0]])
+    assert feat.encoded[1:] == [[TEXTS[2]]]                    # only the new text
+
+
+def test_minilm_sqlite_cache_serves_a_restarted_process(minilm, tmp_path):
+    path = tmp_path / "emb.sqlite"
+    before = CountingMiniLM(cache=EmbeddingCache(path))
+    vecs = before.transform(TEXTS)
+    after = CountingMiniLM(cache=EmbeddingCache(path))
+    np.testing.assert_array_equal(after.transform(TEXTS), vecs)
+    assert len(before.encoded) == 1 and after.encoded == []
+
+
+def test_default_cache_is_shared_and_can_be_backed_by_a_file(minilm, tmp_path, monkeypatch):
+    monkeypatch.setattr(featurize, "_DEFAULT_CACHE", None)
+    assert featurize.default_cache() is featurize.default_cache()
+    backed = featurize.use_cache_file(tmp_path / "shared.sqlite")
+    assert featurize.default_cache() is backed
+    feat = CountingMiniLM()                                     # no cache of its own
+    feat.transform(TEXTS[:1])
+    assert set(EmbeddingCache(tmp_path / "shared.sqlite").get_many(
+        [featurize._key(TEXTS[0])])) == {featurize._key(TEXTS[0])}
+
+
+# ---- the prompt tail ----------------------------------------------------------------------------
+
+def test_query_text_keeps_the_tail_of_long_prompts():
+    assert query_text("short") == "short"
+    exact = "x" * MAX_CHARS
+    assert query_text(exact) is exact
+    long = "A" * 500 + "B" * (MAX_CHARS - 1) + "?"
+    cut = query_text(long)
+    assert len(cut) == MAX_CHARS and cut == "B" * (MAX_CHARS - 1) + "?"
+    assert query_text("abcdef", max_chars=3) == "def"
+
+
+def test_long_prompts_with_the_same_tail_share_an_embedding(minilm):
+    tail = "Now answer: what is 3 plus 4? " * 40
+    feat = CountingMiniLM(cache=EmbeddingCache())
+    x = feat.transform(["first preamble " * 100 + tail, "another preamble " * 100 + tail])
+    np.testing.assert_array_equal(x[0], x[1])
+    assert feat.encoded == [[query_text(tail)]]
+
+
+# ---- TF-IDF ------------------------------------------------------------------------------------------
+
+CORPUS = ["what is two plus two", "what is three plus four", "write a poem about the sea",
+          "write a poem about the moon", "compute seven times eight", "compute nine times six",
+          "a poem about rain and the sea"]
+
+
+def test_tfidf_round_trip_gives_identical_sparse_rows(tmp_path):
+    fitted = TfidfFeaturizer(min_df=1).fit(CORPUS)
+    state, arrays = fitted.state()
+    save_file(arrays, str(tmp_path / "a.safetensors"))
+    state = json.loads(json.dumps(state))
+    loaded = TfidfFeaturizer.from_state(state, load_file(str(tmp_path / "a.safetensors")))
+    queries = CORPUS + ["what is a poem about seven", "entirely unknown words", ""]
+    a, b = fitted.transform(queries), loaded.transform(queries)
+    assert a.shape == b.shape and a.dtype == b.dtype
+    a, b = a.tocsr(), b.tocsr()
+    a.sort_indices()
+    b.sort_indices()
+    np.testing.assert_array_equal(a.indptr, b.indptr)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_array_equal(loaded.feature_names(), fitted.feature_names())
+
+
+def test_tfidf_reads_the_tail_and_uses_bigrams():
+    feat = TfidfFeaturizer(min_df=1).fit(CORPUS)
+    assert "poem about" in set(feat.feature_names())
+    long = "zebra " * 400 + "what is two plus two"
+    np.testing.assert_array_equal(feat.transform([long]).toarray(),
+                                  feat.transform([query_text(long)]).toarray())
+
+
+def test_tfidf_min_df_drops_rare_terms_unless_the_corpus_is_tiny():
+    feat = TfidfFeaturizer(min_df=2).fit(CORPUS)
+    names = set(feat.feature_names())
+    assert "poem" in names and "zebra" not in names and "moon" not in names   # moon: once
+    tiny = TfidfFeaturizer(min_df=2).fit(CORPUS[:3])      # fewer than 2 * min_df texts
+    assert "sea" in set(tiny.feature_names())
+
+
+def test_tfidf_unfitted_and_unknown_featurizer():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        TfidfFeaturizer().transform(["x"])
+    with pytest.raises(ValueError, match="unknown featurizer 'bert'"):
+        make_featurizer("bert")
+    assert isinstance(make_featurizer("tfidf"), TfidfFeaturizer)
+    cache = EmbeddingCache()
+    assert make_featurizer("minilm", cache=cache).cache is cache
+
+
+def test_cache_bookkeeping_is_linear_in_the_number_of_new_texts():
+    """20,000 unseen texts: the bookkeeping around the model call must take well under a
+    second (a set rebuilt per text once made it quadratic: ~10 s here). The model itself is
+    not under test, so its call returns fixed vectors."""
+    import time
+
+    class NoModel(MiniLMFeaturizer):
+        def _encode(self, texts):
+            return np.ones((len(texts), EMBED_DIM), np.float32)
+
+    texts = [f"prompt number {i}" for i in range(20_000)]
+    start = time.perf_counter()
+    x = NoModel(cache=EmbeddingCache()).transform(texts)
+    assert x.shape == (20_000, EMBED_DIM)
+    assert time.perf_counter() - start < 2.0

@@ -1,0 +1,389 @@
+"""kNN and classifier routers on hand-made logs with a signal they must learn, the cost
+model, and the artifact files (JSON + safetensors, never a pickle).
+
+The logs: 20 arithmetic prompts and 20 poem prompts. Expert ``math`` scores 1 on
+arithmetic and 0 on poems, ``poet`` the reverse, ``generalist`` 0.5 everywhere; each
+expert's cost is a known linear function of the prompt's length.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from router_models import ROUTERS, ClassifierRouter, KNNRouter, load_router
+from router_models.base import (
+    ARRAYS_FILE,
+    ROUTER_FILE,
+    ArtifactError,
+    CostModel,
+    NotFittedError,
+)
+from router_models.classifier import CANDIDATES
+from router_models.featurize import minilm_model
+from router_models.logs import BenchmarkLogs, load_logs, write_logs
+
+EXPERTS = ["generalist", "math", "poet"]  # sorted, as experts_ must be
+PRICE = {"math": (0.002, 1e-5), "poet": (0.0004, 1e-6), "generalist": (0.001, 0.0)}
+SUBJECTS = ["the moon", "the ocean", "autumn leaves", "a lonely lighthouse", "spring rain",
+            "the desert wind", "a sleeping cat", "winter stars", "a mountain river", "city lights"]
+POEM_FORMS = ["Write a short poem about {}.", "Compose a haiku about {}."]
+SUMS = ["What is {} plus {}?", "Compute {} times {}."]
+
+HELD_OUT_MATH = ["What is 123 plus 456?", "Compute 7 times 8.", "What is 91 plus 5?"]
+HELD_OUT_POEMS = ["Write a short poem about the summer sun.", "Compose a haiku about falling snow.",
+                  "Write a short poem about an old oak tree."]
+
+
+def price(model: str, prompt: str) -> float:
+    a, b = PRICE[model]
+    return a + b * len(prompt)
+
+
+def training_rows(skip: set[tuple[str, str]] = frozenset()) -> list[dict]:
+    rng = np.random.default_rng(0)
+    prompts = []
+    for i in range(20):
+        a, b = rng.integers(2, 500, size=2)
+        prompts.append((f"m{i:02d}", "math", SUMS[i % 2].format(a, b)))
+        prompts.append((f"p{i:02d}", "poetry", POEM_FORMS[i % 2].format(SUBJECTS[i // 2])))
+    rows = []
+    for pid, task, text in prompts:
+        for model in ("poet", "math", "generalist"):  # not sorted: loading sorts them
+            if (pid, model) in skip:
+                continue
+            score = 0.5 if model == "generalist" else float((model == "math") == (task == "math"))
+            rows.append({"prompt_id": pid, "prompt": text, "task": task, "model": model,
+                         "score": score, "cost_usd": price(model, text)})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return minilm_model()  # the real offline model, loaded once
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> BenchmarkLogs:
+    path = write_logs(training_rows(), tmp_path_factory.mktemp("logs") / "train.jsonl")
+    return load_logs(path)
+
+
+@pytest.fixture(scope="module")
+def gappy_logs(tmp_path_factory: pytest.TempPathFactory) -> BenchmarkLogs:
+    """Some (prompt, expert) cells never logged: their scores and costs are NaN."""
+    skip = {(f"m{i:02d}", "poet") for i in range(0, 20, 3)} | {(f"p{i:02d}", "math") for i in range(1, 20, 4)}
+    skip |= {("m05", "generalist"), ("m05", "math")}
+    path = write_logs(training_rows(skip), tmp_path_factory.mktemp("gappy") / "train.csv")
+    out = load_logs(path)
+    assert np.isnan(out.scores).sum() == len(skip)
+    return out
+
+
+# Every router kind and head; cv=1 skips model selection where it is not the subject.
+KINDS = {
+    "knn": lambda: KNNRouter(k=5),
+    "tfidf-logreg": lambda: ClassifierRouter(featurizer="tfidf", model="logreg", cv=1),
+    "tfidf-mlp": lambda: ClassifierRouter(featurizer="tfidf", model="mlp", cv=1),
+    "minilm-logreg": lambda: ClassifierRouter(featurizer="minilm", model="logreg", cv=1),
+    "minilm-mlp": lambda: ClassifierRouter(featurizer="minilm", model="mlp", cv=1),
+}
+
+
+@pytest.fixture(scope="module")
+def fitted(logs: BenchmarkLogs, minilm) -> dict:
+    return {name: make().fit(logs) for name, make in KINDS.items()}
+
+
+def assert_learned_the_signal(router, queries_math=HELD_OUT_MATH, queries_poems=HELD_OUT_POEMS):
+    q = router.predict_quality(queries_math + queries_poems)
+    assert q.shape == (len(queries_math) + len(queries_poems), 3)
+    assert np.isfinite(q).all() and (q >= 0).all() and (q <= 1).all()
+    math, poet = router.experts_.index("math"), router.experts_.index("poet")
+    k = len(queries_math)
+    assert (q[:k, math] - q[:k, poet] > 0.05).all(), q
+    assert (q[k:, poet] - q[k:, math] > 0.05).all(), q
+
+
+# ---- learning ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_router_predicts_the_right_expert_on_held_out_prompts(fitted, kind):
+    router = fitted[kind]
+    assert router.experts_ == EXPERTS
+    assert_learned_the_signal(router)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_router_tolerates_unlogged_scores(gappy_logs, minilm, kind):
+    router = KINDS[kind]().fit(gappy_logs)
+    assert_learned_the_signal(router)
+    assert np.isfinite(router.predict_cost(HELD_OUT_MATH)).all()
+
+
+def test_knn_prediction_is_the_mean_of_the_k_nearest_training_scores(logs, fitted):
+    router = fitted["knn"]
+    q = router.predict_quality([logs.prompts[0]])[0]    # a training prompt: itself is nearest
+    sims = router.X_ @ router.X_[0]
+    nearest = np.argsort(-sims)[:5]
+    np.testing.assert_allclose(q, logs.scores[nearest].mean(axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_shapes_and_empty_input(fitted, kind):
+    router = fitted[kind]
+    assert router.predict_quality([]).shape == (0, 3)
+    assert router.predict_cost([]).shape == (0, 3)
+    assert router.predict_quality(["x"] * 4).shape == (4, 3)
+
+
+def test_cost_predictions_follow_the_logged_linear_prices(fitted):
+    queries = HELD_OUT_MATH + ["Write a much, much longer poem about " + "the sea " * 30]
+    expected = np.array([[price(e, t) for e in EXPERTS] for t in queries])
+    for router in fitted.values():
+        np.testing.assert_allclose(router.predict_cost(queries), expected, rtol=1e-6)
+
+
+def test_cost_scale_is_the_dearest_experts_mean_predicted_cost(logs, fitted):
+    expected = max(np.mean([price(e, p) for p in logs.prompts]) for e in EXPERTS)
+    assert fitted["tfidf-logreg"].cost_scale_ == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("router", [KNNRouter(), ClassifierRouter(featurizer="tfidf")],
+                         ids=["knn", "classifier"])
+def test_unfitted_router_raises_not_fitted(router, tmp_path):
+    for call in (lambda: router.predict_quality(["x"]), lambda: router.predict_cost(["x"]),
+                 lambda: router.explain("x"), lambda: router.save(tmp_path / "r")):
+        with pytest.raises(NotFittedError, match="not fitted"):
+            call()
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("router, match", [
+    (ClassifierRouter(featurizer="bow"), "unknown featurizer 'bow'"),
+    (ClassifierRouter(featurizer="tfidf", model="forest"), "unknown model 'forest'"),
+    (KNNRouter(k=0), "k must be >= 1"),
+])
+def test_bad_hyper_parameters_raise_value_error(logs, router, match):
+    with pytest.raises(ValueError, match=match):
+        router.fit(logs)
+
+
+def test_fit_on_empty_logs_raises(logs):
+    with pytest.raises(ValueError, match="empty"):
+        KNNRouter().fit(logs.subset([]))
+
+
+def test_cv_model_selection_records_results_and_picks_from_the_grid(logs):
+    router = ClassifierRouter(featurizer="tfidf", model="auto", cv=3).fit(logs)
+    grid = CANDIDATES["logreg"] + CANDIDATES["mlp"]
+    assert [r["model"] for r in router.cv_results_] == grid
+    for r in router.cv_results_:
+        assert 0 <= r["brier"] <= 1 and np.isfinite(r["aiq"])
+    best = max(router.cv_results_, key=lambda r: (r["aiq"], -r["brier"]))
+    chosen = router.head_.state()[0]
+    assert {k: chosen[k] for k in best["model"]} == best["model"]
+    # a learnable signal: the chosen head beats always predicting 0.5 out of fold
+    assert best["brier"] < 0.25 * (2 / 3) + 1e-9
+    assert router.explain(HELD_OUT_MATH[0])["cross_validation"] == router.cv_results_
+    assert_learned_the_signal(router)
+
+
+def test_no_cv_when_disabled_uses_the_first_candidate(fitted):
+    router = fitted["tfidf-logreg"]
+    assert router.cv_results_ == []
+    assert router.head_.state()[0] == CANDIDATES["logreg"][0]
+
+
+# ---- explain -------------------------------------------------------------------------
+
+def test_explain_knn_names_the_neighbours(fitted):
+    router = fitted["knn"]
+    out = router.explain(HELD_OUT_MATH[0])
+    assert out["router"] == "knn"
+    q, c = router.predict_quality(HELD_OUT_MATH[:1])[0], router.predict_cost(HELD_OUT_MATH[:1])[0]
+    assert list(out["experts"]) == EXPERTS
+    for j, e in enumerate(EXPERTS):
+        assert out["experts"][e]["quality"] == round(float(q[j]), 4)
+        assert out["experts"][e]["cost_usd"] == pytest.approx(c[j])
+    nb = out["neighbours"]
+    assert len(nb) == 5
+    assert all(n["prompt_id"].startswith("m") for n in nb), nb   # arithmetic neighbours
+    sims = [n["similarity"] for n in nb]
+    assert sims == sorted(sims, reverse=True)
+    json.dumps(out)  # plain JSON for the decision log
+
+
+def test_explain_tfidf_logreg_gives_top_terms(fitted):
+    router = fitted["tfidf-logreg"]
+    out = router.explain(HELD_OUT_POEMS[0])
+    assert out["router"] == "classifier" and out["features"] == "tfidf"
+    assert set(out["top_terms"]) == set(EXPERTS)
+    poet_terms = out["top_terms"]["poet"]
+    assert poet_terms and all(t in HELD_OUT_POEMS[0].lower() for t, _ in poet_terms)
+    contribs = [v for _, v in poet_terms]
+    assert contribs == sorted(contribs, reverse=True) and contribs[0] > 0
+    math_top = out["top_terms"]["math"][0][1]
+    assert contribs[0] > math_top  # poem words push the poet up, not the math expert
+    json.dumps(out)
+
+
+def test_explain_mlp_has_no_top_terms(fitted):
+    out = fitted["tfidf-mlp"].explain(HELD_OUT_POEMS[0])
+    assert "top_terms" not in out and out["model"]["kind"] == "mlp"
+
+
+# ---- artifacts -----------------------------------------------------------------------
+
+QUERIES = HELD_OUT_MATH + HELD_OUT_POEMS + ["an unrelated query about nothing in particular"]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_save_load_round_trip_is_identical_and_never_unpickles(fitted, kind, tmp_path, monkeypatch):
+    router = fitted[kind]
+    d = router.save(tmp_path / kind)
+    assert sorted(p.name for p in d.iterdir()) == sorted([ROUTER_FILE, ARRAYS_FILE])
+    assert not any(b"\x80\x04\x95" in p.read_bytes()[:64] for p in d.iterdir())  # no pickle header
+
+    def refuse(*a, **k):
+        raise AssertionError("load_router unpickled something")
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(np, "load", refuse)
+    loaded = load_router(d)
+
+    assert type(loaded) is type(router)
+    assert loaded.get_params() == router.get_params()
+    assert loaded.experts_ == router.experts_
+    np.testing.assert_array_equal(loaded.predict_quality(QUERIES), router.predict_quality(QUERIES))
+    np.testing.assert_array_equal(loaded.predict_cost(QUERIES), router.predict_cost(QUERIES))
+    assert loaded.cost_scale_ == router.cost_scale_
+    assert loaded.explain(QUERIES[0]) == router.explain(QUERIES[0])
+
+
+def test_round_trip_keeps_cv_results(logs, tmp_path):
+    router = ClassifierRouter(featurizer="tfidf", model="logreg", cv=2).fit(logs)
+    assert len(router.cv_results_) == len(CANDIDATES["logreg"])
+    loaded = load_router(router.save(tmp_path / "r"))
+    assert loaded.cv_results_ == router.cv_results_
+
+
+def test_registry_names_every_router():
+    assert ROUTERS == {"knn": KNNRouter, "classifier": ClassifierRouter}
+
+
+@pytest.fixture()
+def artifact(fitted, tmp_path) -> Path:
+    return fitted["tfidf-logreg"].save(tmp_path / "good")
+
+
+def _edit_meta(d: Path, **changes) -> None:
+    meta = json.loads((d / ROUTER_FILE).read_text())
+    meta.update(changes)
+    (d / ROUTER_FILE).write_text(json.dumps(meta))
+
+
+def test_load_missing_directory(tmp_path):
+    with pytest.raises(ArtifactError, match=r"not a router directory \(no router.json\)"):
+        load_router(tmp_path / "nowhere")
+
+
+def test_load_directory_without_router_json(artifact):
+    (artifact / ROUTER_FILE).unlink()
+    with pytest.raises(ArtifactError, match="not a router directory"):
+        load_router(artifact)
+
+
+def test_load_broken_json(artifact):
+    (artifact / ROUTER_FILE).write_text('{"version": 1, "router": ')
+    with pytest.raises(ArtifactError, match="router.json is not valid JSON"):
+        load_router(artifact)
+
+
+def test_load_json_that_is_not_an_object(artifact):
+    (artifact / ROUTER_FILE).write_text("[1, 2, 3]")
+    with pytest.raises(ArtifactError, match="not a JSON object"):
+        load_router(artifact)
+
+
+def test_load_unknown_router_name(artifact):
+    _edit_meta(artifact, router="gnn-from-the-future")
+    with pytest.raises(ArtifactError, match="unknown router 'gnn-from-the-future'; known: classifier, knn"):
+        load_router(artifact)
+
+
+@pytest.mark.parametrize("version", [0, 2, None, "1"])
+def test_load_wrong_version(artifact, version):
+    _edit_meta(artifact, version=version)
+    with pytest.raises(ArtifactError, match=f"artifact version {version!r}, this Switchyard reads version 1"):
+        load_router(artifact)
+
+
+def test_load_binary_garbage_json(artifact):
+    (artifact / ROUTER_FILE).write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_router(artifact)
+
+
+def test_load_without_arrays_file(artifact):
+    (artifact / ARRAYS_FILE).unlink()
+    with pytest.raises(ArtifactError, match="incomplete or damaged classifier artifact.*tfidf.idf"):
+        load_router(artifact)
+
+
+def test_load_damaged_arrays_file(artifact):
+    (artifact / ARRAYS_FILE).write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ArtifactError, match="arrays.safetensors is not a safetensors file"):
+        load_router(artifact)
+
+
+def test_load_json_missing_a_field(artifact):
+    meta = json.loads((artifact / ROUTER_FILE).read_text())
+    del meta["cost_model"]
+    (artifact / ROUTER_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="incomplete or damaged classifier artifact.*cost_model"):
+        load_router(artifact)
+
+
+def test_load_copy_elsewhere_still_works(artifact, tmp_path):
+    moved = Path(shutil.copytree(artifact, tmp_path / "moved"))
+    assert load_router(moved).predict_quality(QUERIES).shape == (len(QUERIES), 3)
+
+
+# ---- cost model ------------------------------------------------------------------------
+
+def test_cost_model_fits_a_known_linear_cost_exactly():
+    prompts = ["x" * n for n in (3, 10, 40, 41, 200, 1000)]
+    costs = np.array([[0.01 + 2e-5 * len(p), 0.5e-3 + 0.0 * len(p)] for p in prompts])
+    cm = CostModel.fit(prompts, costs)
+    np.testing.assert_allclose(cm.intercept, [0.01, 0.5e-3], rtol=1e-9)
+    np.testing.assert_allclose(cm.slope, [2e-5, 0.0], atol=1e-15)
+    np.testing.assert_allclose(cm.predict(["y" * 77]), [[0.01 + 77 * 2e-5, 0.5e-3]], rtol=1e-9)
+    again = CostModel.from_dict(json.loads(json.dumps(cm.to_dict())))
+    np.testing.assert_array_equal(again.predict(prompts), cm.predict(prompts))
+
+
+def test_cost_model_negative_fits_fall_back_to_the_mean():
+    prompts = ["x" * n for n in (10, 20, 30, 40)]
+    falling = [4.0, 3.0, 2.0, 1.0]                   # negative slope
+    negative_icept = [0.0, 1.0, 2.0, 3.0]            # slope 0.1, intercept -1
+    costs = np.array([falling, negative_icept]).T
+    cm = CostModel.fit(prompts, costs)
+    np.testing.assert_allclose(cm.intercept, [2.5, 1.5])
+    np.testing.assert_array_equal(cm.slope, [0.0, 0.0])
+
+
+def test_cost_model_missing_costs():
+    prompts = ["a", "bbb", "ccccc", "ddddddd"]
+    costs = np.array([[np.nan, 1.0, 2.0], [np.nan, np.nan, 2.0], [np.nan, 3.0, np.nan],
+                      [np.nan, np.nan, np.nan]])
+    cm = CostModel.fit(prompts, costs)
+    # all-NaN column -> 0; two points -> their mean; NaN rows are skipped
+    np.testing.assert_array_equal(cm.intercept, [0.0, 2.0, 2.0])
+    np.testing.assert_array_equal(cm.slope, [0.0, 0.0, 0.0])
+    assert np.isfinite(cm.predict(prompts)).all()
