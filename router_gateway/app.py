@@ -17,11 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-import router_models
 from expert_registry.http1 import HTTP1Client
 from expert_registry.store import ExpertStore, close_redis, open_redis
 from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream
-from router_gateway import admin_routes
+from router_gateway import admin_routes, router_routes
 from router_gateway.auth import KeyChecker
 from router_gateway.dispatch import Dispatcher, error_response, internal_error_response
 from router_gateway.app_helpers import read_json
@@ -29,6 +28,7 @@ from router_gateway.errors import GatewayError, error_body
 from router_gateway.model_string import parse_model
 from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, invalid_from_errors, validate_body
 from router_gateway.registry_view import RegistryView, health_loop
+from router_gateway.routing import RoutingTable
 from router_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,19 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         st = store or ExpertStore(await anyio.to_thread.run_sync(open_redis, settings.redis_url, settings.data_dir))
         view = RegistryView(st, settings.registry_refresh_s)
         await view.refresh()
+        routing = RoutingTable(st, view, settings.registry_refresh_s)
+        await routing.refresh()
         client = HTTP1Client(settings.upstream_max_connections, settings.upstream_connect_timeout_s,
                              settings.upstream_timeout_s)
         try:
             app.state.store = st
             app.state.view = view
+            app.state.routing = routing
             app.state.keys = KeyChecker(settings.resolved_admin_key(), settings.api_keys)
             app.state.dispatcher = Dispatcher(view, HTTPUpstream(client), LiteLLMUpstream(settings.upstream_timeout_s),
-                                              router_models.ROUTERS)
-            tasks = [asyncio.create_task(view.run(), name="registry-refresh")]
+                                              routing)
+            tasks = [asyncio.create_task(view.run(), name="registry-refresh"),
+                     asyncio.create_task(routing.run(), name="routers-refresh")]
             if settings.health_interval_s > 0:
                 tasks.append(asyncio.create_task(health_loop(view, client, settings.health_interval_s),
                                                  name="health"))
@@ -123,7 +127,12 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         body = await read_json(request, settings.max_body_bytes)
         validate_body(wire, body)
         dispatcher: Dispatcher = request.app.state.dispatcher
-        decision = dispatcher.resolve(parse_model(body["model"]))
+        target = parse_model(body["model"])
+        if target.kind == "expert":  # the fast path: no awaits
+            decision = dispatcher.resolve(target)
+        else:
+            explain = request.headers.get("x-switchyard-explain", "").lower() in ("1", "true", "yes")
+            decision = await dispatcher.route(target, body, endpoint, explain)
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         return await dispatcher.handle(endpoint, body, decision, rid, t0)
 
@@ -139,8 +148,9 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     @app.get("/v1/models", tags=["openai"])
     async def models(request: Request) -> Response:
         request.app.state.keys.client(request)
-        return Response(orjson.dumps(admin_routes.model_list(request.app.state.view, router_models.ROUTERS)),
-                        media_type="application/json")
+        listing = admin_routes.model_list(request.app.state.view, {})
+        listing["data"].extend(request.app.state.routing.model_entries())
+        return Response(orjson.dumps(listing), media_type="application/json")
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request) -> Response:
@@ -152,4 +162,5 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         return Response(orjson.dumps(body), media_type="application/json")
 
     app.include_router(admin_routes.router)
+    app.include_router(router_routes.router)
     return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions})

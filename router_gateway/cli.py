@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from router_gateway import cli_train
+from router_gateway.cli_routers import routers_app
 from router_gateway.settings import Settings
 
 app = typer.Typer(help="Switchyard: a multi-LLM routing gateway with an OpenAI-compatible API.",
@@ -28,6 +29,7 @@ workers_app = typer.Typer(help="Start and stop local vLLM workers for experts wi
                           no_args_is_help=True)
 app.add_typer(experts_app, name="experts")
 app.add_typer(workers_app, name="workers")
+app.add_typer(routers_app, name="routers")
 cli_train.register(app)
 console = Console()
 err_console = Console(stderr=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import orjson
 from starlette.responses import Response, StreamingResponse
@@ -37,6 +37,9 @@ from router_gateway.model_string import ModelTarget
 from router_gateway.registry_view import RegistryView
 from router_gateway.sse import reframe
 
+if TYPE_CHECKING:  # routing imports RouteDecision from here
+    from router_gateway.routing import RoutingTable
+
 log = logging.getLogger(__name__)
 
 
@@ -44,24 +47,38 @@ log = logging.getLogger(__name__)
 class RouteDecision:
     target: ModelTarget
     expert: ExpertSpec
-    router: str  # "direct" when the client named the expert
+    router: str  # "direct" when the client named the expert, else the router deployment's name
+    fallbacks: tuple[ExpertSpec, ...] = ()  # the router's next choices, best first
+    route_s: float | None = None  # scoring + policy time (routed requests only)
+    scores: str | None = None  # "expert=quality;..." when the client asked (x-switchyard-explain)
 
 
 class Dispatcher:
     def __init__(self, view: RegistryView, http: HTTPUpstream, litellm: LiteLLMUpstream,
-                 routers: dict[str, type] | None = None):
+                 routing: RoutingTable | None = None):
         self.view = view
         self.http = http
         self.litellm = litellm
-        self.routers = routers or {}
+        self.routing = routing
 
     # --- resolving ---------------------------------------------------------------
     def available(self) -> str:
         experts = ", ".join(sorted(self.view.experts)) or "none registered"
-        routers = ", ".join(f"router:{r}" for r in sorted(self.routers)) or "none installed yet"
+        names = self.routing.names() if self.routing is not None else []
+        routers = ", ".join(f"router:{r}" for r in names) or "none deployed"
         return f"experts: {experts}; routers: {routers}"
 
+    async def route(self, target: ModelTarget, body: dict, endpoint: str, explain: bool = False) -> RouteDecision:
+        """A ``router:``/``auto`` target: score the request and pick an expert (any other
+        target goes through :meth:`resolve`)."""
+        entry = self.routing.lookup(target) if self.routing is not None else None
+        if entry is None or target.kind not in ("router", "auto"):
+            return self.resolve(target)
+        return await self.routing.decide(entry, target, body, endpoint, with_scores=explain)
+
     def resolve(self, target: ModelTarget) -> RouteDecision:
+        """An expert named directly (the fast path: no awaits); other targets that are
+        not routable raise the 404 naming what is available."""
         if target.kind == "expert":
             spec = self.view.experts.get(target.name)
             if spec is None or spec.backend == "collab":
@@ -76,8 +93,9 @@ class Dispatcher:
             raise ModelNotFound(f"router '{target.name}' is not available. Available {self.available()}",
                                 param="model")
         if target.kind == "auto":
-            raise ModelNotFound("'auto' needs a default router, and none is configured yet. "
-                                f"Name an expert instead. Available {self.available()}", param="model")
+            raise ModelNotFound("'auto' needs a default router, and none is configured yet "
+                                "(`switchyard routers add NAME ... --default`). "
+                                f"Name an expert or a router instead. Available {self.available()}", param="model")
         groups = sorted(n for n, s in self.view.experts.items() if s.backend == "collab")
         raise ModelNotFound(f"collaboration group '{target.name}' is not available "
                             f"(groups: {', '.join(groups) or 'none'}). Available {self.available()}",
@@ -95,6 +113,10 @@ class Dispatcher:
         rewrite = client_model if client_model != spec.served_model else None
         headers = {"x-switchyard-expert": spec.name, "x-switchyard-router": decision.router,
                    "x-request-id": request_id}
+        if decision.route_s is not None:
+            headers["x-switchyard-route-ms"] = _ms(decision.route_s)
+        if decision.scores is not None:
+            headers["x-switchyard-scores"] = decision.scores
         upstream = self._upstream(spec)
         t_up = time.perf_counter()
         try:
