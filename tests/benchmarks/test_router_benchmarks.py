@@ -1,0 +1,111 @@
+"""Smoke tests of the router benchmarks: each script's ``main`` on a tiny hand-made log.
+
+The logs are written with ``write_logs`` in ``tmp_path`` (no ``/work/shared/data``): two
+topics, three experts priced apart, where the cheap expert is right on one topic only.
+Both scripts run with ``--no-readme`` and write into ``tmp_path``; the tests read the JSON
+they wrote and check its keys and that its numbers are sane.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from router_models import featurize
+from router_models.logs import write_logs
+
+ROOT = Path(__file__).resolve().parents[2]
+CITIES = ["Paris", "Rome", "Lima", "Oslo", "Cairo", "Delhi", "Tokyo", "Quito", "Accra", "Hanoi", "Bern", "Riga"]
+# expert -> (cost per call, P(correct) on geography, P(correct) on arithmetic)
+EXPERTS = {"small": (1e-4, 0.9, 0.1), "medium": (5e-4, 0.6, 0.8), "large": (2e-3, 0.95, 0.95)}
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        if i % 2:
+            task, prompt = "geo", f"Which country has {CITIES[i % len(CITIES)]} as its capital city? ({i})"
+        else:
+            task, prompt = "math", f"Compute {i * 7 % 97} plus {i * 13 % 89}, then multiply the sum by {i % 9 + 2}."
+        for model, (cost, p_geo, p_math) in EXPERTS.items():
+            p = p_geo if task == "geo" else p_math
+            rows.append({"prompt_id": f"p{i}", "prompt": prompt, "task": task, "model": model,
+                         "score": float(rng.random() < p), "cost_usd": cost * (1 + 0.1 * rng.random())})
+    return rows
+
+
+@pytest.fixture
+def tiny_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    # the scripts swap the process-wide embedding cache for their own file: undo it after
+    monkeypatch.setattr(featurize, "_DEFAULT_CACHE", featurize._DEFAULT_CACHE)
+    return {"routerbench": write_logs(_rows(60, 0), tmp_path / "rb.jsonl"),
+            "llmrouter": write_logs(_rows(48, 1), tmp_path / "lr.jsonl")}
+
+
+def test_router_quality_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> None:
+    bench = _load("router_quality")
+    readme = bench.README.read_text()
+    out = tmp_path / "results"
+    argv = ["--quick", "--no-readme", "--cv", "1", "--results", str(out), "--cache", str(tmp_path / "emb.sqlite"),
+            "--datasets", *(f"{k}={v}" for k, v in tiny_logs.items())]
+    assert bench.main(argv) == 0
+    assert bench.README.read_text() == readme  # --no-readme leaves it alone
+    for name, n in (("routerbench", 60), ("llmrouter", 48)):
+        (path,) = out.glob(f"router_quality-{name}-*.json")
+        report = json.loads(path.read_text())
+        assert {"dataset", "machine", "command", "settings", "reference", "rows", "goals", "timing",
+                "plot", "single_experts"} <= report.keys()
+        assert report["n_prompts"] == report["n_eval_prompts"] == n
+        assert report["settings"]["folds"] == 2
+        assert report["reference"]["strong_name"] == "large" and report["reference"]["weak_name"] == "small"
+        rows = report["rows"]
+        assert set(rows) == {"knn", "classifier-minilm", "classifier-tfidf", "random", "best_single", "oracle"}
+        for key, row in rows.items():
+            assert {"aiq", "apgr", "cpt50", "cpt80", "cost_to_best_single", "points", "best_quality",
+                    "quality_at_half_best_cost", "aiq_folds"} <= row.keys()
+            assert 0.0 <= row["aiq"] <= 1.0 and len(row["aiq_folds"]) == 2
+            assert row["aiq"] <= rows["oracle"]["aiq"] + 1e-9, key
+            assert row["best_quality"] <= rows["oracle"]["best_quality"] + 1e-9, key
+        # the cheap expert is right on geography, so a router beats paying for "large" everywhere
+        assert rows["oracle"]["cost_to_best_single"] < 0.5
+        assert max(rows[r]["aiq"] for r in ("knn", "classifier-minilm", "classifier-tfidf")) > rows["random"]["aiq"]
+        assert report["goals"] and all(isinstance(g["met"], bool) and g["detail"] for g in report["goals"])
+        assert report["timing"]["total_s"] > 0 and report["timing"]["embed"]["texts"] == n
+        assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_routing_latency_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> None:
+    bench = _load("routing_latency")
+    readme = bench.README.read_text()
+    out = tmp_path / "results"
+    argv = ["--no-readme", "--logs", str(tiny_logs["routerbench"]), "--train-prompts", "40", "--cv", "1",
+            "-c", "1", "4", "-d", "1", "--warmup", "0.2", "--results", str(out),
+            "--cache", str(tmp_path / "emb.sqlite")]
+    assert bench.main(argv) == 0
+    assert bench.README.read_text() == readme
+    (path,) = out.glob("routing_latency-*.json")
+    report = json.loads(path.read_text())
+    assert {"machine", "command", "settings", "cells", "goal", "router"} <= report.keys()
+    assert report["settings"]["queries_from"].startswith("held-out")
+    cells = {(c["mode"], c["concurrency"]): c for c in report["cells"]}
+    assert set(cells) == {(m, c) for m in ("batched", "unbatched") for c in (1, 4)}
+    for cell in cells.values():
+        assert cell["decisions"] > 0 and cell["decisions_per_s"] > 0
+        assert 0 < cell["p50_ms"] <= cell["p90_ms"] <= cell["p99_ms"] <= cell["max_ms"]
+        assert cell["cache_hits"] == 0  # repeat ratio 0: every query is new to the scorer
+    assert cells[("unbatched", 4)]["mean_batch"] == 1.0
+    assert isinstance(report["goal"]["met"], bool)
