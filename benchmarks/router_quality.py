@@ -237,7 +237,7 @@ def run_dataset(name: str, path: Path, routers: list[str], args: argparse.Namesp
         "goals": goals(name, rows, routers, ref, logs.experts),
         "timing": {"load_s": load_s, "embed": embed, "fit_s": cv["fit_s"], "predict_s": cv["predict_s"],
                    "total_s": time.perf_counter() - t0},
-        "plot": str(plot),
+        "plot": link(plot),
     }
     return report
 
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in args.sources:
         report = run_dataset(name, path, args.routers, args)
         out = args.results / f"router_quality-{name}-{args.started.strftime('%Y%m%dT%H%M%SZ')}.json"
-        report["json"] = str(out)
+        report["json"] = link(out)
         out.write_text(json.dumps(run | report, indent=1, default=_json_default) + "\n")
         section = render(report, run)
         print("\n" + section + "\n", flush=True)

@@ -223,7 +223,8 @@ def render(report: dict) -> str:
     m, s, g, info = report["machine"], report["settings"], report["goal"], report["router"]
     others = [c["other_cores_busy"] for c in report["cells"] if "other_cores_busy" in c]
     # at the end the load average counts this benchmark too: other processes' CPU says more
-    busy = m["loadavg_at_start"][0] > 0.5 * (m["cores"] or 1) or max(others, default=0.0) > 0.25
+    quarter = 0.25 * (m["cores"] or 1)
+    busy = m["loadavg_at_start"][0] > quarter or max(others, default=0.0) > quarter
     lines = [f"Measured {report['date']} on {m['cpu']}, {m['cores']} cores ({m['os']}, Python {m['python']}, "
              f"torch {m['torch']} with {m['torch_threads']} threads; 1-min load average at start "
              f"{m['loadavg_at_start'][0]:.2f}"

@@ -108,4 +108,7 @@ def test_routing_latency_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> No
         assert 0 < cell["p50_ms"] <= cell["p90_ms"] <= cell["p99_ms"] <= cell["max_ms"]
         assert cell["cache_hits"] == 0  # repeat ratio 0: every query is new to the scorer
     assert cells[("unbatched", 4)]["mean_batch"] == 1.0
+    assert 2 < report["router"]["query_tokens"]["p50"] <= report["router"]["query_tokens"]["p99"] <= 256
+    if Path("/proc/stat").exists():
+        assert all(c["other_cores_busy"] >= 0 for c in cells.values())
     assert isinstance(report["goal"]["met"], bool)
