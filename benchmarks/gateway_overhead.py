@@ -27,7 +27,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import re
 import resource
 import secrets
@@ -43,6 +42,7 @@ from importlib import metadata
 from pathlib import Path
 
 import httpx
+from _common import git_commit, machine_facts, rewrite_section
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -243,25 +243,9 @@ def measure(args: argparse.Namespace, targets: dict, workdir: Path) -> list[dict
 
 
 def machine(wrk: str) -> dict:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
-        model = found.group(1).strip() if found else platform.processor() or model
     done = subprocess.run([wrk, "-v"], capture_output=True, text=True)
     wrk_version = (done.stdout + done.stderr).strip().split(" Copyright")[0]
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "os": f"{platform.system()} {platform.release()}", "loadavg_at_start": os.getloadavg(),
-            "wrk": wrk_version.splitlines()[0] if wrk_version else None}
-
-
-def git_commit() -> str | None:
-    """HEAD of the checkout being measured, ``+dirty`` with uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True)
-    except OSError:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+    return {**machine_facts(), "wrk": wrk_version.splitlines()[0] if wrk_version else None}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -336,13 +320,7 @@ def render(report: dict) -> str:
 
 def write_readme(section: str, path: Path = README) -> None:
     """Replace the text between the markers; add heading and markers if missing."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + f"\n\n## Gateway overhead\n\n{block}\n"
-    path.write_text(text)
+    rewrite_section(path, BEGIN, END, section, "## Gateway overhead")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

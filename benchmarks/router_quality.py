@@ -31,15 +31,13 @@ import datetime as dt
 import json
 import math
 import os
-import platform
-import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import git_commit, machine_facts, rewrite_section
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -89,9 +87,9 @@ def load_dataset(name: str, path: Path, max_prompts: int | None, seed: int):
 
 def embed_all(prompts: list[str]) -> dict:
     """MiniLM-embed every prompt once (into the cache): routers then only read it back."""
-    from router_models.featurize import MiniLMFeaturizer, _key, default_cache, query_text
+    from router_models.featurize import MiniLMFeaturizer, default_cache, text_key, query_text
 
-    keys = list(dict.fromkeys(_key(query_text(p)) for p in prompts))
+    keys = list(dict.fromkeys(text_key(query_text(p)) for p in prompts))
     new = len(keys) - len(default_cache().get_many(keys))
     t0 = time.perf_counter()
     MiniLMFeaturizer(progress=True).transform(prompts)
@@ -323,35 +321,13 @@ def render(report: dict, run: dict) -> str:
 
 def write_readme(dataset: str, section: str, path: Path = README) -> None:
     """Replace the text between this dataset's markers; append a section if missing."""
-    begin, end = marker(dataset)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{section}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + f"\n\n#### {dataset}\n\n{block}\n"
-    path.write_text(text)
+    rewrite_section(path, *marker(dataset), section, f"#### {dataset}")
 
 
 def machine() -> dict:
     import torch
 
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
-        model = found.group(1).strip() if found else model
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "os": f"{platform.system()} {platform.release()}", "torch_threads": torch.get_num_threads(),
-            "loadavg_at_start": os.getloadavg()}
-
-
-def git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True)
-    except OSError:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+    return {**machine_facts(), "torch_threads": torch.get_num_threads()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -33,16 +33,14 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
-import re
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import git_commit, machine_facts, rewrite_section
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -272,35 +270,14 @@ def render(report: dict) -> str:
 def write_readme(key: str, section: str, path: Path = README) -> None:
     """Replace the text between the markers of ``key`` (the router's featurizer); append
     a section if they are missing."""
-    begin, end = f"<!-- routing-latency:{key}:begin -->", f"<!-- routing-latency:{key}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{section}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + f"\n\n### Routing latency, {key}\n\n{block}\n"
-    path.write_text(text)
+    rewrite_section(path, f"<!-- routing-latency:{key}:begin -->", f"<!-- routing-latency:{key}:end -->",
+                    section, f"### Routing latency, {key}")
 
 
 def machine() -> dict:
     import torch
 
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
-        model = found.group(1).strip() if found else model
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "os": f"{platform.system()} {platform.release()}", "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "loadavg_at_start": os.getloadavg()}
-
-
-def git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True)
-    except OSError:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+    return {**machine_facts(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

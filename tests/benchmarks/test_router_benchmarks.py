@@ -26,6 +26,8 @@ EXPERTS = {"small": (1e-4, 0.9, 0.1), "medium": (5e-4, 0.6, 0.8), "large": (2e-3
 
 
 def _load(name: str):
+    if str(ROOT / "benchmarks") not in sys.path:  # where the scripts find _common, as when run
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
