@@ -46,7 +46,7 @@ from router_gateway.errors import ExpertUnavailable, InvalidRequest
 from router_gateway.model_string import ModelTarget
 from router_gateway.registry_view import RegistryView
 from router_models.base import ARRAYS_FILE, ROUTER_FILE, Router, load_router
-from router_models.policy import CostAwarePolicy
+from router_models.policy import CostAwarePolicy, order_by_utility
 from router_models.serving import BatchedScorer
 
 log = logging.getLogger(__name__)
@@ -285,9 +285,9 @@ class RoutingTable:
         ranked: list[Candidate] = []
         if cands:
             scale = float(cost.max()) or 1.0
-            with np.errstate(invalid="ignore"):  # lambda=inf times a free expert's 0 cost
-                utility = policy.utilities(quality[None], cost[None], scale)[0]
-                order = policy.rank(quality[None], cost[None], scale)[0]
+            utility = policy.utilities(quality[None], cost[None], scale)
+            order = order_by_utility(utility, cost[None])[0]
+            utility = utility[0]
             ranked = [Candidate(cands[i][0], cands[i][1], float(quality[i]), float(cost[i]), float(utility[i]))
                       for i in order]
         return Ranking(entry, text, policy, ranked, excluded, "registry" if priced else "router",

@@ -30,7 +30,8 @@ def query_text(prompt: str, max_chars: int = MAX_CHARS) -> str:
     return prompt[-max_chars:] if len(prompt) > max_chars else prompt
 
 
-def _key(text: str) -> str:
+def text_key(text: str) -> str:
+    """The embedding cache's key for a (cut) text."""
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -133,7 +134,7 @@ class MiniLMFeaturizer:
 
     def transform(self, texts: list[str]) -> np.ndarray:
         cut = [query_text(t) for t in texts]
-        keys = [_key(t) for t in cut]
+        keys = [text_key(t) for t in cut]
         cache = self.cache if self.cache is not None else default_cache()
         found = cache.get_many(list(dict.fromkeys(keys)))
         todo = list(dict.fromkeys(k for k in keys if k not in found))

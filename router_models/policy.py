@@ -85,26 +85,33 @@ class CostAwarePolicy:
              allowed: np.ndarray | None = None) -> np.ndarray:
         """[n, m] expert indices per prompt, best first; disallowed experts are cut off
         (the row is padded with -1). Ties go to the cheaper expert."""
-        u = self.utilities(q, c, cost_scale)
-        c = np.asarray(c, dtype=float)
-        if allowed is not None:
-            u = np.where(np.asarray(allowed, dtype=bool), u, -np.inf)
-        # Near-ties with the best count as ties, as in choose()/policy_choices: calibrate
-        # puts lambda exactly on a tie, where float noise must not pick the dearer expert.
-        best = u.max(axis=1, keepdims=True)
-        u = np.where(u >= best - _TIE_RTOL * np.maximum(1.0, np.abs(best)), best, u)
-        # lexsort: last key is primary. Utility descending, then cost ascending.
-        order = np.stack([np.lexsort((c[i], -u[i])) for i in range(u.shape[0])])
-        if allowed is not None:
-            dead = np.take_along_axis(np.isneginf(u), order, axis=1)
-            order = np.where(dead, -1, order)
-        return order
+        return order_by_utility(self.utilities(q, c, cost_scale), c, allowed)
 
     def choose(self, q: np.ndarray, c: np.ndarray, cost_scale: float) -> np.ndarray:
         """[n] chosen expert per prompt (no allowed mask: the evaluation path)."""
         if self.mode == "wtp" and self.max_cost is None:
             return policy_choices(q, c, self.lam, cost_scale)
         return self.rank(q, c, cost_scale)[:, 0]
+
+
+def order_by_utility(u: np.ndarray, c: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """[n, m] expert indices per prompt by utility ``u`` (from
+    :meth:`CostAwarePolicy.utilities`), best first, ties to the cheaper by ``c``;
+    disallowed experts are cut off (the row is padded with -1)."""
+    u = np.asarray(u, dtype=float)
+    c = np.asarray(c, dtype=float)
+    if allowed is not None:
+        u = np.where(np.asarray(allowed, dtype=bool), u, -np.inf)
+    # Near-ties with the best count as ties, as in choose()/policy_choices: calibrate
+    # puts lambda exactly on a tie, where float noise must not pick the dearer expert.
+    best = u.max(axis=1, keepdims=True)
+    u = np.where(u >= best - _TIE_RTOL * np.maximum(1.0, np.abs(best)), best, u)
+    # lexsort: last key is primary. Utility descending, then cost ascending.
+    order = np.stack([np.lexsort((c[i], -u[i])) for i in range(u.shape[0])])
+    if allowed is not None:
+        dead = np.take_along_axis(np.isneginf(u), order, axis=1)
+        order = np.where(dead, -1, order)
+    return order
 
 
 Target = Literal["spend", "strong_share"]

@@ -115,7 +115,7 @@ def test_default_cache_is_shared_and_can_be_backed_by_a_file(minilm, tmp_path, m
     feat = CountingMiniLM()                                     # no cache of its own
     feat.transform(TEXTS[:1])
     assert set(EmbeddingCache(tmp_path / "shared.sqlite").get_many(
-        [featurize._key(TEXTS[0])])) == {featurize._key(TEXTS[0])}
+        [featurize.text_key(TEXTS[0])])) == {featurize.text_key(TEXTS[0])}
 
 
 # ---- the prompt tail ----------------------------------------------------------------------------
