@@ -95,7 +95,8 @@ def output_tokens(body: dict) -> int:
 
 # --- loaded deployments ---------------------------------------------------------------
 def artifact_signature(router_dir: str) -> tuple:
-    """(file, mtime, size) of a router's files: a change means "reload"."""
+    """(file, mtime, size) of every file in a router's directory (the artifact and any
+    user-editable file next to it, such as skill profiles): a change means "reload"."""
     out = []
     for f in (ROUTER_FILE, ARRAYS_FILE):
         try:
@@ -103,6 +104,17 @@ def artifact_signature(router_dir: str) -> tuple:
             out.append((f, st.st_mtime_ns, st.st_size))
         except OSError:
             out.append((f, None, None))
+    try:
+        extra = sorted((e for e in os.scandir(router_dir)
+                       if e.is_file() and e.name not in (ROUTER_FILE, ARRAYS_FILE)), key=lambda e: e.name)
+    except OSError:
+        extra = []
+    for e in extra:
+        try:
+            st = e.stat()
+            out.append((e.name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            pass
     return tuple(out)
 
 

@@ -148,6 +148,7 @@ class Router:
         }
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
                   str(d / ARRAYS_FILE))
+        self._write_files(d)
         (d / ROUTER_FILE).write_text(json.dumps(meta, indent=1))
         return d
 
@@ -176,6 +177,13 @@ class Router:
 
     def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
         pass
+
+    def _write_files(self, directory: Path) -> None:
+        """Extra files a user may read and edit (e.g. skill profiles as JSON)."""
+
+    def _read_files(self, directory: Path) -> None:
+        """Read back ``_write_files``' files after ``_restore``; an edited file wins over
+        the state in ``router.json``. Raise ``ValueError`` on a malformed file."""
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "experts_"):
@@ -220,7 +228,9 @@ def load_router(directory: str | Path) -> Router:
         raise ArtifactError(f"{directory}: unknown router {meta.get('router')!r}; "
                             f"known: {', '.join(sorted(ROUTERS))}")
     try:
-        return cls._from_meta(meta, arrays)
+        router = cls._from_meta(meta, arrays)
+        router._read_files(Path(directory))
+        return router
     except (KeyError, TypeError, ValueError) as exc:  # a missing field or array
         raise ArtifactError(f"{directory}: incomplete or damaged {meta['router']} artifact "
                             f"({type(exc).__name__}: {exc})") from exc
