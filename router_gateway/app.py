@@ -30,6 +30,7 @@ from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, in
 from router_gateway.registry_view import RegistryView, health_loop
 from router_gateway.routing import RoutingTable
 from router_gateway.settings import Settings
+from router_gateway.skills_llm import SkillAsker
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,9 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             app.state.view = view
             app.state.routing = routing
             app.state.keys = KeyChecker(settings.resolved_admin_key(), settings.api_keys)
-            app.state.dispatcher = Dispatcher(view, HTTPUpstream(client), LiteLLMUpstream(settings.upstream_timeout_s),
-                                              routing)
+            http, litellm = HTTPUpstream(client), LiteLLMUpstream(settings.upstream_timeout_s)
+            routing.skills = SkillAsker(st, view, http, litellm)
+            app.state.dispatcher = Dispatcher(view, http, litellm, routing)
             tasks = [asyncio.create_task(view.run(), name="registry-refresh"),
                      asyncio.create_task(routing.run(), name="routers-refresh")]
             if settings.health_interval_s > 0:

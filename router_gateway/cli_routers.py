@@ -71,13 +71,19 @@ def routers_add(
     lam: float = typer.Option(0.0, "--lambda", help="Willingness to pay: quality - lambda * cost / cost_scale"),
     min_quality: Optional[float] = typer.Option(None, "--min-quality", help="Cheapest expert at least this good"),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="USD per call cap"),
+    aggregator: Optional[str] = typer.Option(None, "--aggregator",
+                                             help="Expert that merges the answers for 'router:NAME?k=K'"),
+    skills_expert: Optional[str] = typer.Option(None, "--skills-expert",
+                                                help="Expert asked to list each query's skills (symbolic)"),
+    skills_timeout: float = typer.Option(2.0, "--skills-timeout", help="Seconds to wait for --skills-expert"),
 ) -> None:
     """Deploy (or replace) a router: its directory, and which expert stands for each log model."""
     from router_gateway.deployments import DeploymentInvalid, RouterDeployment, absolute_dir, check_deployment
 
     data = {"name": name, "router_dir": absolute_dir(str(router_dir)),
             "expert_map": _mapping(map_pairs or [], map_file),
-            "default": default, "lam": lam, "min_quality": min_quality, "max_cost": max_cost}
+            "default": default, "lam": lam, "min_quality": min_quality, "max_cost": max_cost,
+            "aggregator": aggregator, "skills_expert": skills_expert, "skills_timeout_s": skills_timeout}
     try:
         dep = RouterDeployment.model_validate(data)
     except ValidationError as exc:

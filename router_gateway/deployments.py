@@ -61,6 +61,13 @@ class RouterDeployment(BaseModel):
     min_quality: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
                                       description="When set: the cheapest expert predicted at least this good")
     max_cost: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="USD per call cap")
+    aggregator: str | None = Field(default=None, description="Expert that merges the answers of the k experts "
+                                   "recruited for 'router:NAME?k=K' (default: the mapped expert with the best "
+                                   "logged score)")
+    skills_expert: str | None = Field(default=None, description="Expert asked to list a query's skills (routers "
+                                      "that read skill words, e.g. symbolic); unset: skills are found zero-shot")
+    skills_timeout_s: float = Field(default=2.0, gt=0, le=60, allow_inf_nan=False,
+                                    description="How long to wait for skills_expert before the zero-shot path")
 
     @field_validator("name")
     @classmethod
@@ -130,6 +137,18 @@ def check_deployment(dep: RouterDeployment, experts: Iterable[ExpertSpec],
     if groups:
         raise DeploymentInvalid(f"expert_map targets collaboration groups, which routers cannot pick: "
                                 f"{', '.join(groups)}")
+    for field in ("aggregator", "skills_expert"):
+        name = getattr(dep, field)
+        if name is None:
+            continue
+        if name not in registered:
+            raise DeploymentInvalid(f"{field} '{name}' is not a registered expert; registered experts: "
+                                    f"{', '.join(sorted(registered)) or 'none'}", field)
+        if registered[name].backend == "collab":
+            raise DeploymentInvalid(f"{field} '{name}' is a collaboration group, not an expert", field)
+    if dep.skills_expert is not None and not getattr(router, "accepts_skill_words", False):
+        raise DeploymentInvalid(f"skills_expert is set but a {router.name} router does not read skill words "
+                                "(the symbolic router does)", "skills_expert")
     return DeploymentCheck(router, [m for m in known if m not in dep.expert_map])
 
 

@@ -24,6 +24,7 @@ from expert_registry.upstream import (
     UpstreamStream,
     UpstreamTimedOut,
 )
+from router_gateway.aggregate import Aggregation
 from router_gateway.errors import (
     ExpertUnavailable,
     GatewayError,
@@ -51,6 +52,7 @@ class RouteDecision:
     fallbacks: tuple[ExpertSpec, ...] = ()  # the router's next choices, best first
     route_s: float | None = None  # scoring + policy time (routed requests only)
     scores: str | None = None  # "expert=quality;..." when the client asked (x-switchyard-explain)
+    recruited: tuple[ExpertSpec, ...] = ()  # aggregation (?k=K): the experts whose answers ``expert`` merges
 
 
 class Dispatcher:
@@ -108,11 +110,18 @@ class Dispatcher:
     async def handle(self, endpoint: str, body: dict, decision: RouteDecision, request_id: str,
                      t0: float) -> Response:
         spec = decision.expert
+        headers = {"x-switchyard-expert": spec.name, "x-switchyard-router": decision.router,
+                   "x-request-id": request_id}
+        if decision.recruited:
+            body, good, bad = await Aggregation(self._upstream).gather(endpoint, body, decision.recruited,
+                                                                       request_id)
+            headers["x-switchyard-recruited"] = ",".join(a.expert.name for a in good)
+            headers["x-switchyard-recruited-tokens"] = str(sum(a.tokens for a in good))
+            if bad:
+                headers["x-switchyard-recruited-failed"] = ",".join(a.expert.name for a in bad)
         client_model = body["model"]
         body["model"] = spec.served_model
         rewrite = client_model if client_model != spec.served_model else None
-        headers = {"x-switchyard-expert": spec.name, "x-switchyard-router": decision.router,
-                   "x-request-id": request_id}
         if decision.route_s is not None:
             headers["x-switchyard-route-ms"] = _ms(decision.route_s)
         if decision.scores is not None:

@@ -24,6 +24,15 @@ Routing one request (:meth:`RoutingTable.rank`):
    ``cost_scale`` = the dearest candidate's cost for this query (1 when all are free).
 5. Policy: the deployment's defaults with the request's knobs (``with_knobs``). The
    top-ranked candidate is chosen; the rest, in order, are the decision's fallbacks.
+
+Skills from an LLM: when the deployment names a ``skills_expert`` and its router reads
+skill words (``accepts_skill_words``, the symbolic router), step 2 first asks that expert
+for the query's skills (``skills_llm.SkillAsker``: cached, with a timeout, falling back
+to the router's zero-shot skills) and scores with them, outside the micro-batcher.
+
+Aggregation (``?k=K`` with K > 1): the top K candidates are recruited and an aggregator
+expert answers from their answers (``aggregate.py``); the decision's ``expert`` is the
+aggregator, ``recruited`` the K experts.
 """
 
 from __future__ import annotations
@@ -45,9 +54,10 @@ from router_gateway.dispatch import RouteDecision
 from router_gateway.errors import ExpertUnavailable, InvalidRequest
 from router_gateway.model_string import ModelTarget
 from router_gateway.registry_view import RegistryView
+from router_gateway.skills_llm import SkillAnswer, SkillAsker
 from router_models.base import ARRAYS_FILE, ROUTER_FILE, Router, load_router
 from router_models.policy import CostAwarePolicy, order_by_utility
-from router_models.serving import BatchedScorer
+from router_models.serving import BatchedScorer, Scores
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +174,7 @@ class Ranking:
     excluded: dict[str, str]
     cost_source: str  # "registry" | "router"
     seconds: float
+    skills: SkillAnswer | None = None  # the LLM's skill words, when the deployment asks for them
 
     def scores_header(self) -> str:
         return ";".join(f"{c.spec.name}={c.quality:.3f}" for c in self.ranked)
@@ -172,9 +183,11 @@ class Ranking:
 class RoutingTable:
     """Loaded router deployments by name, refreshed from the store (see module docstring)."""
 
-    def __init__(self, store: ExpertStore, view: RegistryView, refresh_s: float = 1.0):
+    def __init__(self, store: ExpertStore, view: RegistryView, refresh_s: float = 1.0,
+                 skills: SkillAsker | None = None):
         self.deployments = DeploymentStore(store)
         self.view = view
+        self.skills = skills
         self.refresh_s = refresh_s
         self.entries: dict[str, LoadedDeployment] = {}
         self._records: list[RouterDeployment] = []
@@ -276,8 +289,13 @@ class RoutingTable:
             raise ExpertUnavailable(entry.error or f"router '{entry.name}' is not loaded", code="router_unavailable")
         text = query_text(body, endpoint)
         t0 = time.perf_counter()
+        skills = await self._llm_skills(entry, text)
         try:
-            scores = await entry.scorer.score(text)
+            if skills is not None and skills.words:
+                quality_row, cost_row = await asyncio.to_thread(_score_with_words, entry.router, text, skills.words)
+                scores = Scores(quality_row, cost_row, False, 0.0)
+            else:
+                scores = await entry.scorer.score(text)
         except Exception as exc:  # the router's failure, not the client's: 503, logged
             log.exception("router '%s' failed to score a query", entry.name)
             raise ExpertUnavailable(f"router '{entry.name}' failed to score the request: {exc}",
@@ -303,7 +321,28 @@ class RoutingTable:
             ranked = [Candidate(cands[i][0], cands[i][1], float(quality[i]), float(cost[i]), float(utility[i]))
                       for i in order]
         return Ranking(entry, text, policy, ranked, excluded, "registry" if priced else "router",
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, skills)
+
+    async def _llm_skills(self, entry: LoadedDeployment, text: str) -> SkillAnswer | None:
+        dep = entry.deployment
+        if dep.skills_expert is None or self.skills is None or not getattr(entry.router, "accepts_skill_words", False):
+            return None
+        return await self.skills.skills(text, dep.skills_expert, dep.skills_timeout_s)
+
+    def _aggregator(self, entry: LoadedDeployment, ranked: list[Candidate]) -> ExpertSpec:
+        """The deployment's aggregator if it is up, else the candidate with the best logged score."""
+        name = entry.deployment.aggregator
+        if name is not None:
+            spec = self.view.experts.get(name)
+            if spec is not None and self.view.is_unhealthy(name) is None:
+                return spec
+            log.warning("aggregator '%s' of router '%s' is not available; choosing one from the logs",
+                        name, entry.name)
+        competence = getattr(entry.router, "competence_", None)
+        if competence is None:
+            return ranked[0].spec
+        column = {m: j for j, m in enumerate(entry.router.experts_)}
+        return max(ranked, key=lambda c: np.nan_to_num(competence[column[c.log_model]], nan=-1.0)).spec
 
     async def decide(self, entry: LoadedDeployment, target: ModelTarget, body: dict, endpoint: str,
                      with_scores: bool = False) -> RouteDecision:
@@ -312,6 +351,11 @@ class RoutingTable:
             why = "; ".join(f"{k}: {v}" for k, v in r.excluded.items()) or "no experts mapped"
             raise ExpertUnavailable(f"router '{entry.name}' has no healthy expert to route to ({why})",
                                     code="no_healthy_expert")
+        k = int(target.knobs.get("k", 1))
+        if k > 1:
+            recruited = tuple(c.spec for c in r.ranked[:k])
+            return RouteDecision(target, self._aggregator(entry, r.ranked), entry.name, route_s=r.seconds,
+                                 scores=r.scores_header() if with_scores else None, recruited=recruited)
         return RouteDecision(target, r.ranked[0].spec, entry.name,
                              fallbacks=tuple(c.spec for c in r.ranked[1:]), route_s=r.seconds,
                              scores=r.scores_header() if with_scores else None)
@@ -320,7 +364,11 @@ class RoutingTable:
         """What ``/v1/route`` answers: the whole decision, without calling any expert."""
         r = await self.rank(entry, target, body, endpoint)
         assert entry.router is not None
-        detail = await asyncio.to_thread(entry.router.explain, r.text)
+        if r.skills is not None and r.skills.words:
+            detail = await asyncio.to_thread(entry.router.explain, r.text, skill_words=r.skills.words)
+        else:
+            detail = await asyncio.to_thread(entry.router.explain, r.text)
+        k = int(target.knobs.get("k", 1))
         return {
             "router": entry.router.name,
             "deployment": entry.name,
@@ -333,6 +381,15 @@ class RoutingTable:
             "candidates": {c.spec.name: {"log_model": c.log_model, "quality": c.quality, "cost_usd": c.cost_usd,
                                          "utility": c.utility} for c in r.ranked},
             "excluded": r.excluded,
+            "skills_source": None if r.skills is None else r.skills.source,
+            "recruited": [c.spec.name for c in r.ranked[:k]] if k > 1 and r.ranked else None,
+            "aggregator": self._aggregator(entry, r.ranked).name if k > 1 and r.ranked else None,
             "explain": detail,
             "route_ms": round(r.seconds * 1000, 3),
         }
+
+
+def _score_with_words(router: Router, text: str, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """One query scored with skill words from an LLM (symbolic routers)."""
+    q = router.predict_quality([text], skill_words=[words])  # type: ignore[call-arg]
+    return q[0], router.predict_cost([text])[0]

@@ -95,6 +95,7 @@ class Router:
         self.experts_ = list(logs.experts)
         self.train_prompt_ids_ = list(logs.prompt_ids)
         self.cost_model_ = CostModel.fit(logs.prompts, logs.costs)
+        self.competence_ = logs.mean_score()  # [m] mean logged score: each expert's global competence
         try:
             self._fit(logs)
         except BaseException:
@@ -143,6 +144,7 @@ class Router:
             "experts": self.experts_,
             "cost_model": self.cost_model_.to_dict(),
             "cost_scale": self.cost_scale_,
+            "competence": [None if np.isnan(v) else float(v) for v in self.competence_],
             "train_prompt_ids": self.train_prompt_ids_,
             "state": state,
         }
@@ -158,6 +160,8 @@ class Router:
         router.experts_ = list(meta["experts"])
         router.cost_model_ = CostModel.from_dict(meta["cost_model"])
         router.cost_scale_ = float(meta["cost_scale"])
+        comp = meta.get("competence") or [None] * len(router.experts_)
+        router.competence_ = np.array([np.nan if v is None else float(v) for v in comp])
         router.train_prompt_ids_ = list(meta.get("train_prompt_ids", []))
         router._restore(meta["state"], arrays)
         return router
