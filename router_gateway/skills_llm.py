@@ -1,0 +1,103 @@
+"""Skills of a query from an expert LLM (Symbolic-MoE's way), cached in Redis.
+
+A router deployment with ``skills_expert`` set asks that registered expert to list the
+query's skills before scoring (``router_models.symbolic.skill_prompt`` /
+``parse_skill_list``). Answers are cached by (expert, query text)::
+
+    {prefix}skills:{expert}:{sha1(text)}   string  JSON list of skill words, 30-day TTL
+
+so a repeated query costs one Redis read. Any failure (the expert unknown or unhealthy,
+a timeout, an HTTP error, an answer with no skill in it, Redis down) returns ``None``
+with the reason, and the router falls back to its zero-shot skills: asking for skills
+never fails a request. Failures are not cached, so a recovered expert is asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import orjson
+
+from expert_registry.store import ExpertStore
+from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream, UpstreamFailure
+from router_gateway.aggregate import answer_text
+from router_gateway.registry_view import RegistryView
+
+log = logging.getLogger(__name__)
+
+CACHE_TTL_S = 30 * 24 * 3600
+SKILL_MAX_TOKENS = 48
+
+
+@dataclass(frozen=True)
+class SkillAnswer:
+    words: list[str] | None  # None: use the zero-shot path
+    source: str  # "llm", "llm-cache", or "zero-shot (<why>)"
+
+
+class SkillAsker:
+    def __init__(self, store: ExpertStore, view: RegistryView, http: HTTPUpstream, litellm: LiteLLMUpstream):
+        self.store = store
+        self.view = view
+        self.http = http
+        self.litellm = litellm
+        self.asked = 0  # upstream calls made (cache misses), for tests and metrics
+
+    def _key(self, expert: str, text: str) -> str:
+        digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{self.store.prefix}skills:{expert}:{digest}"
+
+    async def _cached(self, key: str) -> list[str] | None:
+        try:
+            raw = await asyncio.to_thread(self.store.client.get, key)
+        except Exception as exc:  # Redis down: ask the expert instead
+            log.warning("skills cache read failed: %s", exc)
+            return None
+        if raw is None:
+            return None
+        try:
+            words = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        return words if isinstance(words, list) and all(isinstance(w, str) for w in words) and words else None
+
+    async def _remember(self, key: str, words: list[str]) -> None:
+        try:
+            await asyncio.to_thread(self.store.client.set, key, orjson.dumps(words), ex=CACHE_TTL_S)
+        except Exception as exc:  # a cache that cannot write is only slower
+            log.warning("skills cache write failed: %s", exc)
+
+    async def skills(self, text: str, expert: str, timeout_s: float, request_id: str | None = None) -> SkillAnswer:
+        from router_models.symbolic import parse_skill_list, skill_prompt
+
+        key = self._key(expert, text)
+        hit = await self._cached(key)
+        if hit is not None:
+            return SkillAnswer(hit, "llm-cache")
+        spec = self.view.experts.get(expert)
+        if spec is None:
+            return SkillAnswer(None, f"zero-shot (skills expert '{expert}' is not registered)")
+        if self.view.is_unhealthy(expert) is not None:
+            return SkillAnswer(None, f"zero-shot (skills expert '{expert}' is unhealthy)")
+        body = {"model": spec.served_model, "messages": skill_prompt(text), "max_tokens": SKILL_MAX_TOKENS,
+                "temperature": 0, "stream": False}
+        upstream = self.litellm if spec.backend == "litellm" else self.http
+        self.asked += 1
+        try:
+            status, content = await asyncio.wait_for(upstream.send(spec, "chat/completions", body, request_id),
+                                                     timeout_s)
+        except asyncio.TimeoutError:
+            return SkillAnswer(None, f"zero-shot (skills expert '{expert}' took over {timeout_s:g} s)")
+        except UpstreamFailure as exc:
+            return SkillAnswer(None, f"zero-shot (skills expert '{expert}' failed: {exc})")
+        if status != 200:
+            return SkillAnswer(None, f"zero-shot (skills expert '{expert}' answered HTTP {status})")
+        words = parse_skill_list(answer_text(content))
+        if not words:
+            return SkillAnswer(None, f"zero-shot (skills expert '{expert}' listed no skills)")
+        await self._remember(key, words)
+        return SkillAnswer(words, "llm")
+
