@@ -64,6 +64,27 @@ def _router_params(router: str, featurizer: str, model: str, k: int, cv: int, se
     return {}
 
 
+def _extra_params(cls: type, pairs: list[str]) -> dict:
+    """``--param NAME=VALUE`` pairs (VALUE read as JSON, else as a string), checked
+    against the router's hyper-parameters."""
+    import inspect
+
+    known = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            _fail(f"--param '{pair}' must be NAME=VALUE")
+        if name not in known:
+            _fail(f"--param {name}: the {cls.name} router has no such hyper-parameter; it has: "
+                  f"{', '.join(known) or 'none'}")
+        try:
+            out[name] = json.loads(raw)
+        except ValueError:
+            out[name] = raw
+    return out
+
+
 def train(
     logs: Path = typer.Option(..., help="Benchmark logs: one file or a directory of one layout"),
     router: str = typer.Option(..., help="Router to train (knn, classifier, ...)"),
@@ -76,6 +97,8 @@ def train(
     seed: int = typer.Option(0, help="Seed for splits and cross-validation"),
     holdout: float = typer.Option(0.0, help="Fraction of prompts held out (written to OUT/heldout.jsonl for eval)"),
     prices_file: Optional[Path] = typer.Option(None, help="JSON {model: [input, output] USD per 1M tokens} to derive costs"),
+    param: Optional[list[str]] = typer.Option(None, "--param",
+                                              help="Any router hyper-parameter, NAME=VALUE (JSON value); repeatable"),
 ) -> None:
     """Train a router on benchmark logs and save it (JSON + safetensors)."""
     from router_models import ROUTERS
@@ -94,11 +117,12 @@ def train(
         write_logs(held, out / "heldout.jsonl")
         console.print(f"held out {held.n_prompts} prompts -> {out / 'heldout.jsonl'}")
     try:
-        est = ROUTERS[router](**_router_params(router, featurizer, model, k, cv, seed))
+        params = _router_params(router, featurizer, model, k, cv, seed) | _extra_params(ROUTERS[router], param or [])
+        est = ROUTERS[router](**params)
         t0 = time.perf_counter()
         est.fit(data)
         took = time.perf_counter() - t0
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         _fail(str(exc))
     est.save(out)
     console.print(f"trained {est!r} on {data.n_prompts} prompts in {took:.1f} s -> {out}")

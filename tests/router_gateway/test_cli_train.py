@@ -69,8 +69,9 @@ def test_train_then_eval_json_layout_and_plot(tmp_path: Path, logs):
 def test_train_holdout_and_eval_table(tmp_path: Path, logs):
     train, _ = logs
     out = tmp_path / "knn"
-    sy(tmp_path / "data", "train", "--logs", str(train), "--router", "knn", "--k", "5", "--holdout", "0.25",
+    sy(tmp_path / "data", "train", "--logs", str(train), "--router", "knn", "--param", "k=5", "--holdout", "0.25",
        "--out", str(out))
+    assert json.loads((out / "router.json").read_text())["params"] == {"k": 5}  # --param reached the router
     held = out / "heldout.jsonl"
     assert held.is_file()
     table = sy(tmp_path / "data", "eval", "--router-dir", str(out), "--logs", str(held)).stdout
@@ -86,6 +87,10 @@ def test_train_holdout_and_eval_table(tmp_path: Path, logs):
     (["train", "--logs", "{train}", "--router", "nope", "--out", "x"], "unknown router 'nope'"),
     (["train", "--logs", "{train}", "--router", "knn", "--out", "x", "--format", "parquet-ish"], "parquet-ish"),
     (["eval", "--router-dir", "{tmp}", "--logs", "{train}"], "not a router directory"),
+    (["train", "--logs", "{train}", "--router", "knn", "--out", "x", "--param", "depth=3"],
+     "the knn router has no such hyper-parameter; it has: k"),
+    (["train", "--logs", "{train}", "--router", "knn", "--out", "x", "--param", "k"], "must be NAME=VALUE"),
+    (["train", "--logs", "{train}", "--router", "knn", "--out", "x", "--param", "k=0"], "k must be >= 1"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path: Path, logs, args, message):
     train, _ = logs
