@@ -2,23 +2,36 @@
 
 A decision is what the gateway does before it dispatches: embed the query with MiniLM,
 predict every expert's quality and cost (``BatchedScorer.score``), and rank the experts
-with the cost-aware policy (``CostAwarePolicy().rank`` on that one row). C asyncio
-clients in one process each make decisions back to back (closed loop) for a fixed time,
-for C in 1, 4, 16, 64, with micro-batching on (``max_batch=32``) and off (``max_batch=1``)
-interleaved per level. Reported per cell: p50/p90/p99 latency of a decision, decisions/s,
-the mean batch size and process CPU per decision.
+with the cost-aware policy (``CostAwarePolicy().rank`` on that one row). Two loads, each
+with micro-batching on (``max_batch=32``) and off (``max_batch=1``) interleaved per level:
 
-The router is a classifier on MiniLM embeddings (``--featurizer tfidf``: on TF-IDF)
+- closed loop: C asyncio clients in one process each make decisions back to back for a
+  fixed time, for C in 1, 4, 16, 64. Latency ~ C / throughput (Little's law), so at high C
+  it measures throughput, not what one request waits;
+- open loop (``--rate``): decisions arrive as a Poisson process at R per second, whether
+  or not earlier ones are done, as requests reach a gateway; a decision's latency counts
+  from its scheduled arrival. The goal under load is p50 < 15 ms: the report gives the
+  highest rate measured that meets it with every decision answered.
+
+Reported per cell: p50/p90/p99 latency of a decision, decisions/s, the mean batch size and
+process CPU per decision.
+
+The router is a classifier on MiniLM embeddings (``--featurizer tfidf``: on TF-IDF;
+``--router knn|symbolic|gnn|...``: another kind, any name in ``router_models.ROUTERS``)
 trained on a slice of the LLMRouter logs (or loaded with ``--router-dir``); queries are
 the held-out prompts of those logs (made-up text when they are absent). With
 ``--repeat-ratio 0`` (default) every query is new to the scorer, the hard case; a ratio r
 draws each query from the ones already asked with probability r (a scorer cache hit).
 The featurizer's own embedding cache is off while measuring, so a new query is always
-embedded.
+embedded. The scorer runs torch on ``--threads`` threads (default 1) and ``--workers``
+batches at once; ``--baseline`` measures the path before the lean encoder:
+``SentenceTransformer.encode``, torch's own thread count, batches not split by length.
 
     python benchmarks/routing_latency.py                     # c=1 4 16 64, 10 s cells
+    python benchmarks/routing_latency.py -c 1 --rate 20 50 100 --no-readme
     python benchmarks/routing_latency.py -c 1 16 -d 20 --repeat-ratio 0.3
     python benchmarks/routing_latency.py --featurizer tfidf          # the TF-IDF classifier
+    python benchmarks/routing_latency.py --router knn -c 1 --rate 20 50
     python benchmarks/routing_latency.py --router-dir out/classifier --no-readme
 
 Results go to ``benchmarks/results/routing_latency-*.json`` and to the section of
@@ -31,6 +44,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import inspect
 import json
 import os
 import shlex
@@ -48,6 +62,7 @@ RESULTS = HERE / "results"
 DEFAULT_LOGS = HERE.parent.parent / "shared" / "data" / "llmrouter"
 DEFAULT_CACHE = Path("~/.cache/switchyard/embeddings.sqlite")
 GOAL_P50_MS, GOAL_P99_MS = 10.0, 25.0
+GOAL_LOAD_P50_MS = 15.0   # p50 under load: open loop, the highest rate that meets it
 MODES = {"batched": 32, "unbatched": 1}  # mode -> BatchedScorer max_batch
 TOPICS = ["the French revolution", "photosynthesis", "binary search trees", "compound interest",
           "the Krebs cycle", "Bayes' theorem", "the Treaty of Westphalia", "TCP congestion control"]
@@ -63,9 +78,21 @@ def generated_queries(n: int, seed: int) -> list[str]:
             for i in range(n)]
 
 
+def make_router(args: argparse.Namespace) -> object:
+    """An unfitted router of kind ``--router``, seeded where its class takes a seed."""
+    from router_models import ROUTERS
+
+    if args.router not in ROUTERS:
+        raise SystemExit(f"unknown router {args.router!r}; this checkout has {sorted(ROUTERS)}")
+    cls = ROUTERS[args.router]
+    if args.router == "classifier":
+        return cls(featurizer=args.featurizer, cv=args.cv, seed=args.seed)
+    return cls(**({"seed": args.seed} if "seed" in inspect.signature(cls).parameters else {}))
+
+
 def train_router(args: argparse.Namespace) -> tuple[object, list[str], dict]:
-    """(router, query pool, what was used): a router dir if given, else a classifier on a slice."""
-    from router_models import ROUTERS, load_router
+    """(router, query pool, what was used): a router dir if given, else a router on a slice."""
+    from router_models import load_router
     from router_models.logs import load_logs
 
     logs = load_logs(args.logs) if args.logs.exists() else None
@@ -78,8 +105,7 @@ def train_router(args: argparse.Namespace) -> tuple[object, list[str], dict]:
         info = {"router": f"loaded from {args.router_dir}", "train_prompts": None}
     elif logs is not None:
         t0 = time.perf_counter()
-        router = ROUTERS["classifier"](featurizer=args.featurizer, cv=args.cv, seed=args.seed).fit(
-            logs.subset(train_idx))
+        router = make_router(args).fit(logs.subset(train_idx))
         info = {"router": repr(router), "train_prompts": int(train_idx.size), "train_s": time.perf_counter() - t0}
     else:
         raise SystemExit(f"no logs at {args.logs} to train a router on: pass --router-dir or --logs")
@@ -132,13 +158,19 @@ class QueryStream:
         return text
 
 
-async def run_cell(router, pool: list[str], max_batch: int, clients: int, seconds: float,
-                   warmup: float, repeat: float, seed: int) -> dict:
-    """C closed-loop clients for ``warmup + seconds``; latencies of the measured part only."""
-    from router_models.policy import CostAwarePolicy
+def make_scorer(router, max_batch: int, args: argparse.Namespace) -> object:
     from router_models.serving import BatchedScorer
 
-    scorer, policy = BatchedScorer(router, max_batch=max_batch), CostAwarePolicy()
+    return BatchedScorer(router, max_batch=max_batch, threads=args.threads or None, workers=args.workers,
+                         by_length=not args.baseline)
+
+
+async def run_cell(router, pool: list[str], max_batch: int, clients: int, seconds: float,
+                   warmup: float, repeat: float, seed: int, args: argparse.Namespace) -> dict:
+    """C closed-loop clients for ``warmup + seconds``; latencies of the measured part only."""
+    from router_models.policy import CostAwarePolicy
+
+    scorer, policy = make_scorer(router, max_batch, args), CostAwarePolicy()
     stream, scale = QueryStream(pool, repeat, seed), router.cost_scale_
     latencies: list[float] = []
     hits = 0
@@ -178,6 +210,59 @@ async def run_cell(router, pool: list[str], max_batch: int, clients: int, second
             "cpu_ms_per_decision": 1e3 * cpu / n if n else None, "cpu_share": cpu / seconds}
 
 
+async def run_open_cell(router, pool: list[str], max_batch: int, rate: float, seconds: float,
+                        warmup: float, repeat: float, seed: int, args: argparse.Namespace) -> dict:
+    """Poisson arrivals at ``rate`` per second for ``warmup + seconds``, then up to
+    ``max(10, seconds)`` s for the backlog to clear. Latency counts from a decision's
+    scheduled arrival (a loop too busy to start it on time is not forgiven); decisions that
+    arrive in the measured part count, CPU is per decision finished from its start on."""
+    from router_models.policy import CostAwarePolicy
+
+    scorer, policy = make_scorer(router, max_batch, args), CostAwarePolicy()
+    stream, scale = QueryStream(pool, repeat, seed), router.cost_scale_
+    rng = np.random.default_rng(seed + 7919)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    measure_from, stop = start + warmup, start + warmup + seconds
+    latencies: list[float] = []
+    finished_after_start = hits = 0
+
+    async def decide(at: float, text: str) -> None:
+        nonlocal finished_after_start, hits
+        s = await scorer.score(text)
+        policy.rank(s.quality[None, :], s.cost[None, :], scale)
+        done = loop.time()
+        finished_after_start += done >= measure_from
+        if at >= measure_from:
+            latencies.append(done - at)
+            hits += s.cached
+
+    tasks, at, mark, arrived = [], start, None, 0
+    while (at := at + rng.exponential(1.0 / rate)) < stop:
+        await asyncio.sleep(max(0.0, at - loop.time()))
+        if mark is None and at >= measure_from:
+            mark = (time.process_time(), scorer.batches, scorer.scored)
+        arrived += at >= measure_from
+        tasks.append(loop.create_task(decide(at, stream.next())))
+    pending: set = set()
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=max(10.0, seconds))
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    cpu0, batches0, scored0 = mark or (time.process_time(), scorer.batches, scorer.scored)
+    cpu, batches, scored = time.process_time() - cpu0, scorer.batches - batches0, scorer.scored - scored0
+    lat = np.asarray(latencies) * 1e3
+    n = lat.size
+    p50, p90, p99 = np.percentile(lat, [50, 90, 99]) if n else (np.nan,) * 3
+    return {"rate": rate, "max_batch": max_batch, "arrived": arrived, "decisions": int(n),
+            "unfinished": len(pending), "decisions_per_s": n / seconds,
+            "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+            "mean_ms": float(lat.mean()) if n else None, "max_ms": float(lat.max()) if n else None,
+            "cache_hits": int(hits), "mean_batch": scored / batches if batches else None,
+            "cpu_ms_per_decision": 1e3 * cpu / finished_after_start if finished_after_start else None}
+
+
 def busy_cpu_seconds() -> float | None:
     """CPU seconds all processes of the machine have spent busy (Linux /proc/stat), or None."""
     try:
@@ -188,22 +273,25 @@ def busy_cpu_seconds() -> float | None:
     return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
 
 
-def measure(router, pool: list[str], args: argparse.Namespace) -> list[dict]:
-    """Every cell; each records how many cores other processes kept busy meanwhile."""
-    cells = []
-    for c in args.concurrency:
+def measure(router, pool: list[str], args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(closed-loop cells, open-loop cells); each records how many cores other processes
+    kept busy meanwhile."""
+    levels = [("c", c, run_cell) for c in args.concurrency] + [("rate", r, run_open_cell) for r in args.rate]
+    closed, opened = [], []
+    for kind, level, run in levels:
         for mode, max_batch in MODES.items():
             busy0, own0, t0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
-            cell = asyncio.run(run_cell(router, pool, max_batch, c, args.duration, args.warmup,
-                                        args.repeat_ratio, args.seed + c))
+            cell = asyncio.run(run(router, pool, max_batch, level, args.duration, args.warmup,
+                                   args.repeat_ratio, args.seed + int(level), args))
             if busy0 is not None:
                 other = busy_cpu_seconds() - busy0 - (time.process_time() - own0)
                 cell["other_cores_busy"] = max(0.0, other) / (time.perf_counter() - t0)
-            cells.append({"mode": mode, **cell})
-            print(f"{mode:9} c={c:<3} {cell['decisions_per_s']:8.1f} decisions/s  p50 {cell['p50_ms']:7.2f} ms  "
+            (closed if kind == "c" else opened).append({"mode": mode, **cell})
+            late = f"  unfinished {cell['unfinished']}" if cell.get("unfinished") else ""
+            print(f"{mode:9} {kind}={level:<5g} {cell['decisions_per_s']:8.1f} decisions/s  p50 {cell['p50_ms']:7.2f} ms  "
                   f"p90 {cell['p90_ms']:7.2f}  p99 {cell['p99_ms']:7.2f} ms  batch {cell['mean_batch'] or 0:5.1f}  "
-                  f"CPU {cell['cpu_ms_per_decision'] or 0:.2f} ms/decision", file=sys.stderr, flush=True)
-    return cells
+                  f"CPU {cell['cpu_ms_per_decision'] or 0:.2f} ms/decision{late}", file=sys.stderr, flush=True)
+    return closed, opened
 
 
 def goal(cells: list[dict]) -> dict:
@@ -217,14 +305,24 @@ def goal(cells: list[dict]) -> dict:
             "levels_met_batched": levels}
 
 
+def sustained(open_cells: list[dict]) -> dict:
+    """Per mode, the highest open-loop rate with p50 < 15 ms and every decision answered."""
+    out = {}
+    for mode in MODES:
+        ok = [c["rate"] for c in open_cells if c["mode"] == mode and not c["unfinished"]
+              and c["decisions"] and c["p50_ms"] < GOAL_LOAD_P50_MS]
+        out[mode] = max(ok) if ok else None
+    return out
+
+
 def render(report: dict) -> str:
     m, s, g, info = report["machine"], report["settings"], report["goal"], report["router"]
-    others = [c["other_cores_busy"] for c in report["cells"] if "other_cores_busy" in c]
+    others = [c["other_cores_busy"] for c in report["cells"] + report.get("open_cells", []) if "other_cores_busy" in c]
     # at the end the load average counts this benchmark too: other processes' CPU says more
     quarter = 0.25 * (m["cores"] or 1)
     busy = m["loadavg_at_start"][0] > quarter or max(others, default=0.0) > quarter
     lines = [f"Measured {report['date']} on {m['cpu']}, {m['cores']} cores ({m['os']}, Python {m['python']}, "
-             f"torch {m['torch']} with {m['torch_threads']} threads; 1-min load average at start "
+             f"torch {m['torch']}, {m['torch_threads']} threads by default; 1-min load average at start "
              f"{m['loadavg_at_start'][0]:.2f}"
              + (": **the machine was not quiet**, other processes competed for the cores" if busy else "")
              + f"; {m['loadavg_at_end'][0]:.2f} at the end, this benchmark included"
@@ -239,7 +337,17 @@ def render(report: dict) -> str:
              f"| decision latency p50, c={g['concurrency']}, batched | < {GOAL_P50_MS:g} ms | {g['p50_ms']:.2f} ms | "
              f"{'yes' if g['p50_ms'] < GOAL_P50_MS else '**no**'} |",
              f"| decision latency p99, c={g['concurrency']}, batched | < {GOAL_P99_MS:g} ms | {g['p99_ms']:.2f} ms | "
-             f"{'yes' if g['p99_ms'] < GOAL_P99_MS else '**no**'} |", "",
+             f"{'yes' if g['p99_ms'] < GOAL_P99_MS else '**no**'} |"]
+    if report.get("open_cells"):
+        best = report["sustained"]["batched"]
+        lines.append(f"| decision latency p50 under load (open loop), batched | < {GOAL_LOAD_P50_MS:g} ms | "
+                     + (f"met up to {best:g} decisions/s (highest rate measured that meets it) | yes |" if best else
+                        f"not met at any rate measured (lowest {min(s['rates']):g}/s) | **no** |"))
+    path = ("" if not info.get("reads_minilm") else
+            ", **baseline** (SentenceTransformer.encode, batches not split by length)" if s["baseline"] else
+            ", lean MiniLM encoder, batches split by length")
+    lines += ["", f"Scorer: torch on {s['threads'] or 'its own number of'} thread(s), {s['workers']} worker(s)"
+              + path + ".", "",
              "| c | batched decisions/s | unbatched decisions/s | batched / unbatched | batched p50 / p90 / p99 ms | "
              "unbatched p50 / p90 / p99 ms | mean batch | CPU ms/decision batched / unbatched |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -251,6 +359,14 @@ def render(report: dict) -> str:
                      f"{b['p50_ms']:.1f} / {b['p90_ms']:.1f} / {b['p99_ms']:.1f} | "
                      f"{u['p50_ms']:.1f} / {u['p90_ms']:.1f} / {u['p99_ms']:.1f} | {b['mean_batch'] or 0:.1f} | "
                      f"{b['cpu_ms_per_decision'] or 0:.2f} / {u['cpu_ms_per_decision'] or 0:.2f} |")
+    if report.get("open_cells"):
+        lines += ["", "Open loop (Poisson arrivals; latency from the scheduled arrival):", "",
+                  "| rate /s | mode | answered /s | p50 / p90 / p99 ms | unfinished | mean batch | CPU ms/decision |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for c in report["open_cells"]:
+            lines.append(f"| {c['rate']:g} | {c['mode']} | {c['decisions_per_s']:,.1f} | {c['p50_ms']:.1f} / "
+                         f"{c['p90_ms']:.1f} / {c['p99_ms']:.1f} | {c['unfinished']} | {c['mean_batch'] or 0:.1f} | "
+                         f"{c['cpu_ms_per_decision'] or 0:.2f} |")
     t = info["query_tokens"]
     pads = [(b, t.get(f"padded_work_batch_{b}")) for b in (4, 16, 32)]
     lines += ["", f"Query length in MiniLM word pieces (cut at {t['cap']}): p50 {t['p50']:.0f}, mean {t['mean']:.0f}, "
@@ -261,7 +377,7 @@ def render(report: dict) -> str:
     if others:
         lines += ["", f"Other processes kept {np.mean(others):.2f} cores busy on average while the cells ran "
                   f"(most in one cell: {max(others):.2f}; from /proc/stat minus this process)."]
-    hits = sum(c["cache_hits"] for c in report["cells"])
+    hits = sum(c["cache_hits"] for c in report["cells"] + report.get("open_cells", []))
     lines += ["", f"Scorer cache hits over all cells: {hits}. Closed loop: at c > 1 a decision's latency "
               "includes waiting for the decisions ahead of it (Little's law: latency ~ c / throughput)."]
     return "\n".join(lines)
@@ -284,11 +400,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--logs", type=Path, default=DEFAULT_LOGS, help="logs to train on and draw queries from")
     p.add_argument("--router-dir", type=Path, default=None, help="a saved router instead of training one")
+    p.add_argument("--router", default="classifier",
+                   help="kind of router to train (a name in router_models.ROUTERS: knn, classifier, symbolic, ...)")
     p.add_argument("--featurizer", choices=("minilm", "tfidf"), default="minilm",
                    help="features of the classifier trained here (default minilm)")
     p.add_argument("--train-prompts", type=int, default=1000, help="prompts to train the classifier on")
     p.add_argument("--cv", type=int, default=5, help="inner CV folds of the classifier's model selection")
     p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--rate", type=float, nargs="*", default=[],
+                   help="open-loop levels: Poisson arrivals per second (e.g. --rate 20 50 100)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the scorer (0: torch's own count)")
+    p.add_argument("--workers", type=int, default=1, help="batches the scorer runs at once")
+    p.add_argument("--baseline", action="store_true",
+                   help="the path before the lean encoder: SentenceTransformer.encode, torch's own threads, "
+                        "batches not split by length (implies --threads 0)")
     p.add_argument("-d", "--duration", type=float, default=10.0, help="seconds measured per cell")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of discarded load before each cell")
     p.add_argument("--repeat-ratio", type=float, default=0.0, help="share of queries asked before (cache hits)")
@@ -303,13 +428,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("concurrency and duration must be positive")
     if not 0.0 <= args.repeat_ratio < 1.0:
         p.error("--repeat-ratio must be in [0, 1)")
-    args.concurrency = sorted(set(args.concurrency))
+    if any(r <= 0 for r in args.rate) or args.threads < 0 or args.workers < 1:
+        p.error("rates must be positive, --threads >= 0 and --workers >= 1")
+    if args.baseline:
+        args.threads = 0
+    args.concurrency, args.rate = sorted(set(args.concurrency)), sorted(set(args.rate))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from router_models.featurize import EmbeddingCache, use_cache_file
+    from router_models.featurize import EmbeddingCache, minilm_encoder, use_cache_file
 
     started = dt.datetime.now(dt.timezone.utc)
     report: dict = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "commit": git_commit(),
@@ -323,13 +452,18 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(featurizer, "cache"):
             featurizer.cache = (EmbeddingCache(capacity=0) if args.embedding_cache == "off"
                                 else EmbeddingCache(Path(tmp) / "emb.sqlite"))
+        report["router"]["reads_minilm"] = hasattr(featurizer, "token_lengths")
+        if args.baseline and report["router"]["reads_minilm"]:
+            minilm_encoder().lean = False   # SentenceTransformer.encode, as before the lean encoder
         router.predict_quality([pool[0]])  # loads MiniLM before the clock starts
-        report["cells"] = measure(router, pool, args)
+        report["cells"], report["open_cells"] = measure(router, pool, args)
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     report["settings"] = {"duration_s": args.duration, "warmup_s": args.warmup, "repeat_ratio": args.repeat_ratio,
                           "embedding_cache": args.embedding_cache, "modes": MODES, "seed": args.seed,
-                          "queries_from": report["router"]["queries_from"]}
+                          "queries_from": report["router"]["queries_from"], "rates": args.rate,
+                          "threads": args.threads, "workers": args.workers, "baseline": args.baseline}
     report["goal"] = goal(report["cells"])
+    report["sustained"] = sustained(report["open_cells"])
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"routing_latency-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     with contextlib.suppress(ValueError):

@@ -1,12 +1,18 @@
-"""Featurizers: the embedding cache (memory LRU + SQLite), the real offline MiniLM model,
-the prompt tail a featurizer reads, and TF-IDF saved as JSON + one array."""
+"""Featurizers: the embedding cache (memory LRU + SQLite), the real offline MiniLM model
+and the lean encoder that must give its vectors, batching by length, the prompt tail a
+featurizer reads, and TF-IDF saved as JSON + one array."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from router_models import featurize
@@ -14,11 +20,15 @@ from router_models.featurize import (
     EMBED_DIM,
     MAX_CHARS,
     EmbeddingCache,
+    MiniLMEncoder,
     MiniLMFeaturizer,
     TfidfFeaturizer,
+    length_groups,
     make_featurizer,
+    minilm_encoder,
     minilm_model,
     query_text,
+    torch_threads,
 )
 
 
@@ -116,6 +126,135 @@ def test_default_cache_is_shared_and_can_be_backed_by_a_file(minilm, tmp_path, m
     feat.transform(TEXTS[:1])
     assert set(EmbeddingCache(tmp_path / "shared.sqlite").get_many(
         [featurize.text_key(TEXTS[0])])) == {featurize.text_key(TEXTS[0])}
+
+
+# ---- the lean encoder: the same vectors as SentenceTransformer.encode ------------------------------
+
+VARIED = [
+    "What is 12 plus 30?",
+    "",                                                    # [CLS] [SEP] only
+    "   ",                                                 # whitespace only
+    "  Leading and trailing spaces.  ",
+    "naïve café, Ünïcödé — 東京で寿司を食べたい 🚀🚀 Ωμέγα",    # accents, CJK, emoji, Greek
+    "Literal special tokens: [CLS] [SEP] [MASK] [PAD] [UNK]",
+    "tabs\tand\nnewlines\r\n and \x00 control \x07 chars",
+    "def f(x):\n    return {k: v for k, v in x.items() if v}  # code",
+    "Explain the Krebs cycle. " * 40,                      # 1,000 characters, over 256 word pieces
+    "supercalifragilisticexpialidocious " * 3,
+    "a",
+]
+
+
+def test_lean_encoder_equals_sentence_transformers(minilm):
+    """The lean path (fast tokenizer + hand-written forward + mean pooling + L2) gives the
+    vectors of ``model.encode(texts, normalize_embeddings=True)`` on the cut text to 1e-5
+    per element, batched (padded groups) and one text at a time (no padding)."""
+    cut = [query_text(t) for t in VARIED]
+    enc = minilm_encoder()
+    assert enc.lean
+    lengths = MiniLMFeaturizer().token_lengths(VARIED)
+    assert lengths[1] == 2 and max(lengths) == 256          # the empty text; one cut at 256
+    assert sum(n == 256 for n in lengths) == 1 and len(set(lengths)) > 5
+    ref = minilm.encode(cut, normalize_embeddings=True)
+    batched = MiniLMFeaturizer(cache=EmbeddingCache()).transform(VARIED)
+    single = np.concatenate([enc.encode([t]) for t in cut])
+    for got in (batched, single):
+        assert got.shape == ref.shape and got.dtype == np.float32
+        assert np.abs(got - ref).max() < 1e-5
+    assert len(length_groups(lengths)) > 1                   # the batch really was split and padded
+
+
+def test_lean_encoder_equals_sentence_transformers_on_mixed_batches(minilm):
+    """Random mixes of short and long texts: groups are padded differently every time."""
+    rng = np.random.default_rng(0)
+    words = "the of routing model cheap expert quality prompt 42 Zürich".split()
+    texts = [" ".join(rng.choice(words, size=n)) for n in rng.integers(1, 80, size=14)] + [
+        " ".join(rng.choice(words, size=300)), " ".join(rng.choice(words, size=150))]
+    ref = minilm.encode(texts, normalize_embeddings=True)
+    got = minilm_encoder().encode(texts, max_items=4, max_tokens=512)
+    assert np.abs(got - ref).max() < 1e-5
+
+
+def test_lean_encoder_is_batch_order_independent(minilm):
+    enc = minilm_encoder()
+    texts = VARIED + [VARIED[0], "What is 12 plus 31?"]     # a duplicate, a near-duplicate
+    base = enc.encode(texts)
+    for seed in range(3):
+        perm = np.random.default_rng(seed).permutation(len(texts))
+        np.testing.assert_allclose(enc.encode([texts[i] for i in perm]), base[perm], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(base[0], base[len(VARIED)])   # duplicates: the same vector
+    assert np.abs(base[0] - base[-1]).max() > 1e-3            # not the same row twice
+
+
+def test_fallback_encoder_uses_sentence_transformers(minilm):
+    enc = MiniLMEncoder(minilm)
+    enc.lean = False                                           # as for a model of another shape
+    cut = [query_text(t) for t in VARIED[:4]]
+    np.testing.assert_allclose(enc.encode(cut), minilm.encode(cut, normalize_embeddings=True),
+                               rtol=0, atol=1e-6)
+
+
+# ---- batching by length ----------------------------------------------------------------------------
+
+def test_length_groups_keeps_short_items_away_from_long_ones():
+    assert length_groups([12, 200, 10, 11]) == [[2, 3, 0], [1]]
+    assert length_groups([30] * 5, max_items=2) == [[0, 1], [2, 3], [4]]
+    assert length_groups([100] * 5, max_tokens=250) == [[0, 1], [2, 3], [4]]
+    assert length_groups([300, 20], max_tokens=100) == [[1], [0]]   # too long alone: alone
+    assert length_groups([]) == []
+    # near lengths share a pass: padding 3 tokens is cheaper than a second forward pass
+    assert length_groups([27, 30]) == [[0, 1]]
+
+
+def work(groups, lengths, forward_cost=featurize.FORWARD_COST_TOKENS):
+    return sum(forward_cost + len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in set_partitions(rest):
+        yield [[first]] + part
+        for i in range(len(part)):
+            yield part[:i] + [[first] + part[i]] + part[i + 1:]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 256), min_size=0, max_size=6), st.integers(1, 6),
+       st.integers(1, 1024))
+def test_length_groups_is_a_partition_within_budget_and_optimal(lengths, max_items, max_tokens):
+    groups = length_groups(lengths, max_items=max_items, max_tokens=max_tokens)
+    assert sorted(itertools.chain.from_iterable(groups)) == list(range(len(lengths)))
+    for g in groups:
+        assert 1 <= len(g) <= max_items
+        assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= max_tokens
+    tops = [max(lengths[i] for i in g) for g in groups]
+    assert tops == sorted(tops)                                   # shortest batch first
+    feasible = [p for p in set_partitions(list(range(len(lengths))))
+                if all(len(g) <= max_items and (len(g) == 1 or len(g) * max(lengths[i] for i in g)
+                                                <= max_tokens) for g in p)]
+    assert work(groups, lengths) == pytest.approx(min(work(p, lengths) for p in feasible))
+
+
+def test_torch_threads_is_per_call_and_restored():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    seen = []
+
+    def other():
+        with torch_threads(1):
+            seen.append(torch.get_num_threads())
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen == [1] and torch.get_num_threads() == before   # this thread untouched
 
 
 # ---- the prompt tail ----------------------------------------------------------------------------

@@ -1,12 +1,17 @@
 """BatchedScorer on a real (TF-IDF classifier) router: concurrent calls share model calls,
-answers equal direct predictions, repeats hit the cache, errors reach every waiter."""
+answers equal direct predictions, repeats hit the cache, errors reach every waiter; for a
+router that pads by length, batches split by length and short queries are answered first;
+scoring runs on the asked torch threads, and ``workers`` batches at once."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from router_models import ClassifierRouter
 from router_models.featurize import MAX_CHARS
@@ -158,3 +163,106 @@ def test_a_failed_batch_does_not_fail_the_next_batch(router, monkeypatch):
     out = asyncio.run(main())
     assert [type(r).__name__ for r in out] == ["ValueError", "ValueError", "Scores", "Scores"]
     assert scorer.batches == 1 and scorer.scored == 2
+
+
+# ---- routers that pad by length (MiniLM) ----------------------------------------------------------
+
+class PaddingRouter:
+    """The TF-IDF router presented as one that reads a transformer: its featurizer reports a
+    token length per text (here ``length(text)``, its words), and every model call is recorded."""
+
+    def __init__(self, inner: ClassifierRouter, fail_longer_than: int | None = None,
+                 length=lambda text: len(text.split())):
+        self.inner, self.fail_longer_than, self.length = inner, fail_longer_than, length
+        self.featurizer_ = SimpleNamespace(token_lengths=lambda texts: [length(t) for t in texts])
+        self.calls: list[list[str]] = []
+        self.threads: list[int] = []
+
+    def predict_quality(self, texts):
+        self.calls.append(list(texts))
+        self.threads.append(torch.get_num_threads())
+        if self.fail_longer_than is not None and max(map(self.length, texts)) > self.fail_longer_than:
+            raise RuntimeError("too long")
+        return self.inner.predict_quality(texts)
+
+    def predict_cost(self, texts):
+        return self.inner.predict_cost(texts)
+
+
+LONG = ["Write a short poem about the sea and the moon, please. " * 12 + f"({i})" for i in range(2)]
+
+
+def score_all(scorer, texts):
+    async def main():
+        return await asyncio.gather(*(scorer.score(t) for t in texts), return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+def test_a_batch_is_split_by_length_and_short_queries_are_answered_first(router):
+    padded = PaddingRouter(router)
+    short = prompts(10, offset=600)
+    texts = [LONG[0]] + short[:5] + [LONG[1]] + short[5:]      # long ones queued among short ones
+    scorer = BatchedScorer(padded)
+    answered: list[str] = []
+
+    async def ask(text):
+        result = await scorer.score(text)
+        answered.append(text)
+        return result
+
+    async def main():
+        return await asyncio.gather(*(ask(t) for t in texts))
+
+    results = asyncio.run(main())
+    assert [sorted(c) for c in padded.calls] == [sorted(short), sorted(LONG)]
+    assert (scorer.batches, scorer.scored) == (2, 12)
+    assert sorted(answered[:10]) == sorted(short)              # before the long group's answers
+    q, c = router.predict_quality(texts), router.predict_cost(texts)
+    for i, r in enumerate(results):
+        np.testing.assert_allclose(r.quality, q[i], rtol=1e-12, atol=0)
+        np.testing.assert_allclose(r.cost, c[i], rtol=1e-12, atol=0)
+
+
+def test_by_length_off_and_token_budget(router):
+    padded = PaddingRouter(router)
+    scorer = BatchedScorer(padded, by_length=False)
+    score_all(scorer, [LONG[0]] + prompts(5, offset=700))
+    assert len(padded.calls) == 1 and len(padded.calls[0]) == 6     # one call, as before
+    budget = PaddingRouter(router, length=len)
+    texts = [f"{'x' * 90} {i:03d}" for i in range(12)]                 # 94 "tokens" each
+    scorer = BatchedScorer(budget, max_tokens=300)
+    score_all(scorer, texts)
+    assert [len(c) for c in budget.calls] == [3, 3, 3, 3]             # 3 * 94 <= 300 < 4 * 94
+
+
+def test_a_failing_group_fails_only_its_own_waiters(router):
+    padded = PaddingRouter(router, fail_longer_than=100)
+    texts = prompts(4, offset=800) + [LONG[0]]
+    results = score_all(BatchedScorer(padded), texts)
+    assert [type(r).__name__ for r in results] == ["Scores"] * 4 + ["RuntimeError"]
+
+
+def test_scoring_runs_on_the_asked_torch_threads(router):
+    before = torch.get_num_threads()
+    one, default = PaddingRouter(router), PaddingRouter(router)
+    score_all(BatchedScorer(one, threads=1), prompts(3, offset=900))
+    score_all(BatchedScorer(default, threads=None), prompts(3, offset=910))
+    assert one.threads == [1]
+    assert default.threads == [before] and torch.get_num_threads() == before
+    with pytest.raises(ValueError):
+        BatchedScorer(router, threads=0)
+
+
+def test_two_workers_score_two_batches_at_once(router):
+    both_in = threading.Barrier(2, timeout=20)
+
+    class Meeting(PaddingRouter):
+        def predict_quality(self, texts):
+            both_in.wait()             # breaks (and raises) unless two calls overlap
+            return super().predict_quality(texts)
+
+    meeting = Meeting(router)
+    results = score_all(BatchedScorer(meeting, max_batch=1, workers=2), prompts(2, offset=950))
+    assert [type(r).__name__ for r in results] == ["Scores", "Scores"]
+    assert len(meeting.calls) == 2
