@@ -264,7 +264,49 @@ def calibrate_cmd(
     console.print(f"use it: switchyard routers add NAME --router-dir {router_dir} {flag} --map ...")
 
 
+def add_expert_cmd(
+    router_dir: Path = typer.Option(..., help="A saved router that can take new experts (gnn)"),
+    logs: Path = typer.Option(..., help="Logged calls of the new expert (any layout `train` reads)"),
+    expert: str = typer.Option(..., help="The new expert's model name in the logs"),
+    format: Optional[str] = typer.Option(None, "--format", help="Log layout; guessed when omitted"),
+    description: Optional[str] = typer.Option(None, help="What the model is (its node feature); default its name"),
+    price_per_call: Optional[float] = typer.Option(None, help="USD per call, when the logs have no cost"),
+    finetune_steps: int = typer.Option(0, help="Steps fitting the new expert's node to its examples (0: none)"),
+    out: Optional[Path] = typer.Option(None, help="Write the extended router here (default: in place)"),
+) -> None:
+    """Add a new expert to a trained graph router from a few logged calls, without retraining."""
+    import numpy as np
+
+    from router_models import load_router
+    from router_models.base import ArtifactError
+
+    try:
+        est = load_router(router_dir)
+    except ArtifactError as exc:
+        _fail(str(exc))
+    if not hasattr(est, "add_expert"):
+        _fail(f"a {est.name} router cannot take a new expert without retraining; the gnn router can "
+              "(or retrain with `switchyard train`)")
+    data = _load(logs, format, None)
+    if expert not in data.experts:
+        _fail(f"no logged calls of {expert!r} in {logs}; models there: {', '.join(data.experts)}")
+    j = data.experts.index(expert)
+    have = ~np.isnan(data.scores[:, j])
+    if not have.any():
+        _fail(f"{expert!r} has no logged score in {logs}")
+    try:
+        est.add_expert(expert, [p for p, h in zip(data.prompts, have) if h], data.scores[have, j],
+                       data.costs[have, j], description=description, price_per_call=price_per_call,
+                       finetune_steps=finetune_steps)
+    except ValueError as exc:
+        _fail(str(exc))
+    est.save(out or router_dir)
+    console.print(f"added {expert} from {int(have.sum())} logged calls -> {out or router_dir}; "
+                  f"experts: {', '.join(est.experts_)}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
+    app.command("add-expert")(add_expert_cmd)
     app.command("eval")(eval_cmd)
     app.command("calibrate")(calibrate_cmd)

@@ -11,6 +11,8 @@ The behaviour is chosen by the ``served_model`` the gateway forwards:
   slow         waits 5 s before answering (for timeouts)
   breakstream  streams two chunks then drops the connection
   garbage      HTTP 200 with a body that is not JSON
+  skills-*     answers with a fixed list of skill keywords (``SKILL_ANSWERS``), as a
+               model asked to label a query's skills would
 """
 
 from __future__ import annotations
@@ -25,10 +27,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 
+SKILL_ANSWERS = {"skills-math": "Skills: arithmetic, addition, numbers",
+                 "skills-poetry": "1. poetry\n2. rhyming verse", "skills-garbage": "-- 42 --\n???"}
+
+
 def _completion(model: str, received: dict, chat: bool) -> dict:
     usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": "hello there"}, "finish_reason": "stop"}
+        content = SKILL_ANSWERS.get(model, "hello there")
+        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": "hello there", "finish_reason": "stop"}

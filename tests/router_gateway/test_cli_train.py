@@ -118,3 +118,33 @@ def test_calibrate_hits_a_target_spend(tmp_path: Path, logs):
     assert share <= 20.0 and "--min-quality" in text
     bad = sy(tmp_path / "data", "calibrate", "--router-dir", str(out), "--logs", str(test), check=False)
     assert bad.returncode == 1 and "exactly one of" in bad.stderr
+
+
+def test_add_expert_to_a_graph_router(tmp_path: Path, logs):
+    train, test = logs
+    two = tmp_path / "two.jsonl"
+    write_logs([r for r in _rows(80, 1) if r["model"] != "mid-poet"], two)
+    out = tmp_path / "gnn"
+    sy(tmp_path / "data", "train", "--logs", str(two), "--router", "gnn", "--param", "epochs=40",
+       "--param", "hidden=16", "--param", "k=5", "--out", str(out))
+    assert json.loads((out / "router.json").read_text())["experts"] == ["cheap-math", "dear-all"]
+    few = tmp_path / "few.jsonl"
+    write_logs([r for r in _rows(30, 3) if r["model"] == "mid-poet"], few)
+    proc = sy(tmp_path / "data", "add-expert", "--router-dir", str(out), "--logs", str(few), "--expert", "mid-poet",
+              "--out", str(tmp_path / "gnn3"))
+    assert "added mid-poet from 30 logged calls" in proc.stdout
+    from router_models import load_router
+
+    router = load_router(tmp_path / "gnn3")
+    assert router.experts_ == ["cheap-math", "dear-all", "mid-poet"]
+    q = router.predict_quality(["write a short poem about the sea and the number 7",
+                                "compute 12 plus 30 and give the sum"])
+    assert q[0, 2] > q[1, 2]  # its 30 examples say: right on poems, wrong on sums
+    again = sy(tmp_path / "data", "add-expert", "--router-dir", str(tmp_path / "gnn3"), "--logs", str(few),
+               "--expert", "mid-poet", check=False)
+    assert again.returncode == 1 and "already in the router" in again.stderr
+    knn = tmp_path / "knn"
+    sy(tmp_path / "data", "train", "--logs", str(two), "--router", "knn", "--out", str(knn))
+    refused = sy(tmp_path / "data", "add-expert", "--router-dir", str(knn), "--logs", str(few), "--expert",
+                 "mid-poet", check=False)
+    assert refused.returncode == 1 and "cannot take a new expert without retraining" in refused.stderr
