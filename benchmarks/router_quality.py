@@ -56,7 +56,10 @@ ROUTER_SPECS = {
     "knn": ("knn", {}),
     "classifier-minilm": ("classifier", {"featurizer": "minilm", "model": "auto"}),
     "classifier-tfidf": ("classifier", {"featurizer": "tfidf", "model": "logreg"}),
+    "symbolic": ("symbolic", {}),
+    "gnn": ("gnn", {}),
 }
+NEW_ROUTERS = ("symbolic", "gnn")  # their goals: AIQ above kNN's, and one of them above the classifier's
 BASELINES = ("random", "best_single", "oracle")
 QUICK_PROMPTS = 300
 TOL = 1e-9  # quality comparisons forgive float noise, as metrics.QUALITY_TOL does
@@ -66,13 +69,27 @@ def marker(dataset: str) -> tuple[str, str]:
     return f"<!-- router-quality:{dataset}:begin -->", f"<!-- router-quality:{dataset}:end -->"
 
 
-def make_router(name: str, cv: int, seed: int):
+def make_router(name: str, cv: int, seed: int, descriptions: dict[str, str] | None = None):
     from router_models import ROUTERS
 
     kind, params = ROUTER_SPECS[name]
-    if kind == "classifier":
+    if kind in ("classifier", "symbolic"):
         params = params | {"cv": cv, "seed": seed}
+    if kind == "gnn":
+        params = params | {"seed": seed, "descriptions": descriptions, "progress": False}
     return ROUTERS[kind](**params)
+
+
+def expert_descriptions(path: Path) -> dict[str, str] | None:
+    """LLMRouter's models.json carries a text description per model (the graph router's
+    expert features); other layouts have none (the model name stands in)."""
+    f = path / "models.json" if path.is_dir() else None
+    if f is None or not f.is_file():
+        return None
+    with contextlib.suppress(ValueError, AttributeError):
+        return {name: str(m.get("description") or m.get("feature") or name)
+                for name, m in json.loads(f.read_text()).items() if isinstance(m, dict)}
+    return None
 
 
 def load_dataset(name: str, path: Path, max_prompts: int | None, seed: int):
@@ -115,7 +132,8 @@ def extra_metrics(points: list[list[float]], ref: dict) -> dict:
             "cost_at_half_best_cost": c_half, "quality_at_best_cost": q_full, "cost_at_best_cost": c_full}
 
 
-def cross_validate(name: str, logs, routers: list[str], args: argparse.Namespace) -> dict:
+def cross_validate(name: str, logs, routers: list[str], args: argparse.Namespace,
+                   descriptions: dict[str, str] | None = None) -> dict:
     """Fit and predict every router on every fold; pooled and per-fold curve reports."""
     from tqdm import tqdm
 
@@ -137,7 +155,7 @@ def cross_validate(name: str, logs, routers: list[str], args: argparse.Namespace
         for r in routers:
             bar.set_postfix_str(r)
             t0 = time.perf_counter()
-            router = make_router(r, args.cv, args.seed).fit(train)
+            router = make_router(r, args.cv, args.seed, descriptions).fit(train)
             t1 = time.perf_counter()
             q, c = router.predict_quality(test.prompts), router.predict_cost(test.prompts)
             fit_s[r] += t1 - t0
@@ -166,7 +184,7 @@ def goals(dataset: str, rows: dict[str, dict], routers: list[str], ref: dict, ex
         return []
     best = max(routers, key=lambda r: rows[r]["aiq"])
     b, strong = rows[best], experts[ref["strong"]]
-    out = []
+    out = new_router_goals(dataset, rows, routers)
     if dataset == "routerbench":
         others = [r for r in routers if r != "knn"]
         if "knn" in rows and others:
@@ -200,6 +218,30 @@ def goals(dataset: str, rows: dict[str, dict], routers: list[str], ref: dict, ex
     return out
 
 
+def _vs(rows: dict[str, dict], a: str, b: str) -> str:
+    diff = np.subtract(rows[a]["aiq_folds"], rows[b]["aiq_folds"])
+    sd = diff.std(ddof=1) if diff.size > 1 else 0.0
+    return (f"{a} {rows[a]['aiq']:.4f} vs {b} {rows[b]['aiq']:.4f} (pooled), per-fold difference "
+            f"{diff.mean():+.4f} ± {sd:.4f}, {int((diff > 0).sum())} of {diff.size} folds above")
+
+
+def new_router_goals(dataset: str, rows: dict[str, dict], routers: list[str]) -> list[dict]:
+    """The symbolic and graph routers' goals on RouterBench and LLMRouter: each above kNN,
+    at least one above the classifier (the MiniLM one, the default; the TF-IDF one too)."""
+    if dataset not in ("routerbench", "llmrouter") or "knn" not in rows:
+        return []
+    new = [r for r in NEW_ROUTERS if r in routers]
+    out = [{"goal": f"{r}'s AIQ above kNN's", "met": rows[r]["aiq"] > rows["knn"]["aiq"], "detail": _vs(rows, r, "knn")}
+           for r in new]
+    clfs = [c for c in ("classifier-minilm", "classifier-tfidf") if c in rows]
+    if new and clfs:
+        top = max(new, key=lambda r: rows[r]["aiq"])
+        out.append({"goal": "symbolic or graph router's AIQ above the classifier's",
+                    "met": all(rows[top]["aiq"] > rows[c]["aiq"] for c in clfs),
+                    "detail": "; ".join(_vs(rows, top, c) for c in clfs)})
+    return out
+
+
 def run_dataset(name: str, path: Path, routers: list[str], args: argparse.Namespace) -> dict:
     from router_models.metrics import plot_curves, single_expert_points
 
@@ -212,7 +254,7 @@ def run_dataset(name: str, path: Path, routers: list[str], args: argparse.Namesp
     if embed:
         print(f"{name}: MiniLM embedded {embed['new']} new of {embed['texts']} texts in {embed['seconds']:.1f} s",
               file=sys.stderr, flush=True)
-    cv = cross_validate(name, logs, routers, args)
+    cv = cross_validate(name, logs, routers, args, expert_descriptions(path))
     ref, S, C = cv["ref"], cv["S"], cv["C"]
     rows = {}
     for r, rep in cv["reports"].items():

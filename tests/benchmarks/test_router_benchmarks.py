@@ -75,7 +75,8 @@ def test_router_quality_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> Non
         assert report["settings"]["folds"] == 2
         assert report["reference"]["strong_name"] == "large" and report["reference"]["weak_name"] == "small"
         rows = report["rows"]
-        assert set(rows) == {"knn", "classifier-minilm", "classifier-tfidf", "random", "best_single", "oracle"}
+        assert set(rows) == {"knn", "classifier-minilm", "classifier-tfidf", "symbolic", "gnn", "random",
+                             "best_single", "oracle"}
         for key, row in rows.items():
             assert {"aiq", "apgr", "cpt50", "cpt80", "cost_to_best_single", "points", "best_quality",
                     "quality_at_half_best_cost", "aiq_folds"} <= row.keys()
@@ -85,7 +86,11 @@ def test_router_quality_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> Non
         # the cheap expert is right on geography, so a router beats paying for "large" everywhere
         assert rows["oracle"]["cost_to_best_single"] < 0.5
         assert max(rows[r]["aiq"] for r in ("knn", "classifier-minilm", "classifier-tfidf")) > rows["random"]["aiq"]
+        assert rows["symbolic"]["aiq"] > rows["random"]["aiq"] and rows["gnn"]["aiq"] > rows["random"]["aiq"]
         assert report["goals"] and all(isinstance(g["met"], bool) and g["detail"] for g in report["goals"])
+        named = [g["goal"] for g in report["goals"]]
+        assert "symbolic's AIQ above kNN's" in named and "gnn's AIQ above kNN's" in named
+        assert "symbolic or graph router's AIQ above the classifier's" in named
         assert report["timing"]["total_s"] > 0 and report["timing"]["embed"]["texts"] == n
         assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
