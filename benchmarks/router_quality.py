@@ -242,8 +242,27 @@ def new_router_goals(dataset: str, rows: dict[str, dict], routers: list[str]) ->
     return out
 
 
+def reuse_rows(name: str, args: argparse.Namespace, ref: dict, n_eval: int, routers: list[str]) -> dict:
+    """Rows of routers not run now, from earlier results of this dataset with the same folds,
+    seed, inner CV and evaluated prompts (so the same out-of-fold protocol and reference)."""
+    out: dict[str, dict] = {}
+    for path in args.reuse:
+        old = json.loads(Path(path).read_text())
+        if old.get("dataset") != name:
+            continue
+        same = ({k: old["settings"].get(k) for k in ("folds", "seed", "cv", "max_prompts")}
+                == {"folds": args.folds, "seed": args.seed, "cv": args.cv, "max_prompts": args.max_prompts})
+        q_old, q_new = old["reference"]["q_strong"], ref["q_strong"]
+        if not same or old["n_eval_prompts"] != n_eval or abs(q_old - q_new) > 1e-12:
+            raise SystemExit(f"--reuse {path}: not the same protocol or prompts as this run of {name}")
+        for r in old["routers"]:
+            if r not in routers and r in ROUTER_SPECS and r not in out:
+                out[r] = old["rows"][r] | {"reused_from": f"{link(Path(path))} (commit {old.get('commit')})"}
+    return out
+
+
 def run_dataset(name: str, path: Path, routers: list[str], args: argparse.Namespace) -> dict:
-    from router_models.metrics import plot_curves, single_expert_points
+    from router_models.metrics import plot_curves, report_from_points, single_expert_points
 
     t0 = time.perf_counter()
     logs = load_dataset(name, path, args.max_prompts, args.seed)
@@ -261,6 +280,11 @@ def run_dataset(name: str, path: Path, routers: list[str], args: argparse.Namesp
         rows[r] = rep.to_dict() | extra_metrics(rep.points, ref) | {"aiq_folds": cv["per_fold"][r]}
         if cv["chosen"].get(r):
             rows[r]["models_chosen"] = cv["chosen"][r]
+    reused = reuse_rows(name, args, ref, int(S.shape[0]), routers)
+    for r, row in reused.items():
+        rows[r] = row
+        cv["reports"][r] = report_from_points(r, row["points"], ref)
+    routers = [r for r in ROUTER_SPECS if r in routers or r in reused]
     stamp = args.started.strftime("%Y%m%dT%H%M%SZ")
     args.results.mkdir(parents=True, exist_ok=True)
     plot = args.results / f"router_quality-{name}-{stamp}.png"
@@ -273,7 +297,7 @@ def run_dataset(name: str, path: Path, routers: list[str], args: argparse.Namesp
         "reference": ref | {"weak_name": logs.experts[ref["weak"]], "strong_name": logs.experts[ref["strong"]]},
         "single_experts": [{"name": n, "cost": c, "quality": q}
                            for n, c, q in single_expert_points(S, C, logs.experts)],
-        "routers": routers, "rows": rows,
+        "routers": routers, "rows": rows, "reused": {r: row["reused_from"] for r, row in reused.items()},
         "goals": goals(name, rows, routers, ref, logs.experts),
         "timing": {"load_s": load_s, "embed": embed, "fit_s": cv["fit_s"], "predict_s": cv["predict_s"],
                    "total_s": time.perf_counter() - t0},
@@ -350,8 +374,12 @@ def render(report: dict, run: dict) -> str:
             picks.append(f"{name} " + ", ".join(f"{k} in {v}" for k, v in count.items()))
     if picks:
         lines += ["", "Heads chosen by the classifiers' inner CV, per fold: " + "; ".join(picks) + "."]
+    if report.get("reused"):
+        lines += ["", "Not re-run here (same folds, seed and prompts; rows taken from the earlier run): "
+                  + "; ".join(f"{r} from {src}" for r, src in report["reused"].items()) + "."]
     emb = t["embed"]
-    fits = ", ".join(f"{r} {fmt_s(t['fit_s'][r])} fit + {fmt_s(t['predict_s'][r])} predict" for r in report["routers"])
+    fits = ", ".join(f"{r} {fmt_s(t['fit_s'][r])} fit + {fmt_s(t['predict_s'][r])} predict" for r in report["routers"]
+                     if r in t["fit_s"])
     lines += ["", f"Wall time {fmt_s(t['total_s'])}: load {fmt_s(t['load_s'])}"
               + (f", MiniLM embedding {fmt_s(emb['seconds'])} ({emb['new']} of {emb['texts']} texts not yet "
                  "in the cache)" if emb else "") + f", over all folds {fits}."]
@@ -386,6 +414,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="SQLite file of MiniLM embeddings")
     p.add_argument("--results", type=Path, default=RESULTS, help="where JSON and plots go")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite benchmarks/README.md")
+    p.add_argument("--reuse", nargs="+", type=Path, default=[],
+                   help="earlier results JSON: routers not run now are taken from them (same folds, seed, prompts)")
     args = p.parse_args(argv)
     if args.quick:
         args.folds = 2

@@ -322,6 +322,7 @@ class GraphRouter(Router):
         self.e_shift_ = np.concatenate([self.e_shift_, np.zeros((1, self.hidden), np.float32)])
         self.e_bias_ = np.r_[self.e_bias_, np.float32(0)]
         self.experts_.append(name)
+        self.competence_ = np.r_[self.competence_, scores.mean() if len(scores) else np.nan]
         self.cost_model_.intercept = np.r_[self.cost_model_.intercept, price]
         self.cost_model_.slope = np.r_[self.cost_model_.slope, 0.0]
         self.cost_scale_ = float(max(self.cost_scale_, price))

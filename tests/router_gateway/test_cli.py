@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 
-def sy(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def sy(data_dir: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "SWITCHYARD_DATA_DIR": str(data_dir), "NO_COLOR": "1", "COLUMNS": "200"}
     env.pop("SWITCHYARD_REDIS_URL", None)
     proc = subprocess.run([sys.executable, "-m", "router_gateway.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"switchyard {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

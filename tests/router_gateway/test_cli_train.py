@@ -126,12 +126,12 @@ def test_add_expert_to_a_graph_router(tmp_path: Path, logs):
     write_logs([r for r in _rows(80, 1) if r["model"] != "mid-poet"], two)
     out = tmp_path / "gnn"
     sy(tmp_path / "data", "train", "--logs", str(two), "--router", "gnn", "--param", "epochs=40",
-       "--param", "hidden=16", "--param", "k=5", "--out", str(out))
+       "--param", "hidden=16", "--param", "k=5", "--out", str(out), timeout=600)
     assert json.loads((out / "router.json").read_text())["experts"] == ["cheap-math", "dear-all"]
     few = tmp_path / "few.jsonl"
     write_logs([r for r in _rows(30, 3) if r["model"] == "mid-poet"], few)
     proc = sy(tmp_path / "data", "add-expert", "--router-dir", str(out), "--logs", str(few), "--expert", "mid-poet",
-              "--out", str(tmp_path / "gnn3"))
+              "--out", str(tmp_path / "gnn3"), timeout=300)
     assert "added mid-poet from 30 logged calls" in proc.stdout
     from router_models import load_router
 

@@ -274,7 +274,11 @@ def test_round_trip_keeps_cv_results(logs, tmp_path):
 
 
 def test_registry_names_every_router():
-    assert ROUTERS == {"knn": KNNRouter, "classifier": ClassifierRouter}
+    from router_models.graph import GraphRouter
+    from router_models.symbolic import SymbolicRouter
+
+    assert ROUTERS == {"knn": KNNRouter, "classifier": ClassifierRouter, "symbolic": SymbolicRouter,
+                       "gnn": GraphRouter}
 
 
 @pytest.fixture()
@@ -313,7 +317,7 @@ def test_load_json_that_is_not_an_object(artifact):
 
 def test_load_unknown_router_name(artifact):
     _edit_meta(artifact, router="gnn-from-the-future")
-    with pytest.raises(ArtifactError, match="unknown router 'gnn-from-the-future'; known: classifier, knn"):
+    with pytest.raises(ArtifactError, match="unknown router 'gnn-from-the-future'; known: classifier, gnn, knn, symbolic"):
         load_router(artifact)
 
 
