@@ -119,3 +119,22 @@ def test_routing_latency_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> No
     if Path("/proc/stat").exists():
         assert all(c["other_cores_busy"] >= 0 for c in cells.values())
     assert isinstance(report["goal"]["met"], bool)
+
+
+def test_new_expert_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> None:
+    bench = _load("new_expert")
+    readme = bench.README.read_text()
+    out = tmp_path / "results"
+    argv = ["--logs", str(tiny_logs["routerbench"]), "--holdout", "medium", "--ns", "0", "10", "--no-readme",
+            "--results", str(out), "--cache", str(tmp_path / "emb.sqlite")]
+    assert bench.main(argv) == 0
+    assert bench.README.read_text() == readme
+    (path,) = out.glob("new_expert-*.json")
+    report = json.loads(path.read_text())
+    assert report["holdouts"] == ["medium"] and report["ns"] == [0, 10]
+    rows = report["rows"]
+    assert sorted((r["n"], r["router"]) for r in rows) == [(0, "classifier"), (0, "gnn"), (10, "classifier"),
+                                                            (10, "gnn")]
+    for r in rows:
+        assert 0.0 <= r["mae"] <= 1.0 and 0.0 <= r["brier"] <= r["mae"] + 1e-9 and 0.0 < r["aiq"] <= 1.0
+    assert (out / path.name.replace(".json", ".png")).read_bytes()[:4] == b"\x89PNG"

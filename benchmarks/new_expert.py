@@ -1,0 +1,215 @@
+"""A new expert with few logged calls: the graph router (add_expert, no retraining) against
+the classifier router given the same examples.
+
+For each held-out model: the prompts are split 80/20 by prompt (seeded). Both routers
+are trained on the training prompts with the held-out model's column removed. Then the
+held-out model gets N logged calls, drawn (seeded, the same for both routers) from the
+training prompts, for N in 0, 10, 50, 200:
+
+- gnn: ``GraphRouter.add_expert(name, prompts, scores, costs)``: the trained network is
+  not touched; the expert node and its N edges join the graph.
+- classifier (MiniLM + logistic regression, no inner CV, for speed): refitted on the
+  training logs with the held-out column known only on those N prompts. With N = 0 it
+  has nothing to learn from: its prediction for the new expert is the mean of its
+  predictions for the others.
+
+Both get the new expert's price as the mean logged cost of its N calls (with N = 0: its
+mean logged cost on the training prompts, as a registry price would say). Reported on
+the test prompts: the held-out expert's prediction error (MAE and Brier against its
+logged scores) and the routing AIQ with every expert included.
+
+    python benchmarks/new_expert.py                         # RouterBench, 3 held-out models
+    python benchmarks/new_expert.py --quick --no-readme     # 1 model, N in 0, 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import git_commit, machine_facts, rewrite_section
+
+HERE = Path(__file__).resolve().parent
+README = HERE / "README.md"
+RESULTS = HERE / "results"
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "routerbench"
+DEFAULT_CACHE = Path("~/.cache/switchyard/embeddings.sqlite")
+HOLDOUTS = ["gpt-3.5-turbo-1106", "zero-one-ai/Yi-34B-Chat", "meta/code-llama-instruct-34b-chat"]
+NS = (0, 10, 50, 200)
+MARKERS = ("<!-- new-expert:begin -->", "<!-- new-expert:end -->")
+
+
+def held_out_logs(logs, name: str, rows: np.ndarray):
+    """The training logs with ``name``'s column known only on ``rows``."""
+    import copy
+
+    out = copy.deepcopy(logs)
+    j = out.experts.index(name)
+    keep = np.zeros(out.n_prompts, dtype=bool)
+    keep[rows] = True
+    out.scores[~keep, j] = np.nan
+    out.costs[~keep, j] = np.nan
+    return out
+
+
+def one_holdout(logs, name: str, args) -> list[dict]:
+    from router_models import ROUTERS
+    from router_models.logs import split_by_prompt
+    from router_models.metrics import evaluate_router, reference_points
+
+    train, test = split_by_prompt(logs, test_size=0.2, seed=args.seed)
+    test = test.complete()
+    j = logs.experts.index(name)
+    others = [e for e in logs.experts if e != name]
+    truth = test.scores[:, j]
+    ref = reference_points(test.scores, test.costs)
+    have = np.flatnonzero(~np.isnan(train.scores[:, j]))
+    order = np.random.default_rng(args.seed).permutation(have)
+    full_price = float(np.nanmean(train.costs[:, j]))
+    t0 = time.perf_counter()
+    gnn = ROUTERS["gnn"](seed=args.seed, progress=False).fit(train.select_experts(others))
+    gnn_fit = time.perf_counter() - t0
+    state = gnn.save(args.tmp / "gnn")
+    out = []
+    for n in args.ns:
+        rows = order[:n]
+        price = float(np.nanmean(train.costs[rows, j])) if n else full_price
+        results = {}
+        # the graph router: the trained one, plus the new expert (reloaded so each N starts clean)
+        from router_models import load_router
+
+        g = load_router(state)
+        t1 = time.perf_counter()
+        g.add_expert(name, [train.prompts[i] for i in rows], train.scores[rows, j], train.costs[rows, j],
+                     price_per_call=price)
+        add_s = time.perf_counter() - t1
+        cols = [g.experts_.index(e) for e in test.experts]
+        results["gnn"] = (g.predict_quality(test.prompts)[:, cols], g.predict_cost(test.prompts)[:, cols], add_s)
+        # the classifier, refitted with the N examples
+        t1 = time.perf_counter()
+        if n:
+            clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=args.seed)
+            clf.fit(held_out_logs(train, name, rows))
+            q, c = clf.predict_quality(test.prompts), clf.predict_cost(test.prompts)
+        else:
+            clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=args.seed)
+            clf.fit(train.select_experts(others))
+            q_o, c_o = clf.predict_quality(test.prompts), clf.predict_cost(test.prompts)
+            q, c = np.zeros((len(test.prompts), logs.n_experts)), np.zeros((len(test.prompts), logs.n_experts))
+            q[:, [k for k in range(logs.n_experts) if k != j]] = q_o
+            c[:, [k for k in range(logs.n_experts) if k != j]] = c_o
+            q[:, j] = q_o.mean(axis=1)
+        c[:, j] = price if not n else c[:, j]
+        results["classifier"] = (q, c, time.perf_counter() - t1)
+        for router, (q, c, secs) in results.items():
+            err = q[:, j] - truth
+            out.append({"holdout": name, "n": int(n), "router": router,
+                        "mae": float(np.mean(np.abs(err))), "brier": float(np.mean(err ** 2)),
+                        "aiq": float(evaluate_router(router, test.scores, test.costs, q, c, ref=ref).aiq),
+                        "seconds": secs, "gnn_fit_s": gnn_fit})
+            print(f"{name} N={n} {router}: MAE {out[-1]['mae']:.3f} Brier {out[-1]['brier']:.3f} "
+                  f"AIQ {out[-1]['aiq']:.4f} ({secs:.1f} s)", file=sys.stderr, flush=True)
+    return out
+
+
+def plot(rows: list[dict], path: Path, ns: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for router, style in (("gnn", "-o"), ("classifier", "--s")):
+        for metric, ax in (("mae", axes[0]), ("aiq", axes[1])):
+            ys = [np.mean([r[metric] for r in rows if r["router"] == router and r["n"] == n]) for n in ns]
+            ax.plot([str(n) for n in ns], ys, style, label=router)
+    axes[0].set(title="held-out expert: prediction MAE (lower is better)", xlabel="logged calls N", ylabel="MAE")
+    axes[1].set(title="routing AIQ with the new expert", xlabel="logged calls N", ylabel="AIQ")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def render(rows: list[dict], run: dict, json_path: str, png_path: str, ns: list[int]) -> str:
+    m = run["machine"]
+    lines = [f"Measured {run['date']} on {m['cpu']}, {m['cores']} cores ({m['os']}, Python {m['python']}), "
+             f"commit {run['commit']}, with this command:", "", f"    {run['command']}", "",
+             f"RouterBench logs, 80/20 split by prompt (seed {run['seed']}); held-out models: "
+             f"{', '.join(run['holdouts'])}. Mean over the held-out models; raw results: "
+             f"[`{json_path}`]({json_path}).", "", f"![new expert]({png_path})", "",
+             "| N logged calls | gnn MAE | classifier MAE | gnn Brier | classifier Brier | gnn AIQ | classifier AIQ |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for n in ns:
+        def mean(router, key):
+            return np.mean([r[key] for r in rows if r["router"] == router and r["n"] == n])
+        lines.append(f"| {n} | {mean('gnn', 'mae'):.3f} | {mean('classifier', 'mae'):.3f} | "
+                     f"{mean('gnn', 'brier'):.3f} | {mean('classifier', 'brier'):.3f} | "
+                     f"{mean('gnn', 'aiq'):.4f} | {mean('classifier', 'aiq'):.4f} |")
+    add = np.mean([r["seconds"] for r in rows if r["router"] == "gnn"])
+    refit = np.mean([r["seconds"] for r in rows if r["router"] == "classifier"])
+    lines += ["", f"Adding the expert to the graph router took {add:.2f} s on average (no training); refitting the "
+              f"classifier took {refit:.1f} s. Per held-out model:", "",
+              "| held-out model | N | gnn MAE | classifier MAE | gnn AIQ | classifier AIQ |", "| --- | --- | --- | --- | --- | --- |"]
+    for h in run["holdouts"]:
+        for n in ns:
+            g = next(r for r in rows if r["holdout"] == h and r["n"] == n and r["router"] == "gnn")
+            c = next(r for r in rows if r["holdout"] == h and r["n"] == n and r["router"] == "classifier")
+            lines.append(f"| {h} | {n} | {g['mae']:.3f} | {c['mae']:.3f} | {g['aiq']:.4f} | {c['aiq']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    from router_models.featurize import use_cache_file
+    from router_models.logs import load_logs
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--logs", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--holdout", nargs="+", default=HOLDOUTS)
+    p.add_argument("--ns", nargs="+", type=int, default=list(NS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="one held-out model, N in 0 and 10")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--no-readme", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.holdout, args.ns = args.holdout[:1], [0, 10]
+    use_cache_file(args.cache.expanduser())
+    started = dt.datetime.now(dt.timezone.utc)
+    logs = load_logs(args.logs)
+    unknown = [h for h in args.holdout if h not in logs.experts]
+    if unknown:
+        p.error(f"unknown held-out models {unknown}; the logs have {logs.experts}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        args.tmp = Path(tmp)
+        for h in args.holdout:
+            rows += one_holdout(logs, h, args)
+    run = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_facts(), "commit": git_commit(),
+           "command": shlex.join(["python", "benchmarks/new_expert.py", *(sys.argv[1:] if argv is None else argv)]),
+           "seed": args.seed, "holdouts": args.holdout, "ns": args.ns}
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    args.results.mkdir(parents=True, exist_ok=True)
+    jpath, ppath = args.results / f"new_expert-{stamp}.json", args.results / f"new_expert-{stamp}.png"
+    jpath.write_text(json.dumps(run | {"rows": rows}, indent=1) + "\n")
+    plot(rows, ppath, args.ns)
+    rel = lambda x: str(x.resolve().relative_to(HERE)) if x.resolve().is_relative_to(HERE) else str(x)  # noqa: E731
+    section = render(rows, run, rel(jpath), rel(ppath), args.ns)
+    print(section)
+    if not args.no_readme:
+        rewrite_section(README, *MARKERS, section, "## New expert with few examples (graph router)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
