@@ -86,3 +86,58 @@ def test_models_lists_the_vllm_expert_as_healthy(vllm_gateway: openai.OpenAI):
     time.sleep(1.5)  # one health round
     data = {m.id: m for m in vllm_gateway.models.list().data}
     assert data["smol"].model_extra["healthy"] is True
+
+
+@pytest.fixture(scope="module")
+def vllm_symbolic(vllm_worker, tmp_path_factory) -> Iterator[tuple[str, object]]:
+    """Three experts served by the real worker, a symbolic router over them, and the same
+    worker asked for skills (``skills_expert``)."""
+    import httpx
+
+    from expert_registry.store import ExpertStore, open_redis
+    from tests.router_gateway.conftest import ADMIN_KEY
+    from tests.router_gateway.test_skills_llm import train_symbolic
+
+    router_dir = train_symbolic(tmp_path_factory.mktemp("sym"))
+    data_dir = tmp_path_factory.mktemp("gw-sym") / "data"
+    store = ExpertStore(open_redis(None, data_dir))
+    names = {"log-math": "smol-math", "log-general": "smol-general", "log-poet": "smol-poet"}
+    for name in names.values():
+        store.put(ExpertSpec(name=name, backend="vllm", base_url=vllm_worker.base_url,
+                             served_model=vllm_worker.served_model))
+    app = create_app(make_settings(data_dir, upstream_timeout_s=120, health_interval_s=0), store)
+    with serve_in_thread(app) as url:
+        r = httpx.post(url + "/v1/routers", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60,
+                       json={"name": "sym", "router_dir": str(router_dir), "expert_map": names,
+                             "skills_expert": "smol-general", "skills_timeout_s": 30})
+        assert r.status_code == 201, r.text
+        yield url, store
+    store.client.shutdown(nosave=True)
+
+
+def test_aggregation_and_llm_skills_against_real_workers(vllm_symbolic):
+    import httpx
+
+    url, store = vllm_symbolic
+    client = openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=120)
+    question = [{"role": "user", "content": "What is 12 plus 30? Answer with the number."}]
+    raw = client.chat.completions.with_raw_response.create(model="router:sym?k=2", messages=question,
+                                                           max_tokens=24, temperature=0)
+    resp = raw.parse()
+    recruited = raw.headers["x-switchyard-recruited"].split(",")
+    assert len(recruited) == 2 and recruited[0] == "smol-math"  # the router's top two, best first
+    assert raw.headers["x-switchyard-expert"] == "smol-general"  # best logged mean score: the aggregator
+    assert int(raw.headers["x-switchyard-recruited-tokens"]) > 0
+    assert resp.choices[0].message.content.strip() and resp.usage.completion_tokens > 0
+    chunks = list(client.chat.completions.create(model="router:sym?k=2", messages=question, max_tokens=16,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+    # the same worker was asked for the question's skills; its answer (or the reason it was
+    # not usable) is reported, and a usable answer is cached in Redis
+    body = httpx.post(url + "/v1/route", headers={"authorization": f"Bearer {CLIENT_KEY}"}, timeout=120,
+                      json={"model": "router:sym", "messages": question}).json()
+    source = body["skills_source"]
+    assert source in ("llm", "llm-cache") or source.startswith("zero-shot (skills expert 'smol-general' listed"), source
+    if source.startswith("llm"):
+        assert store.client.keys("switchyard:skills:smol-general:*")
+        assert {s["source"] for s in body["explain"]["skills"]} == {"llm"}
