@@ -4,6 +4,7 @@ thread (after httpx's own test suite), and a scripted real-HTTP upstream."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -108,3 +109,36 @@ def gateway(store: ExpertStore, data_dir: Path, scripted_upstream: str) -> Itera
         store.put(spec)
     with serve_in_thread(create_app(make_settings(data_dir), store)) as url:
         yield Gateway(url, store)
+
+
+class Recorder:
+    """Wraps the scripted upstream app and records which served model each call was for."""
+
+    def __init__(self, app):
+        self.app = app
+        self.calls: list[tuple[str, str]] = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chunks: list[bytes] = []
+
+        async def recording_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    body = b"".join(chunks)
+                    self.calls.append((scope["path"], json.loads(body).get("model") if body else None))
+            return message
+
+        await self.app(scope, recording_receive, send)
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Iterator[tuple[Recorder, str]]:
+    from tests.router_gateway.scripted_upstream import app
+
+    rec = Recorder(app)
+    with serve_in_thread(rec) as url:
+        yield rec, url + "/v1"

@@ -23,18 +23,9 @@ from expert_registry.store import ExpertStore, open_redis
 from router_gateway.aggregate import AGGREGATOR_PROMPT, answer_text
 from router_gateway.app import create_app
 from tests.router_gateway.conftest import ADMIN_KEY, CLIENT_KEY, Gateway, make_settings, serve_in_thread
-from tests.router_gateway.test_routing import EXPERT_MAP, MATH_Q, Recorder, routed_experts, train_router
+from tests.router_gateway.test_routing import EXPERT_MAP, MATH_Q, routed_experts, train_router
 
 HEADLINE = AGGREGATOR_PROMPT.split("{n}")[0]
-
-
-@pytest.fixture(scope="module")
-def recorder() -> Iterator[tuple[Recorder, str]]:
-    from tests.router_gateway.scripted_upstream import app
-
-    rec = Recorder(app)
-    with serve_in_thread(rec) as url:
-        yield rec, url + "/v1"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ generalist in between, poet dearest.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Iterator
@@ -61,42 +60,9 @@ def routed_experts(upstream: str, priced: bool = True, prefix: str = "") -> list
             for name, (inp, out) in PRICES.items()]
 
 
-class Recorder:
-    """Wraps the scripted upstream app and records which served model each call was for."""
-
-    def __init__(self, app):
-        self.app = app
-        self.calls: list[tuple[str, str]] = []
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        chunks: list[bytes] = []
-
-        async def recording_receive():
-            message = await receive()
-            if message["type"] == "http.request":
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body"):
-                    body = b"".join(chunks)
-                    self.calls.append((scope["path"], json.loads(body).get("model") if body else None))
-            return message
-
-        await self.app(scope, recording_receive, send)
-
-
 @pytest.fixture(scope="module")
 def router_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_router(tmp_path_factory.mktemp("router"))
-
-
-@pytest.fixture(scope="module")
-def recorder() -> Iterator[tuple[Recorder, str]]:
-    from tests.router_gateway.scripted_upstream import app
-
-    rec = Recorder(app)
-    with serve_in_thread(rec) as url:
-        yield rec, url + "/v1"
 
 
 @pytest.fixture(scope="module")

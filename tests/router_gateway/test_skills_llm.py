@@ -27,7 +27,6 @@ from tests.router_gateway.test_routing import (
     MATH_Q,
     POEMS,
     SCORES,
-    Recorder,
     routed_experts,
 )
 
@@ -51,15 +50,6 @@ def train_symbolic(directory: Path) -> Path:
                          scores=scores, costs=costs)
     ROUTERS["symbolic"](n_skills=8, skills_per_query=2, cv=0).fit(logs).save(directory / "symbolic")
     return directory / "symbolic"
-
-
-@pytest.fixture(scope="module")
-def recorder() -> Iterator[tuple[Recorder, str]]:
-    from tests.router_gateway.scripted_upstream import app
-
-    rec = Recorder(app)
-    with serve_in_thread(rec) as url:
-        yield rec, url + "/v1"
 
 
 @pytest.fixture(scope="module")
