@@ -17,7 +17,6 @@ from tests.router_gateway.test_routing import EXPERT_MAP, POEM_Q
 
 # The trained router and the module's gateway ('classifier' deployed as the default).
 router_dir = routing_tests.router_dir
-recorder = routing_tests.recorder
 routed = routing_tests.routed
 
 
