@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from router_gateway import cli_train
+from router_gateway.cli_fleet import fleet_app
 from router_gateway.cli_routers import routers_app
 from router_gateway.settings import Settings
 
@@ -30,6 +31,7 @@ workers_app = typer.Typer(help="Start and stop local vLLM workers for experts wi
 app.add_typer(experts_app, name="experts")
 app.add_typer(workers_app, name="workers")
 app.add_typer(routers_app, name="routers")
+app.add_typer(fleet_app, name="fleet")
 cli_train.register(app)
 console = Console()
 err_console = Console(stderr=True)
@@ -56,6 +58,8 @@ def serve(
     host: Optional[str] = typer.Option(None, help="Bind address (default from SWITCHYARD_HOST, 127.0.0.1)"),
     port: Optional[int] = typer.Option(None, help="Port (default from SWITCHYARD_PORT, 8000)"),
     demo: bool = typer.Option(False, "--demo", help="Build and start the demo fleet of local vLLM experts first"),
+    quick: bool = typer.Option(False, "--quick", help="With --demo: the quick fleet build (minutes, little "
+                                                      "specialisation)"),
     workers: int = typer.Option(1, help="Gateway processes"),
 ) -> None:
     """Run the gateway (OpenAI-compatible API on http://HOST:PORT/v1)."""
@@ -72,7 +76,7 @@ def serve(
     if demo:
         from router_gateway.demo import start_demo
 
-        launcher = start_demo(settings, console)
+        launcher = start_demo(settings, console, quick=quick)
     admin_key = settings.resolved_admin_key()
     if settings.admin_key is None:
         console.print(f"admin key: in {settings.data_dir / 'admin_key'}")

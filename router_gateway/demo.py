@@ -1,4 +1,9 @@
-"""`switchyard serve --demo`: build the demo models, register them, start their vLLM workers."""
+"""`switchyard serve --demo`: build the fleet, register it, start its vLLM worker.
+
+The demo is the specialised fleet (``expert_registry.fleet.build``): the generalist and
+its domain experts, all served by one vLLM worker (one LoRA adapter per expert).
+Registry entries of an earlier demo that are no longer part of it are removed.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +16,27 @@ from router_gateway.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def start_demo(settings: Settings, console: Console):
+def start_demo(settings: Settings, console: Console, quick: bool = False):
     """Returns the launcher whose workers the caller stops on exit."""
+    from expert_registry.fleet.build import fleet_expert_specs
     from expert_registry.launcher import WorkerLauncher, WorkerStartError
-    from expert_registry.local_models import demo_expert_specs
     from expert_registry.store import ExpertStore, open_redis
 
     store = ExpertStore(open_redis(settings.redis_url, settings.data_dir))
     console.print(f"[bold]demo[/bold]: models under {settings.data_dir / 'models'} (built once, then cached)")
-    specs = demo_expert_specs(settings.data_dir)
+    specs = fleet_expert_specs(settings.data_dir, quick=quick)
+    names = {s.name for s in specs}
+    for old in store.list():
+        if "demo" in old.tags and old.name not in names:
+            store.remove(old.name)
     for spec in specs:
         store.put(spec)  # keep the demo entries current with the built models
-    console.print(f"[bold]demo[/bold]: starting vLLM CPU workers for {', '.join(s.name for s in specs)}")
+    hosts = [s.name for s in specs if s.launch is not None]
+    console.print(f"[bold]demo[/bold]: starting the vLLM CPU worker serving {', '.join(s.name for s in specs)}")
     launcher = WorkerLauncher(store, settings.data_dir)
     try:
-        launcher.up([s.name for s in specs])
+        launcher.up(hosts)
     except WorkerStartError as exc:
-        launcher.down([s.name for s in specs])
+        launcher.down(hosts)
         raise SystemExit(f"demo workers failed to start: {exc}") from exc
     return launcher

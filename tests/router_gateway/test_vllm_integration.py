@@ -17,7 +17,7 @@ MSG = [{"role": "user", "content": "What is the capital of France? Answer in one
 
 
 @pytest.fixture(scope="module")
-def vllm_gateway(vllm_worker, tmp_path_factory) -> Iterator[openai.OpenAI]:
+def vllm_gateway(vllm_worker, fleet_specs, tmp_path_factory) -> Iterator[openai.OpenAI]:
     from expert_registry.store import ExpertStore, open_redis
 
     data_dir = tmp_path_factory.mktemp("gw") / "data"
@@ -28,9 +28,15 @@ def vllm_gateway(vllm_worker, tmp_path_factory) -> Iterator[openai.OpenAI]:
                          output_price_per_mtok=0.2, tokenizer=base.tokenizer))
     store.put(ExpertSpec(name="smol-litellm", backend="litellm", base_url=vllm_worker.base_url,
                          served_model=f"hosted_vllm/{vllm_worker.served_model}"))
+    for adapter in fleet_adapters(fleet_specs, vllm_worker):  # the quick fleet's LoRA experts, same worker
+        store.put(adapter)
     with serve_in_thread(create_app(make_settings(data_dir, upstream_timeout_s=120, health_interval_s=1), store)) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=120)
     store.client.shutdown(nosave=True)
+
+
+def fleet_adapters(fleet_specs, vllm_worker) -> list[ExpertSpec]:
+    return [s.model_copy(update={"base_url": vllm_worker.base_url}) for s in fleet_specs if s.launch is None]
 
 
 def test_chat_through_gateway_matches_vllm_directly(vllm_gateway: openai.OpenAI, vllm_worker):
@@ -141,3 +147,52 @@ def test_aggregation_and_llm_skills_against_real_workers(vllm_symbolic):
     if source.startswith("llm"):
         assert store.client.keys("switchyard:skills:smol-general:*")
         assert {s["source"] for s in body["explain"]["skills"]} == {"llm"}
+
+
+def test_fleet_eval_against_the_real_worker(vllm_gateway: openai.OpenAI, vllm_worker, fleet_specs, tmp_path):
+    """`fleet eval`'s run: 2 held-out prompts per domain, real answers, real usage, real checkers."""
+    import asyncio
+
+    from expert_registry.fleet.domains import DOMAINS
+    from router_gateway import fleet_eval, fleet_report
+    from router_models.logs import load_logs
+
+    smol = ExpertSpec(name="smol", backend="vllm", base_url=vllm_worker.base_url,
+                      served_model=vllm_worker.served_model, input_price_per_mtok=0.1, output_price_per_mtok=0.2)
+    experts = [smol, *fleet_adapters(fleet_specs, vllm_worker)]
+    items = fleet_eval.build_items(DOMAINS, 2, seed=0)
+    out = tmp_path / "heldout.jsonl"
+    outcome = asyncio.run(fleet_eval.run_eval(str(vllm_gateway.base_url).rstrip("/"), CLIENT_KEY, experts, items,
+                                              out, concurrency=4, timeout_s=120, progress=False))
+    assert (outcome.written, sum(outcome.failed.values()), outcome.score_errors) == (4 * len(items), 0, 0), outcome
+    logs = load_logs(out, format="rows-jsonl")
+    assert logs.report.dropped_rows == 0 and logs.n_prompts == len(items)
+    assert sorted(logs.experts) == sorted(s.name for s in experts)
+    assert (logs.input_tokens > 0).all() and (logs.output_tokens > 0).all()
+    assert (logs.costs > 0).all() and (logs.latency_s > 0).all()
+    assert ((logs.scores >= 0) & (logs.scores <= 1)).all()
+    report = fleet_report.build_report(out)
+    assert report.domains == list(DOMAINS) and report.best_single in {s.name for s in experts}
+
+
+def test_one_worker_serves_every_fleet_adapter(vllm_gateway: openai.OpenAI, vllm_worker, fleet_specs):
+    """Each LoRA expert is its own model id on the base's worker, and its weights are applied:
+    on prompts of its domain it answers differently from the generalist."""
+    from expert_registry.fleet.domains import tasks
+
+    adapters = fleet_adapters(fleet_specs, vllm_worker)
+    assert len(adapters) >= 3
+    served = {m.id for m in openai.OpenAI(base_url=vllm_worker.base_url, api_key="x").models.list().data}
+    assert {a.served_model for a in adapters} | {vllm_worker.served_model} <= served
+    listed = {m.id for m in vllm_gateway.models.list().data}
+    assert {a.name for a in adapters} <= listed
+
+    def answer(model: str, prompt: str) -> str:
+        r = vllm_gateway.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                 temperature=0, max_tokens=24)
+        return r.choices[0].message.content
+
+    for adapter in adapters:
+        domain = adapter.tags[-1]
+        prompts = [t.prompt for t in tasks(domain, "heldout", 3)]
+        assert any(answer(adapter.name, p) != answer("smol", p) for p in prompts), adapter.name
