@@ -109,6 +109,8 @@ def eval_cmd(
     plot: Optional[Path] = typer.Option(None, help="Heat-map PNG (default: heatmap.png beside --out)"),
     report_only: bool = typer.Option(False, "--report-only", help="Report (and plot) the rows in --out; no requests"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+    train_router: bool = typer.Option(True, "--train-router/--no-train-router",
+                                      help="Train the demo's default router on the rows (DATA_DIR/fleet/router)"),
 ) -> None:
     """Run the fleet's experts on held-out prompts; write log rows (resumable) and report."""
     from expert_registry.fleet.domains import DOMAINS
@@ -128,6 +130,16 @@ def eval_cmd(
         if humaneval:
             chosen_domains.append(fleet_eval.HUMANEVAL)
     _report(out, names, None if report_only else chosen_domains, plot, as_json, outcome)
+    if train_router and not report_only:
+        from router_gateway.fleet_router import router_dir, train_fleet_router
+
+        try:
+            train_fleet_router(out, router_dir(settings.data_dir), seed=seed)
+        except ValueError as exc:
+            err_console.print(f"no fleet router trained: {escape(str(exc))}")
+        else:
+            err_console.print(f"trained the fleet router into {router_dir(settings.data_dir)} "
+                              "(`serve --demo` deploys it as router:fleet)")
 
 
 def _run(settings: Settings, names, domains, per_domain, humaneval, seed, concurrency, timeout, out,

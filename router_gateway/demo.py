@@ -39,4 +39,12 @@ def start_demo(settings: Settings, console: Console, quick: bool = False):
     except WorkerStartError as exc:
         launcher.down(hosts)
         raise SystemExit(f"demo workers failed to start: {exc}") from exc
+    from router_gateway.fleet_router import deploy_fleet_router
+
+    deployed = deploy_fleet_router(store, settings.data_dir, names)
+    if deployed:
+        console.print(f"[bold]demo[/bold]: routing with {deployed}, trained on the fleet's evaluation logs")
+    else:
+        console.print("[bold]demo[/bold]: no fleet router yet; `switchyard fleet eval` trains one "
+                      "(name an expert in `model` until then)")
     return launcher

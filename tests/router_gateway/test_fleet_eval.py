@@ -287,3 +287,40 @@ def test_cli_runs_through_an_in_process_gateway(store: ExpertStore, data_dir: Pa
     assert (tmp_path / "h.png").exists() and len(read_rows(out)) == 4
     again = json.loads(cli(data_dir, *args).stdout)
     assert again["run"]["skipped"] == 4 and again["run"]["requested"] == 0
+
+
+def test_fleet_router_learns_who_wins_where_and_deploys_without_stealing_the_default(store: ExpertStore,
+                                                                                      tmp_path: Path):
+    from expert_registry.fleet.domains import tasks
+    from router_gateway.deployments import DeploymentStore, RouterDeployment
+    from router_gateway.fleet_router import NAME, deploy_fleet_router, router_dir, train_fleet_router
+
+    rows = tmp_path / "rows.jsonl"
+    with rows.open("w") as fh:
+        for domain, winner in (("arithmetic", "math"), ("extraction", "json")):
+            for t in tasks(domain, "heldout", 20):
+                for model in ("math", "json"):
+                    fh.write(json.dumps({"prompt_id": t.task_id, "prompt": t.prompt, "task": domain, "model": model,
+                                         "score": float(model == winner), "cost_usd": 1e-6}) + "\n")
+    data_dir = tmp_path / "data"
+    router = train_fleet_router(rows, router_dir(data_dir))
+    fresh = [t.prompt for d in ("arithmetic", "extraction") for t in tasks(d, "heldout", 5, seed=9)]
+    q = router.predict_quality(fresh)
+    picks = [router.experts_[i] for i in q.argmax(axis=1)]
+    assert picks == ["math"] * 5 + ["json"] * 5
+
+    assert deploy_fleet_router(store, data_dir, {"math"}) is None  # one mapped expert is no routing
+    assert deploy_fleet_router(store, data_dir, {"math", "json"}) == f"router:{NAME} (also 'auto')"
+    deps = DeploymentStore(store)
+    assert deps.get(NAME).default and deps.get(NAME).expert_map == {"json": "json", "math": "math"}
+    deps.put(RouterDeployment(name="mine", router_dir=str(router_dir(data_dir)), expert_map={"math": "math"},
+                              default=True))
+    assert deploy_fleet_router(store, data_dir, {"math", "json"}) == f"router:{NAME}"
+    assert deps.get("mine").default and not deps.get(NAME).default
+    with pytest.raises(ValueError, match="at least 20 prompts"):
+        train_fleet_router(_first_rows(rows, tmp_path / "few.jsonl", 8), tmp_path / "r2")
+
+
+def _first_rows(src: Path, dst: Path, n: int) -> Path:
+    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
+    return dst
