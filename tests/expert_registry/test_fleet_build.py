@@ -39,7 +39,9 @@ def test_quick_manifest_records_recipe_losses_and_prices(fleet_specs, cache):
         assert all(math.isfinite(x) and x > 0 for x in own["losses"])
         assert own["losses"][-1] < own["losses"][0], (name, own["losses"])
         assert m["param_count"] == generalist["param_count"] + m["adapter_params"] > generalist["param_count"]
-    prices = manifest["prices"]
+    prices = manifest["prices"]["lora"]
+    merged = manifest["prices"]["merged"]
+    assert all(v == merged[BASE_NAME] for v in merged.values())  # merged: every call runs the same size
     rule = manifest["price_rule"]["input_usd_per_mtok_per_bparam"]
     assert prices[BASE_NAME]["input_per_mtok"] == pytest.approx(rule * generalist["param_count"] / 1e9, abs=1e-6)
     assert all(prices[n]["input_per_mtok"] >= prices[BASE_NAME]["input_per_mtok"] for n in manifest["experts"])
@@ -107,3 +109,32 @@ def test_a_missing_expert_is_rebuilt_alone_and_identically(fleet_specs, cache, t
         assert all("fleet" in s.tags for s in registered.values())
     finally:
         close_redis(store.client)
+
+
+def test_merged_serving_folds_each_adapter_into_its_own_worker(fleet_specs, cache):
+    import torch
+    from safetensors.torch import load_file
+
+    from expert_registry.fleet.build import fleet_expert_specs
+
+    specs = {s.name: s for s in fleet_expert_specs(cache, quick=True, progress=False, serving="merged")}
+    assert set(specs) == {BASE_NAME, *(r.name for r in FLEET)}
+    ports = {s.launch.port for s in specs.values()}
+    assert len(ports) == len(specs) and all(s.base_url.endswith(f":{s.launch.port}/v1") for s in specs.values())
+    base_dir = cache / "models" / BASE_NAME
+    base = load_file(str(base_dir / "model.safetensors"))
+    for r in FLEET:
+        folder = Path(specs[r.name].launch.model_path)
+        assert (folder / "config.json").exists() and (folder / "tokenizer.json").read_bytes() == (
+            base_dir / "tokenizer.json").read_bytes()
+        merged = load_file(str(folder / "model.safetensors"))
+        adapter = load_file(str(fleet_dir(cache, quick=True) / r.name / "adapter_model.safetensors"))
+        key = next(k for k in adapter if k.endswith("q_proj.lora_A.weight"))
+        name = key[len("base_model.model."):-len(".lora_A.weight")] + ".weight"
+        a, b = adapter[key].float(), adapter[key.replace("lora_A", "lora_B")].float()
+        train = read_manifest(fleet_dir(cache, quick=True) / r.name)["recipe"]["train"]
+        want = base[name].float() + train["alpha"] / train["rank"] * b @ a
+        torch.testing.assert_close(merged[name].float(), want.to(torch.bfloat16).float(), atol=1e-2, rtol=1e-2)
+        assert not torch.equal(merged[name], base[name])  # the adapter changed it
+        untouched = "model.layers.0.self_attn.q_proj.weight"  # below the adapted layers
+        assert torch.equal(merged[untouched], base[untouched])
