@@ -37,9 +37,10 @@ def main() -> None:
     ap.add_argument("--per-domain", type=int, default=60)
     ap.add_argument("--humaneval", type=int, default=20)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--resume", metavar="STAMP", help="continue the run whose rows are results/fleet_eval-STAMP.jsonl")
     ap.add_argument("--no-readme", action="store_true")
     args = ap.parse_args()
-    stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+    stamp = args.resume or f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
     RESULTS.mkdir(exist_ok=True)
     rows, png = RESULTS / f"fleet_eval-{stamp}.jsonl", RESULTS / f"fleet_eval-{stamp}.png"
     env = dict(os.environ)

@@ -5,7 +5,7 @@ takes), (a) a worker serving only the generalist and (b) the fleet's worker serv
 generalist plus its LoRA experts (``--enable-lora``). For each: seconds from spawn to
 healthy, resident memory of the whole process group once healthy (sum of RSS over the
 worker's processes), and greedy decode latency of a 64-token answer per served model
-(median of 5). Ratios (b)/(a) go into the "Fleet" section of ``benchmarks/README.md``;
+(median of the 2 calls after a warm-up call). Ratios (b)/(a) go into the "Fleet" section of ``benchmarks/README.md``;
 the serving-cost alternative the adapters replace, one worker per expert, would cost
 (a) once per expert.
 
@@ -64,7 +64,7 @@ def measure(spec, served: list[str], data_dir: Path) -> dict:
         with httpx.Client(timeout=120) as client:
             for model in served:
                 runs = []
-                for _ in range(6):
+                for _ in range(3):
                     t = time.perf_counter()
                     r = client.post(f"{info.base_url}/chat/completions", json={
                         "model": model, "messages": [{"role": "user", "content": PROMPT}],

