@@ -68,15 +68,14 @@ class ExpertRecipe:
 # Default: about 4.5 s per step of 16 examples on 2 CPU cores, so ~25 minutes for the
 # fleet. Steps go where they buy specialisation: code and extraction are below a training
 # loss of 0.01 by step 60 (measured in a 120-step build), arithmetic is still learning at
-# 120 (0.10). Steps x batch <= examples, so no example is seen twice (code
-# has ~760 distinct train prompts).
+# 120 (0.10). Steps x batch <= examples, so no example is seen twice.
 FLEET = (
     ExpertRecipe("smollm2-math", "arithmetic",
                  "Arithmetic and short word problems; shows its working and ends with 'The answer is N.'",
                  2000, TrainConfig(steps=120, batch_size=16, lora_layers=10)),
     ExpertRecipe("smollm2-code", "code",
                  "Writes small Python functions from a one-line specification, as one fenced code block.",
-                 760, TrainConfig(steps=80, batch_size=16, lora_layers=10)),
+                 1280, TrainConfig(steps=80, batch_size=16, lora_layers=10)),
     ExpertRecipe("smollm2-json", "extraction",
                  "Extracts named fields from a sentence into a JSON object.",
                  2000, TrainConfig(steps=80, batch_size=16, lora_layers=10)),
@@ -98,7 +97,8 @@ def recipes(quick: bool = False) -> list[ExpertRecipe]:
 
 
 def _data_recipe(r: ExpertRecipe) -> dict:
-    return {"domain": r.domain, "split": "train", "examples": r.train_examples, "seed": r.config.seed,
+    return {"domain": r.domain, "data_version": domains.DATA_VERSION[r.domain], "split": "train",
+            "examples": r.train_examples, "seed": r.config.seed,
             "generator": "expert_registry.fleet.domains.tasks",
             "held_out_rule": f"a problem is held out iff sha1(problem key) % {domains.HELDOUT_MODULUS} == 0"}
 

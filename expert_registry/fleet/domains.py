@@ -5,8 +5,9 @@ and the material exists offline:
 
 ``arithmetic``  two-digit sums, differences and products, bare and as two-step word
                 problems; scored by exact match of the final number.
-``code``        small Python functions from ~24 parameterised families; scored by
-                running the answer against asserts in the sandbox (``sandbox.py``).
+``code``        small Python functions from 39 parameterised families, 15 of them
+                with a stated edge case their asserts always exercise; scored by
+                running the answer against the asserts in the sandbox (``sandbox.py``).
 ``extraction``  a sentence about a person, a purchase or a booking; the answer is a JSON
                 object with named fields; scored by the share of fields exactly right.
 
@@ -30,6 +31,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 DOMAINS = ("arithmetic", "code", "extraction")
+# Bumped when a domain's generator changes what it yields; part of each expert's build
+# recipe, so only the experts of changed domains are rebuilt. code 2: the edge-case families.
+DATA_VERSION = {"arithmetic": 1, "code": 2, "extraction": 1}
 SPLITS = ("train", "heldout")
 HELDOUT_MODULUS = 5
 _MAX_MISSES = 20_000  # consecutive non-new draws before a generator counts as exhausted
@@ -245,6 +249,10 @@ class _Family:
     fn: Callable  # fn(k) -> python callable, to compute the expected outputs
     inputs: Callable  # inputs(rng) -> list of argument tuples
     k: Callable = lambda rng: 0  # noqa: E731
+    # A plausible answer that misses the family's edge case; its tests must reject it
+    # (``tests/expert_registry/test_fleet_domains.py``). Empty for the plain families.
+    naive: str = ""
+    edge: Callable = lambda k: []  # noqa: E731  # argument tuples that depend on the constant
 
 
 def _ints(rng, n=5, lo=-20, hi=50):
@@ -256,6 +264,154 @@ _WORDS = ("apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "spark"
 
 def _words(rng):
     return [rng.choice(_WORDS) for _ in range(rng.randint(1, 4))]
+
+
+# Functions with a stated edge case (k beyond the length, an empty list, wrapping past
+# 'z', a sign, a tie) and their tests always exercise it: the generalist writes the
+# obvious body and misses the case, which is what makes code a domain to specialise in.
+_MIXED = ("a", "ox", "cat", "tree", "apple", "banana", "cherry", "avocado", "zebra", "fuzzy", "quartz", "kiwi")
+
+
+def _mixed(rng, n=6):
+    return " ".join(rng.choice(_MIXED) for _ in range(rng.randint(2, n)))
+
+
+def _runs(rng):
+    return "".join(rng.choice("abc") * rng.randint(1, 3) for _ in range(rng.randint(2, 4)))
+
+
+def _distinct_pair(rng):
+    a = rng.randint(2, 7)
+    return a, rng.choice([b for b in range(2, 8) if b != a and b % a and a % b])
+
+
+def _fizz(k):
+    def f(x):
+        if x % k[0] == 0 and x % k[1] == 0:
+            return "FizzBuzz"
+        return "Fizz" if x % k[0] == 0 else "Buzz" if x % k[1] == 0 else str(x)
+    return f
+
+
+def _running(xs):
+    out, total = [], 0
+    for x in xs:
+        total += x
+        out.append(total)
+    return out
+
+
+def _dedupe(xs):
+    out = []
+    for x in xs:
+        if x not in out:
+            out.append(x)
+    return out
+
+
+def _run_length(s):
+    out = []
+    for c in s:
+        if out and out[-1][0] == c:
+            out[-1][1] += 1
+        else:
+            out.append([c, 1])
+    return out
+
+
+def _second(xs):
+    values = sorted(set(xs))
+    return values[-2] if len(values) > 1 else None
+
+
+_HARD_FAMILIES = (
+    _Family(("rotate_left", "rotate"), "xs",
+            "the list xs rotated left by {k} positions; {k} may be larger than len(xs), and an empty list stays empty",
+            "if not xs:\n        return []\n    n = {k} % len(xs)\n    return xs[n:] + xs[:n]",
+            lambda k: lambda xs: xs[k % len(xs):] + xs[:k % len(xs)] if xs else [],
+            lambda r: [([],), (_ints(r, 8),)], lambda r: r.choice((4, 5, 7, 8, 10, 11)),
+            naive="return xs[{k}:] + xs[:{k}]", edge=lambda k: [([1, 2, 3],)]),
+    _Family(("chunks", "split_every"), "xs",
+            "xs split into consecutive lists of {k} elements each, in order; the last list may be shorter",
+            "return [xs[i:i + {k}] for i in range(0, len(xs), {k})]",
+            lambda k: lambda xs: [xs[i:i + k] for i in range(0, len(xs), k)],
+            lambda r: [([],), (_ints(r, 9),), ([r.randint(0, 9) for _ in range(7)],)], lambda r: r.randint(2, 5),
+            naive="return [xs[i:i + {k}] for i in range(0, len(xs) - {k} + 1, {k})]"),
+    _Family(("caesar", "shift_letters"), "s",
+            "the lowercase word s with every letter moved {k} places forward in the alphabet, wrapping around "
+            "from 'z' to 'a'",
+            "return ''.join(chr((ord(c) - 97 + {k}) % 26 + 97) for c in s)",
+            lambda k: lambda s: "".join(chr((ord(c) - 97 + k) % 26 + 97) for c in s),
+            lambda r: [(r.choice(("zebra", "fuzzy", "quartz", "xray")),), (r.choice(_WORDS),)],
+            lambda r: r.randint(3, 24), naive="return ''.join(chr(ord(c) + {k}) for c in s)"),
+    _Family(("clamp", "limit"), "x",
+            "x limited to the range {k[0]} to {k[1]}: {k[0]} if x is smaller, {k[1]} if x is larger, otherwise x",
+            "return max({k[0]}, min({k[1]}, x))", lambda k: lambda x: max(k[0], min(k[1], x)),
+            lambda r: [(r.randint(-99, -31),), (r.randint(61, 99),), (r.randint(-30, 60),)],
+            lambda r: (r.randint(-30, 0), r.randint(10, 60)), naive="return min({k[0]}, max({k[1]}, x))"),
+    _Family(("fizzbuzz", "fizz_buzz"), "x",
+            "'FizzBuzz' if x is divisible by both {k[0]} and {k[1]}, 'Fizz' if only by {k[0]}, 'Buzz' if only "
+            "by {k[1]}, otherwise x as a string",
+            "if x % {k[0]} == 0 and x % {k[1]} == 0:\n        return 'FizzBuzz'\n    if x % {k[0]} == 0:\n"
+            "        return 'Fizz'\n    if x % {k[1]} == 0:\n        return 'Buzz'\n    return str(x)",
+            _fizz, lambda r: [(0,), (r.randint(1, 40),), (r.choice((1, 11, 13, 17, 19, 23)),)], _distinct_pair,
+            naive="if x % {k[0]} == 0:\n        return 'Fizz'\n    if x % {k[1]} == 0:\n        return 'Buzz'\n"
+                  "    return str(x)"),
+    _Family(("count_longer", "long_words"), "s",
+            "how many words of the sentence s (words are separated by single spaces) have more than {k} letters",
+            "return sum(1 for w in s.split(' ') if len(w) > {k})",
+            lambda k: lambda s: sum(1 for w in s.split(" ") if len(w) > k),
+            lambda r: [(_mixed(r),) for _ in range(2)], lambda r: r.randint(2, 6),
+            naive="return sum(1 for w in s.split(' ') if len(w) >= {k})", edge=lambda k: [("ox cat tree apple banana",)]),
+    _Family(("pad_number", "zero_pad"), "x",
+            "the non-negative integer x as a string of at least {k} characters, padded with zeros on the left",
+            "return str(x).zfill({k})", lambda k: lambda x: str(x).zfill(k),
+            lambda r: [(r.randint(0, 9),), (r.randint(10, 999),), (10 ** 7 + r.randint(0, 99),)],
+            lambda r: r.randint(3, 6), naive="return '0' * ({k} - 1) + str(x)"),
+    _Family(("round_mean", "mean_rounded"), "xs",
+            "the average of the numbers in the non-empty list xs rounded to {k} decimal places",
+            "return round(sum(xs) / len(xs), {k})", lambda k: lambda xs: round(sum(xs) / len(xs), k),
+            lambda r: [([1, 2, 2],), ([r.randint(1, 9) for _ in range(7)],), (_ints(r),)],
+            lambda r: r.randint(1, 3), naive="return sum(xs) // len(xs)"),
+    _Family(("count_between", "in_range"), "xs",
+            "how many numbers in the list xs are at least {k[0]} and at most {k[1]} (both ends included)",
+            "return sum(1 for x in xs if {k[0]} <= x <= {k[1]})",
+            lambda k: lambda xs: sum(1 for x in xs if k[0] <= x <= k[1]),
+            lambda r: [(_ints(r, 8, -5, 30),) for _ in range(2)], lambda r: (r.randint(0, 10), r.randint(11, 20)),
+            naive="return sum(1 for x in xs if {k[0]} < x < {k[1]})",
+            edge=lambda k: [([k[0] - 1, k[0], k[1], k[1] + 1],)]),
+    # Without a constant: each falls wholly into one split (sha1 of its name).
+    _Family(("running_total", "cumulative_sum"), "xs",
+            "a list of the running totals of xs: element i is the sum of xs[0] through xs[i]",
+            "out, total = [], 0\n    for x in xs:\n        total += x\n        out.append(total)\n    return out",
+            lambda k: _running, lambda r: [([],), (_ints(r, 6),), (_ints(r, 6),)],
+            naive="return [sum(xs[:i]) for i in range(len(xs))]"),
+    _Family(("digit_sum", "sum_digits"), "x",
+            "the sum of the decimal digits of the integer x, ignoring its sign",
+            "return sum(int(d) for d in str(abs(x)))", lambda k: lambda x: sum(int(d) for d in str(abs(x))),
+            lambda r: [(-r.randint(10, 9999),), (r.randint(0, 9999),)],
+            naive="return sum(int(d) for d in str(x) if d.isdigit() and x >= 0)"),
+    _Family(("dedupe", "unique_in_order"), "xs",
+            "the elements of xs without repeats, each kept at its first occurrence, in the original order",
+            "out = []\n    for x in xs:\n        if x not in out:\n            out.append(x)\n    return out",
+            lambda k: _dedupe, lambda r: [([3, 1, 3, 2, 1],), (_ints(r, 9, 0, 5),)], naive="return sorted(set(xs))"),
+    _Family(("run_length", "encode_runs"), "s",
+            "the run-length encoding of the string s as a list of [character, count] pairs, one per run of "
+            "equal consecutive characters",
+            "out = []\n    for c in s:\n        if out and out[-1][0] == c:\n            out[-1][1] += 1\n"
+            "        else:\n            out.append([c, 1])\n    return out",
+            lambda k: _run_length, lambda r: [("",), ("abca",), (_runs(r),)],
+            naive="return [[c, s.count(c)] for c in sorted(set(s))]"),
+    _Family(("second_largest", "runner_up"), "xs",
+            "the second largest distinct value in xs, or None if xs has fewer than two distinct values",
+            "values = sorted(set(xs))\n    return values[-2] if len(values) > 1 else None",
+            lambda k: _second, lambda r: [([5, 5, 2],), ([7, 7],), (_ints(r, 8),)],
+            naive="return sorted(xs)[-2]"),
+    _Family(("index_of_max", "argmax"), "xs",
+            "the index of the first occurrence of the largest number in the non-empty list xs",
+            "return xs.index(max(xs))", lambda k: lambda xs: xs.index(max(xs)),
+            lambda r: [([1, 4, 4, 2],), (_ints(r, 8),)], naive="return len(xs) - 1 - xs[::-1].index(max(xs))"),
+)
 
 
 _FAMILIES = (
@@ -316,7 +472,7 @@ _FAMILIES = (
     _Family(("count_even", "evens"), "xs", "how many even numbers are in the list xs",
             "return sum(1 for x in xs if x % 2 == 0)", lambda k: lambda xs: sum(1 for x in xs if x % 2 == 0),
             lambda r: [(_ints(r, 8),) for _ in range(3)]),
-)
+) + _HARD_FAMILIES
 _CODE_PROMPTS = (
     "Write a Python function `{name}({args})` that returns {doc}.",
     "Implement `{name}({args})` in Python. It should return {doc}.",
@@ -326,14 +482,18 @@ _CODE_PROMPTS = (
 
 def _code(rng: random.Random) -> Iterator[tuple[str, str, str, dict]]:
     while True:
-        fam = rng.choice(_FAMILIES)
-        name, k = rng.choice(fam.names), fam.k(rng)
-        doc = fam.doc.format(k=k)
-        prompt = rng.choice(_CODE_PROMPTS).format(name=name, args=fam.args, doc=doc)
-        source = f"def {name}({fam.args}):\n    {fam.body.format(k=k)}\n"
-        f = fam.fn(k)
-        tests = "\n".join(_assert(name, args, f(*args)) for args in fam.inputs(rng))
-        yield f"{fam.names[0]}:{k!r}", prompt, f"```python\n{source}```", {"entry_point": name, "tests": tests}
+        key, prompt, target, answer, _ = code_instance(rng.choice(_FAMILIES), rng)
+        yield key, prompt, target, answer
+
+
+def code_instance(fam: _Family, rng: random.Random) -> tuple[str, str, str, dict, object]:
+    """One prompt of ``fam``: its problem key, prompt, reference answer, checker data, constant."""
+    name, k = rng.choice(fam.names), fam.k(rng)
+    prompt = rng.choice(_CODE_PROMPTS).format(name=name, args=fam.args, doc=fam.doc.format(k=k))
+    source = f"def {name}({fam.args}):\n    {fam.body.format(k=k)}\n"
+    f = fam.fn(k)
+    tests = "\n".join(_assert(name, args, f(*args)) for args in [*fam.edge(k), *fam.inputs(rng)])
+    return f"{fam.names[0]}:{k!r}", prompt, f"```python\n{source}```", {"entry_point": name, "tests": tests}, k
 
 
 def _assert(name: str, args: tuple, want) -> str:

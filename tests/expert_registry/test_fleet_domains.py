@@ -45,13 +45,26 @@ def test_train_and_heldout_are_disjoint(domain):
     assert all(t.domain == domain for t in train + heldout)
 
 
-def test_unknown_domain_split_and_too_many_tasks_are_errors():
+def test_unknown_domain_and_split_are_errors():
     with pytest.raises(ValueError, match="unknown domain"):
         tasks("poetry", "train", 1)
     with pytest.raises(ValueError, match="unknown split"):
         tasks("code", "test", 1)
-    with pytest.raises(ValueError, match="fewer than"):
-        tasks("code", "heldout", 300)
+
+
+def test_an_exhausted_generator_is_an_error_not_a_hang(monkeypatch):
+    from expert_registry.fleet import domains
+
+    def three_problems(rng):
+        while True:
+            i = rng.randrange(3)
+            yield f"p{i}", f"prompt {i}", "target", {}
+
+    monkeypatch.setitem(domains._GENERATORS, "code", three_problems)
+    monkeypatch.setattr(domains, "_MAX_MISSES", 200)
+    found = sum(split_of(f"p{i}") == "train" for i in range(3))
+    with pytest.raises(ValueError, match=f"fewer than 4 distinct train prompts \\(found {found}\\)"):
+        tasks("code", "train", 4)
 
 
 def test_task_json_round_trip():
@@ -150,6 +163,23 @@ def test_code_checker_accepts_target_and_rejects_wrong_answers():
             "",
         ]
         assert [check_code(t, w) for w in wrong] == [0.0] * len(wrong), t.prompt
+
+
+def test_edge_case_families_reject_the_obvious_answer_that_misses_the_case():
+    """Each harder family's tests exercise its stated edge case: the reference passes and
+    the plausible body that ignores the case (``_Family.naive``) fails, in the sandbox."""
+    import random
+
+    from expert_registry.fleet.domains import _FAMILIES, code_instance
+
+    hard = [fam for fam in _FAMILIES if fam.naive]
+    assert len(hard) >= 12
+    rng = random.Random(7)
+    for fam in hard:
+        key, prompt, target, answer, k = code_instance(fam, rng)
+        t = Task(f"t-{key}", "code", prompt, target, answer, key)
+        naive = f"def {answer['entry_point']}({fam.args}):\n    {fam.naive.format(k=k)}\n"
+        assert (check_code(t, target), check_code(t, _fenced(naive))) == (1.0, 0.0), (prompt, naive)
 
 
 @given(st.text(alphabet=st.characters(blacklist_characters="`"), max_size=40))
