@@ -1,13 +1,18 @@
-"""The fleet's serving cost: one vLLM worker with every domain adapter vs the plain generalist.
+"""The fleet's serving cost, both ways: one worker per merged expert vs one LoRA worker.
 
-Starts, one after the other and each through ``WorkerLauncher`` (the path `serve --demo`
-takes), (a) a worker serving only the generalist and (b) the fleet's worker serving the
-generalist plus its LoRA experts (``--enable-lora``). For each: seconds from spawn to
-healthy, resident memory of the whole process group once healthy (sum of RSS over the
-worker's processes), and greedy decode latency of a 64-token answer per served model
-(median of the 2 calls after a warm-up call). Ratios (b)/(a) go into the "Fleet" section of ``benchmarks/README.md``;
-the serving-cost alternative the adapters replace, one worker per expert, would cost
-(a) once per expert.
+Starts, one configuration after the other and each through ``WorkerLauncher`` (the path
+`serve --demo` takes):
+
+(a) ``plain``   one worker serving only the generalist (the unit cost);
+(b) ``merged``  the default fleet: one worker per expert (generalist + merged experts),
+                all started together;
+(c) ``lora``    one worker serving the generalist plus every adapter (``--enable-lora``).
+
+For each: seconds from spawn until every worker is healthy, resident memory of all the
+workers' processes once healthy (sum of RSS over their process groups), and greedy decode
+latency of a 64-token answer per served model, one request at a time (median of 2 calls
+after a warm-up call). Ratios against (a) go into the "Fleet" section of
+``benchmarks/README.md``.
 
     python benchmarks/fleet_serving.py [--data-dir DIR] [--quick] [--no-readme]
 """
@@ -32,47 +37,57 @@ BEGIN, END = "<!-- fleet-serving:begin -->", "<!-- fleet-serving:end -->"
 PROMPT = "Write a Python function `total(xs)` that returns the sum of the numbers in the list xs."
 
 
-def rss_mb(pgid: int) -> float:
+def rss_mb(pgids: list[int]) -> float:
     from expert_registry.procgroup import group_members
 
     total = 0
-    for pid in group_members(pgid):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
+    for pgid in pgids:
+        for pid in group_members(pgid):
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                continue
     return total / 1024
 
 
-def measure(spec, served: list[str], data_dir: Path) -> dict:
+def measure(specs: list, data_dir: Path) -> dict:
+    """Start every launchable expert of ``specs`` at once; time, weigh and query them."""
     from expert_registry.launcher import WorkerLauncher
     from expert_registry.store import ExpertStore, close_redis, open_redis
 
     store = ExpertStore(open_redis(None, data_dir / "redis"))
-    spec = spec.model_copy(update={"base_url": None, "launch": spec.launch.model_copy(update={"port": None})})
-    store.put(spec)
+    for spec in specs:  # fresh ports, so a running `serve --demo` is not in the way
+        if spec.launch is not None:
+            spec = spec.model_copy(update={"base_url": None,
+                                           "launch": spec.launch.model_copy(update={"port": None})})
+        store.put(spec)
     launcher = WorkerLauncher(store, data_dir)
     try:
         started = time.perf_counter()
-        (info,) = launcher.up([spec.name], timeout_s=900, progress=True)
+        infos = launcher.up([s.name for s in specs if s.launch is not None], timeout_s=900, progress=True)
         startup = time.perf_counter() - started
-        time.sleep(3)  # let the engine settle before reading memory
-        memory = rss_mb(info.pid)
+        time.sleep(3)  # let the engines settle before reading memory
+        memory = rss_mb([i.pid for i in infos])
+        url = {i.name: i.base_url for i in infos}
+        host = {s.name: s.launch and s.name for s in specs}
+        lora_host = next((s.name for s in specs if s.launch is not None), None)
         latency = {}
-        with httpx.Client(timeout=120) as client:
-            for model in served:
+        with httpx.Client(timeout=300) as client:
+            for s in specs:
+                base_url = url[host[s.name] or lora_host]
                 runs = []
                 for _ in range(3):
                     t = time.perf_counter()
-                    r = client.post(f"{info.base_url}/chat/completions", json={
-                        "model": model, "messages": [{"role": "user", "content": PROMPT}],
+                    r = client.post(f"{base_url}/chat/completions", json={
+                        "model": s.served_model, "messages": [{"role": "user", "content": PROMPT}],
                         "max_tokens": 64, "min_tokens": 64, "temperature": 0})
                     r.raise_for_status()
                     runs.append(time.perf_counter() - t)
-                latency[model] = round(statistics.median(runs[1:]), 3)  # first call warms up
-        return {"startup_s": round(startup, 1), "rss_mb": round(memory), "latency_64tok_s": latency}
+                latency[s.name] = round(statistics.median(runs[1:]), 2)  # first call warms up
+        return {"workers": len(infos), "experts": len(specs), "startup_s": round(startup, 1),
+                "rss_mb": round(memory), "latency_64tok_s": latency}
     finally:
         launcher.down()
         close_redis(store.client)
@@ -90,17 +105,15 @@ def main() -> None:
     from router_gateway.settings import Settings
 
     data_dir = args.data_dir or Settings().data_dir
-    specs = fleet_expert_specs(data_dir, quick=args.quick)
-    fleet = next(s for s in specs if s.name == BASE_NAME)
-    args_plain = [a for a in fleet.launch.args[:fleet.launch.args.index("--enable-lora")]]
-    plain = fleet.model_copy(update={"launch": fleet.launch.model_copy(update={"args": args_plain})})
-    adapters = [s.served_model for s in specs if s.launch is None]
+    facts = machine_facts()  # the load average before our own workers add to it
+    merged = fleet_expert_specs(data_dir, quick=args.quick, serving="merged")
+    lora = fleet_expert_specs(data_dir, quick=args.quick, serving="lora")
+    plain = [s for s in merged if s.name == BASE_NAME]
     with tempfile.TemporaryDirectory() as tmp:
-        a = measure(plain, [BASE_NAME], Path(tmp) / "plain")
-        b = measure(fleet, [BASE_NAME, *adapters], Path(tmp) / "fleet")
-    result = {"date": dt.date.today().isoformat(), "commit": git_commit(), "machine": machine_facts(),
-              "command": "python benchmarks/fleet_serving.py" + (" --quick" if args.quick else ""),
-              "plain": a, "fleet": b, "experts_served": 1 + len(adapters)}
+        rows = {name: measure(specs, Path(tmp) / name)
+                for name, specs in (("plain", plain), ("merged", merged), ("lora", lora))}
+    result = {"date": dt.date.today().isoformat(), "commit": git_commit(), "machine": facts,
+              "command": "python benchmarks/fleet_serving.py" + (" --quick" if args.quick else ""), **rows}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"fleet_serving-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -111,20 +124,25 @@ def main() -> None:
     print(f"wrote {path}")
 
 
+LABELS = {"plain": "generalist only", "merged": "fleet, merged (default): one worker per expert",
+          "lora": "fleet, LoRA: one worker, adapters"}
+
+
 def render(r: dict) -> str:
-    a, b = r["plain"], r["fleet"]
-    base = a["latency_64tok_s"][next(iter(a["latency_64tok_s"]))]
-    m = r["machine"]
+    m, a = r["machine"], r["plain"]
     lines = [f"Measured {r['date']} on {m['cpu']} ({m['cores']} cores; load average at start "
              f"{m['loadavg_at_start'][0]:.1f}), commit {r['commit']}, `{r['command']}`.", "",
-             "| worker | experts served | start-up s | RSS MB | 64-token answer s (per model) |",
-             "| --- | --- | --- | --- | --- |",
-             f"| generalist only | 1 | {a['startup_s']} | {a['rss_mb']} | {base} |",
-             f"| fleet (generalist + LoRA experts) | {r['experts_served']} | {b['startup_s']} | {b['rss_mb']} | "
-             + ", ".join(f"{m} {s}" for m, s in b["latency_64tok_s"].items()) + " |", "",
-             f"Ratios fleet/plain: start-up {b['startup_s'] / a['startup_s']:.2f}x, memory "
-             f"{b['rss_mb'] / a['rss_mb']:.2f}x for {r['experts_served']}x the experts; one worker per expert "
-             f"would take about {r['experts_served'] * a['rss_mb']} MB."]
+             "| configuration | workers | experts | start-up s | RSS MB | 64-token answer s, one at a time |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key in ("plain", "merged", "lora"):
+        x = r[key]
+        lat = ", ".join(f"{n} {s}" for n, s in x["latency_64tok_s"].items())
+        lines.append(f"| {LABELS[key]} | {x['workers']} | {x['experts']} | {x['startup_s']} | {x['rss_mb']} | {lat} |")
+    lines.append("")
+    for key in ("merged", "lora"):
+        x = r[key]
+        lines.append(f"- {LABELS[key]}: start-up {x['startup_s'] / a['startup_s']:.2f}x and memory "
+                     f"{x['rss_mb'] / a['rss_mb']:.2f}x the generalist-only worker, for {x['experts']} experts.")
     return "\n".join(lines)
 
 

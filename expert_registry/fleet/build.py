@@ -65,10 +65,11 @@ class ExpertRecipe:
     config: TrainConfig
 
 
-# Default: about 4.5 s per step of 16 examples on 2 CPU cores, so ~25 minutes for the
-# fleet. Steps go where they buy specialisation: code and extraction are below a training
-# loss of 0.01 by step 60 (measured in a 120-step build), arithmetic is still learning at
-# 120 (0.10). Steps x batch <= examples, so no example is seen twice.
+# Default: 3.6-5.8 s per step of 16 examples on 2 CPU cores; the whole build took 23.7
+# minutes (benchmarks/README.md, "Fleet"). Steps go where they buy specialisation:
+# extraction is below a training loss of 0.01 by step 30, code near 0.01 by step 40,
+# arithmetic is still learning at 120 (0.10). Steps x batch <= examples, so no example
+# is seen twice.
 FLEET = (
     ExpertRecipe("smollm2-math", "arithmetic",
                  "Arithmetic and short word problems; shows its working and ends with 'The answer is N.'",
