@@ -46,3 +46,19 @@ def rewrite_section(path: Path, begin: str, end: str, section: str, heading: str
     else:
         text = text.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
     path.write_text(text)
+
+
+def save_report(report: dict, results: Path, stem: str, when=None) -> Path:
+    """Write ``report`` to ``results/<stem>-<UTC stamp>.json`` (stamp of ``when``, default
+    now) and record that path in ``report["json"]``, relative to benchmarks/ when inside it."""
+    import datetime as dt
+    import json
+
+    when = when or dt.datetime.now(dt.timezone.utc)
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{stem}-{when.strftime('%Y%m%dT%H%M%SZ')}.json"
+    report["json"] = str(out)
+    with contextlib.suppress(ValueError):
+        report["json"] = str(out.resolve().relative_to(HERE))
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    return out

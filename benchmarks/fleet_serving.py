@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _common import git_commit, machine_facts, rewrite_section
+from _common import git_commit, machine_facts, rewrite_section, save_report
 
 HERE = Path(__file__).resolve().parent
 README, RESULTS = HERE / "README.md", HERE / "results"
@@ -114,9 +113,7 @@ def main() -> None:
                 for name, specs in (("plain", plain), ("merged", merged), ("lora", lora))}
     result = {"date": dt.date.today().isoformat(), "commit": git_commit(), "machine": facts,
               "command": "python benchmarks/fleet_serving.py" + (" --quick" if args.quick else ""), **rows}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"fleet_serving-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = save_report(result, RESULTS, "fleet_serving")
     table = render(result)
     print(table)
     if not args.no_readme:

@@ -42,10 +42,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import inspect
-import json
 import os
 import shlex
 import sys
@@ -54,7 +52,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import git_commit, machine_facts, rewrite_section
+from _common import git_commit, machine_facts, rewrite_section, save_report
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -464,12 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                           "threads": args.threads, "workers": args.workers, "baseline": args.baseline}
     report["goal"] = goal(report["cells"])
     report["sustained"] = sustained(report["open_cells"])
-    args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"routing_latency-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-    with contextlib.suppress(ValueError):
-        report["json"] = str(out.resolve().relative_to(HERE))
-    report.setdefault("json", str(out))
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out = save_report(report, args.results, "routing_latency", started)
     section = render(report)
     print("\n" + section)
     if not args.no_readme:
