@@ -39,12 +39,15 @@ def start_demo(settings: Settings, console: Console, quick: bool = False):
     except WorkerStartError as exc:
         launcher.down(hosts)
         raise SystemExit(f"demo workers failed to start: {exc}") from exc
-    from router_gateway.fleet_router import deploy_fleet_router
+    from router_gateway.fleet_router import deploy_fleet_router, ensure_fleet_router
 
+    source = ensure_fleet_router(settings.data_dir)
     deployed = deploy_fleet_router(store, settings.data_dir, names)
     if deployed:
-        console.print(f"[bold]demo[/bold]: routing with {deployed}, trained on the fleet's evaluation logs")
+        origin = ("this machine's `fleet eval` logs" if source == "own" else
+                  "the evaluation logs shipped with Switchyard (`switchyard fleet eval` retrains it on yours)")
+        console.print(f"[bold]demo[/bold]: routing with {deployed}, trained on {origin}")
     else:
-        console.print("[bold]demo[/bold]: no fleet router yet; `switchyard fleet eval` trains one "
-                      "(name an expert in `model` until then)")
+        console.print("[bold]demo[/bold]: the fleet router maps to fewer than two registered experts; "
+                      "name an expert in `model`")
     return launcher

@@ -324,3 +324,27 @@ def test_fleet_router_learns_who_wins_where_and_deploys_without_stealing_the_def
 def _first_rows(src: Path, dst: Path, n: int) -> Path:
     dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
     return dst
+
+
+def test_without_an_evaluation_the_demo_router_is_trained_from_the_shipped_logs(tmp_path: Path):
+    """A first `serve --demo` routes among the fleet at once: the router comes from the
+    measured rows shipped in the package, and sends each domain to its expert."""
+    from expert_registry.fleet.domains import tasks
+    from router_gateway.fleet_router import ensure_fleet_router, router_dir, train_fleet_router
+    from router_models import load_router
+
+    data_dir = tmp_path / "data"
+    assert ensure_fleet_router(data_dir) == "shipped"
+    router = load_router(router_dir(data_dir))
+    assert set(router.experts_) == {"smollm2-135m", "smollm2-math", "smollm2-code", "smollm2-json"}
+    for domain, expert in (("arithmetic", "smollm2-math"), ("code", "smollm2-code"),
+                           ("extraction", "smollm2-json")):
+        fresh = [t.prompt for t in tasks(domain, "heldout", 10, seed=5)]
+        picks = [router.experts_[i] for i in router.predict_quality(fresh).argmax(axis=1)]
+        assert picks.count(expert) >= 8, (domain, picks)
+    assert ensure_fleet_router(data_dir) == "shipped"  # kept, not retrained
+
+    own = tmp_path / "own.jsonl"  # an evaluation of the user's own replaces it
+    own.write_text((data_dir / "fleet" / "shipped_logs.jsonl").read_text())
+    train_fleet_router(own, router_dir(data_dir))
+    assert ensure_fleet_router(data_dir) == "own"
