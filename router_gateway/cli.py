@@ -15,10 +15,11 @@ from typing import Optional
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
 from router_gateway import cli_train
+from router_gateway.cli_common import console
+from router_gateway.cli_common import fail as _fail
 from router_gateway.cli_fleet import fleet_app
 from router_gateway.cli_routers import routers_app
 from router_gateway.settings import Settings
@@ -33,13 +34,6 @@ app.add_typer(workers_app, name="workers")
 app.add_typer(routers_app, name="routers")
 app.add_typer(fleet_app, name="fleet")
 cli_train.register(app)
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
 
 
 def _store(settings: Settings):

@@ -18,20 +18,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from router_gateway.cli_common import console, err_console
+from router_gateway.cli_common import fail as _fail
 from router_gateway.settings import Settings
 
 fleet_app = typer.Typer(help="Build the local fleet of experts; evaluate it on held-out, automatically scored prompts.",
                         no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
-    raise typer.Exit(1)
 
 
 def _split(value: str | None) -> list[str] | None:

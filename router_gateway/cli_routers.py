@@ -12,21 +12,14 @@ from typing import Optional
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from router_gateway.cli_common import console
+from router_gateway.cli_common import fail as _fail
 from router_gateway.settings import Settings
 
 routers_app = typer.Typer(help="Deploy, list and remove routers (model 'router:NAME', and 'auto').",
                           no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
-    raise typer.Exit(1)
 
 
 def _stores():

@@ -15,16 +15,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
+from router_gateway.cli_common import console
+from router_gateway.cli_common import fail as _fail
 
 
 def _prices(path: Optional[Path]) -> dict | None:
