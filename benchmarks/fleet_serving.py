@@ -65,17 +65,16 @@ def measure(specs: list, data_dir: Path) -> dict:
     launcher = WorkerLauncher(store, data_dir)
     try:
         started = time.perf_counter()
-        infos = launcher.up([s.name for s in specs if s.launch is not None], timeout_s=900, progress=True)
+        hosts = [s.name for s in specs if s.launch is not None]  # LoRA: one host serves every adapter
+        infos = launcher.up(hosts, timeout_s=900, progress=True)
         startup = time.perf_counter() - started
         time.sleep(3)  # let the engines settle before reading memory
         memory = rss_mb([i.pid for i in infos])
         url = {i.name: i.base_url for i in infos}
-        host = {s.name: s.launch and s.name for s in specs}
-        lora_host = next((s.name for s in specs if s.launch is not None), None)
         latency = {}
         with httpx.Client(timeout=300) as client:
             for s in specs:
-                base_url = url[host[s.name] or lora_host]
+                base_url = url[s.name if s.launch is not None else hosts[0]]
                 runs = []
                 for _ in range(3):
                     t = time.perf_counter()
