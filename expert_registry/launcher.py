@@ -1,4 +1,7 @@
-"""Start, watch and stop local vLLM workers for the experts that carry a ``launch`` block.
+"""Start, watch and stop the local workers of the experts that carry a ``launch`` block.
+
+Two engines: ``vllm`` (a vLLM OpenAI server per model) and ``collab`` (the collaboration
+worker, ``expert_registry.collab_worker``, hosting a group from its group file).
 
 Each worker is ``python -m vllm.entrypoints.openai.api_server`` in a session of its own
 (``start_new_session=True``), so it outlives the CLI that started it and can be stopped
@@ -40,6 +43,7 @@ from expert_registry.store import ExpertMissing, ExpertStore
 log = logging.getLogger(__name__)
 
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+COLLAB_ENTRYPOINT = "expert_registry.collab_worker"
 DEFAULT_CPU_KV_CACHE = "512M"
 _LOG_TAIL_LINES = 40
 
@@ -225,6 +229,10 @@ class WorkerLauncher:
         """The worker's command line (launch.args last, so they override our defaults)."""
         launch = spec.launch
         assert launch is not None
+        if launch.engine == "collab":
+            return [self.python, "-m", COLLAB_ENTRYPOINT, "--group", os.path.expanduser(launch.model_path),
+                    "--served-model-name", spec.served_model, "--host", "127.0.0.1", "--port", str(port),
+                    *launch.args]
         cmd = [self.python, "-m", VLLM_ENTRYPOINT, "--model", os.path.expanduser(launch.model_path)]
         cmd += ["--served-model-name", spec.served_model, "--host", "127.0.0.1", "--port", str(port)]
         if self.is_vllm_cpu():
@@ -243,7 +251,8 @@ class WorkerLauncher:
         env.setdefault("PYTHONUNBUFFERED", "1")  # the log tail must be current when we show it
         if Path(launch.model_path).expanduser().is_dir():
             env.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never wait on a hub
-        if self.is_vllm_cpu() and "VLLM_CPU_OMP_THREADS_BIND" not in {**os.environ, **launch.env}:
+        unbound = "VLLM_CPU_OMP_THREADS_BIND" not in {**os.environ, **launch.env}
+        if launch.engine == "vllm" and self.is_vllm_cpu() and unbound:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_binding(spec.name)
         env.update(launch.env)
         return env
@@ -283,7 +292,7 @@ class WorkerLauncher:
 
         deadline = time.monotonic() + timeout_s
         ready = []
-        with tqdm(total=len(pending), desc="starting vLLM workers", unit="worker", disable=not progress) as bar:
+        with tqdm(total=len(pending), desc="starting workers", unit="worker", disable=not progress) as bar:
             while pending:
                 for name, rec in list(pending.items()):
                     if not self._alive(rec["pid"]):

@@ -24,8 +24,10 @@ class LaunchSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    engine: Literal["vllm"] = "vllm"
-    model_path: str = Field(description="Local model folder (or hub id on a machine that can reach one)")
+    engine: Literal["vllm", "collab"] = Field(
+        default="vllm", description="vllm: a vLLM OpenAI server; collab: the collaboration worker")
+    model_path: str = Field(description="Local model folder (or hub id on a machine that can reach one); "
+                                        "for engine collab, the group file")
     port: int | None = Field(default=None, ge=1, le=65535, description="Fixed port; picked free when omitted")
     args: list[str] = Field(default_factory=list, description="Extra engine arguments")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the worker")

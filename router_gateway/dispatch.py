@@ -65,10 +65,12 @@ class Dispatcher:
 
     # --- resolving ---------------------------------------------------------------
     def available(self) -> str:
-        experts = ", ".join(sorted(self.view.experts)) or "none registered"
+        experts = ", ".join(sorted(n for n, s in self.view.experts.items() if s.backend != "collab"))
         names = self.routing.names() if self.routing is not None else []
         routers = ", ".join(f"router:{r}" for r in names) or "none deployed"
-        return f"experts: {experts}; routers: {routers}"
+        groups = sorted(f"collab:{n}" for n, s in self.view.experts.items() if s.backend == "collab")
+        return (f"experts: {experts or 'none registered'}; routers: {routers}"
+                + (f"; groups: {', '.join(groups)}" if groups else ""))
 
     async def route(self, target: ModelTarget, body: dict, endpoint: str, explain: bool = False) -> RouteDecision:
         """A ``router:``/``auto`` target: score the request and pick an expert (any other
@@ -98,6 +100,14 @@ class Dispatcher:
             raise ModelNotFound("'auto' needs a default router, and none is configured yet "
                                 "(`switchyard routers add NAME ... --default`). "
                                 f"Name an expert or a router instead. Available {self.available()}", param="model")
+        spec = self.view.experts.get(target.name)
+        if spec is not None and spec.backend == "collab":
+            bad = self.view.is_unhealthy(spec.name)
+            if bad is not None:
+                raise ExpertUnavailable(f"collaboration group '{spec.name}' is unhealthy "
+                                        f"({bad.error or 'failed its health check'}); try another model. "
+                                        f"Available {self.available()}")
+            return RouteDecision(target, spec, "collab")
         groups = sorted(n for n, s in self.view.experts.items() if s.backend == "collab")
         raise ModelNotFound(f"collaboration group '{target.name}' is not available "
                             f"(groups: {', '.join(groups) or 'none'}). Available {self.available()}",

