@@ -5,7 +5,8 @@ runs on every token (their caches stay current), the router sees their final hid
 states and returns, per sequence, the expert whose logits to use and its complementary
 logits (``z = z_chosen + z_router``); ``kernels.logit_fusion`` adds, tempers, filters
 and samples in one pass. Without a router the group's first expert decodes alone,
-which is how a one-expert group reproduces that expert's own greedy output.
+which is how a one-expert group reproduces that expert's own greedy output
+(``expert=i`` picks another member to decode alone).
 
 Anything with ``route(hidden [E, B, d]) -> Route`` is a router here
 (``logit.LogitRouter`` is the trained one). Latent fusion has its own loop
@@ -72,13 +73,15 @@ def sample(expert_logits: torch.Tensor, route: Route, params: SamplingParams,
 
 
 def generate(group: ExpertGroup, prompt_ids: list[int], params: SamplingParams,
-             router: TokenRouter | None = None) -> Iterator[Step]:
-    """Decode one sequence; yields each new token (the stop token included, then ends)."""
+             router: TokenRouter | None = None, *, expert: int = 0) -> Iterator[Step]:
+    """Decode one sequence; yields each new token (the stop token included, then ends).
+
+    Without a router, expert ``expert`` decodes alone (the others do not run)."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     gen = generator_for(params, group.device)
     cache = group.new_cache()
-    active = None if router is not None else [0]
+    active = None if router is not None else [expert]
     x = torch.tensor([prompt_ids], device=group.device)
     with torch.inference_mode():
         for _ in range(params.max_tokens):

@@ -210,6 +210,18 @@ class ExpertGroup(torch.nn.Module):
         norms = [self.norms[0 if self.shared_norm else e] for e in experts]
         return torch.stack([norm(s) for norm, s in zip(norms, states)])
 
+    def trunk_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T, d]``: what every expert holds after the shared layers (the first
+        expert's embeddings when nothing is shared); a query's common representation."""
+        positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+        h = self.embeds[0](ids)
+        if self.trunk_layers:
+            pe = self.rotary(h, positions)
+            for layer in self.trunk:
+                h = layer(h, attention_mask=None, position_ids=positions, past_key_values=None,
+                          position_embeddings=pe)
+        return h
+
     def logits(self, hidden: torch.Tensor, active: Sequence[int] | None = None) -> torch.Tensor:
         """``[E', ..., V]`` next-token logits from ``forward``'s states (same ``active``)."""
         experts = list(range(len(self.names))) if active is None else list(active)
