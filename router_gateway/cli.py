@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from router_gateway import cli_train
+from router_gateway.cli_collab import collab_app
 from router_gateway.cli_common import console
 from router_gateway.cli_common import fail as _fail
 from router_gateway.cli_fleet import fleet_app
@@ -27,12 +28,13 @@ from router_gateway.settings import Settings
 app = typer.Typer(help="Switchyard: a multi-LLM routing gateway with an OpenAI-compatible API.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 experts_app = typer.Typer(help="Register, list, remove and health-check expert models.", no_args_is_help=True)
-workers_app = typer.Typer(help="Start and stop local vLLM workers for experts with a launch block.",
+workers_app = typer.Typer(help="Start and stop the local workers (vLLM, collaboration) of experts with a launch block.",
                           no_args_is_help=True)
 app.add_typer(experts_app, name="experts")
 app.add_typer(workers_app, name="workers")
 app.add_typer(routers_app, name="routers")
 app.add_typer(fleet_app, name="fleet")
+app.add_typer(collab_app, name="collab")
 cli_train.register(app)
 
 

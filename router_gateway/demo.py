@@ -24,7 +24,10 @@ def start_demo(settings: Settings, console: Console, quick: bool = False):
 
     store = ExpertStore(open_redis(settings.redis_url, settings.data_dir))
     console.print(f"[bold]demo[/bold]: models under {settings.data_dir / 'models'} (built once, then cached)")
-    specs = fleet_expert_specs(settings.data_dir, quick=quick)
+    from expert_registry.fleet.collab_groups import group_specs
+
+    # Collaboration groups join once trained (`switchyard collab train logit|latent`).
+    specs = fleet_expert_specs(settings.data_dir, quick=quick) + group_specs(settings.data_dir, quick=quick)
     names = {s.name for s in specs}
     for old in store.list():
         if "demo" in old.tags and old.name not in names:
@@ -32,7 +35,7 @@ def start_demo(settings: Settings, console: Console, quick: bool = False):
     for spec in specs:
         store.put(spec)  # keep the demo entries current with the built models
     hosts = [s.name for s in specs if s.launch is not None]
-    console.print(f"[bold]demo[/bold]: starting the vLLM CPU worker serving {', '.join(s.name for s in specs)}")
+    console.print(f"[bold]demo[/bold]: starting the CPU workers serving {', '.join(s.name for s in specs)}")
     launcher = WorkerLauncher(store, settings.data_dir)
     try:
         launcher.up(hosts)
