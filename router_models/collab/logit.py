@@ -26,6 +26,9 @@ where the experts disagree, on sequences with reference answers (teacher forcing
    reference token on every position (the correction is learnt on top of the right
    expert, as it will be used). AdamW; a checkpoint after each epoch (weights and
    optimizer moments in safetensors) from which ``resume`` continues.
+3. *Calibration*: the share of the correction to apply (``delta_scale`` in 0..1) is the
+   one with the lowest reference-token loss on held-out examples; on the fleet the full
+   correction fitted the training answers but not held-out ones.
 
 The contrastive variant (after SCMoE) needs no training of its own: with
 ``contrastive_beta`` set, ``route`` also names the lowest-scored expert as the weak one,
@@ -51,6 +54,7 @@ from router_models.collab.group import ExpertGroup, GroupError, tokenizer_finger
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+DELTA_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 class RouterFileError(ValueError):
@@ -87,6 +91,7 @@ class LogitRouter(torch.nn.Module):
         self.width = width
         self.fingerprint = fingerprint
         self.contrastive_beta: float | None = None
+        self.delta_scale = 1.0  # chosen on held-out examples at the end of training
         E = len(self.names)
         self.body = torch.nn.Sequential(torch.nn.Linear(E * hidden_size, width), torch.nn.GELU())
         self.choice = torch.nn.Linear(width, E)
@@ -106,6 +111,7 @@ class LogitRouter(torch.nn.Module):
 
     def route(self, hidden: torch.Tensor, group: ExpertGroup) -> Route:
         choice_logits, delta = self(hidden)
+        delta = delta * self.delta_scale
         choice = choice_logits.argmax(dim=-1)
         W = group.head_weight(0) if group.shared_head else None
         if W is None:  # experts with their own output heads: the chosen expert's head
@@ -125,7 +131,8 @@ class LogitRouter(torch.nn.Module):
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
                   str(directory / "model.safetensors"))
         config = {"format_version": FORMAT_VERSION, "kind": "logit-addition-router", "experts": self.names,
-                  "hidden_size": self.hidden_size, "width": self.width, "tokenizer_fingerprint": self.fingerprint}
+                  "hidden_size": self.hidden_size, "width": self.width, "tokenizer_fingerprint": self.fingerprint,
+                  "delta_scale": self.delta_scale}
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
@@ -146,6 +153,7 @@ class LogitRouter(torch.nn.Module):
             raise RouterFileError(f"{directory} holds {config.get('kind')!r} format "
                                   f"{config.get('format_version')}, not a logit-addition router v{FORMAT_VERSION}")
         router = cls(config["experts"], config["hidden_size"], config["width"], config["tokenizer_fingerprint"])
+        router.delta_scale = float(config.get("delta_scale", 1.0))
         if group is not None:
             check_group(router.names, router.fingerprint, group, directory)
         try:
@@ -368,8 +376,9 @@ def train_logit_router(group: ExpertGroup, examples: Sequence[tuple[list[int], i
             state["epoch"] = epoch + 1
             _save_checkpoint(ckpt, router, opt, state)
     router.eval().requires_grad_(False)
-    router.save(out_dir / "router")
     report = _report(router, group, feats, best, disagree, fit_rows, held_rows, state, len(examples), n_held)
+    router.delta_scale = report["delta_scale"]
+    router.save(out_dir / "router")
     report["seconds"] = round(time.time() - started, 1)
     (out_dir / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return router
@@ -397,6 +406,10 @@ def _report(router, group, feats, best, disagree, fit_rows, held_rows, state, n_
         return round(float(F.cross_entropy(z.float(), target)), 4)
 
     fixed = {name: nll(h[:, e], torch.full_like(pick, e)) for e, name in enumerate(group.names)}
+    # How much of the correction to apply: the scale with the lowest held-out loss (the
+    # correction can overfit the training answers; 0 = per-token routing alone).
+    by_scale = {scale: nll(h[idx, pick], pick, delta * scale) for scale in DELTA_SCALES}
+    scale = min(by_scale, key=lambda k: (by_scale[k], -k))
     return {
         "examples": n_examples, "heldout_examples": n_held, "positions": len(feats["target"]),
         "disagreement_share": round(float(disagree.float().mean()), 4),
@@ -404,7 +417,8 @@ def _report(router, group, feats, best, disagree, fit_rows, held_rows, state, n_
         "epoch_losses": state["losses"],
         "heldout_choice_accuracy": round(float((pick[d] == best[rows][d]).float().mean()), 4) if d.any() else None,
         "heldout_majority_accuracy": round(float((best[rows][d] == majority).float().mean()), 4) if d.any() else None,
-        "heldout_nll": {"router_choice_plus_delta": nll(h[idx, pick], pick, delta),
+        "delta_scale": scale, "heldout_nll_by_delta_scale": {str(k): v for k, v in by_scale.items()},
+        "heldout_nll": {"router_choice_plus_delta": by_scale[scale],
                         "router_choice": nll(h[idx, pick], pick),
                         "best_fixed_expert": min(fixed.values()), "per_expert": fixed},
     }
