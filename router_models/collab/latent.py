@@ -28,7 +28,18 @@ router too. Training
 
 During training the primary is the example's lowest-loss expert (teacher-forced routing,
 so the interaction layers learn to help the expert that will be chosen once the router
-is right); its peers are the router's next choices.
+is right); its peers are the router's next choices. Batches mix examples of every
+primary (the load-balance term needs a mixed batch) and the group's ``active`` is one list
+per call, so a batch runs as one group call per primary present, each with that primary
+first and the union of its rows' peers (once the router has settled: K experts, not E);
+each row gets the fusion of its own peers. The experts are frozen and what comes before
+the first boundary holds no trainable parameter, so autograd records nothing there. The
+reference pass (each expert's answer loss, and the router's prompt features: the trunk
+is frozen, so a prompt's pooled trunk output never changes) runs once, without
+gradients, and is cached in ``out_dir``.
+
+A one-expert group (or ``top_k=1``) has no peers: ``generate`` is then the primary's own
+decoding, token for token.
 """
 
 from __future__ import annotations
@@ -76,6 +87,7 @@ class LatentFusionConfig:
     balance_weight: float = 0.01
     entropy_weight: float = 0.01
     heldout_share: float = 0.1
+    checkpoint_every: int = 50   # steps between checkpoints inside an epoch (0: at epoch ends only)
     seed: int = 0
 
     @classmethod
@@ -86,11 +98,22 @@ class LatentFusionConfig:
 
 def boundaries_for(group: ExpertGroup, stacks: int) -> list[int]:
     """Layer counts after which fusion happens: ``stacks`` even splits of the non-shared layers."""
+    if len(group.names) == 1:
+        return []            # nobody to fuse with: the module only routes (to its one expert)
     free = group.n_layers - group.trunk_layers
     if free < 1:
         raise GroupError("latent fusion needs experts that differ in at least one layer")
     q = max(1, min(stacks, free))
     return sorted({group.trunk_layers + round(free * (i + 1) / q) for i in range(q)})
+
+
+def prompt_features(group: ExpertGroup, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[B, d]``: the trunk's output (what every expert holds after the shared layers)
+    averaged over the first ``lengths[b]`` positions of each right-padded row, the prompt."""
+    width = int(lengths.max())
+    h = group.trunk_states(ids[:, :width])
+    mask = (torch.arange(width, device=ids.device)[None] < lengths[:, None]).to(h.dtype)
+    return (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)
 
 
 class _RMSNorm(torch.nn.Module):
@@ -138,10 +161,7 @@ class LatentFusion(torch.nn.Module):
     # -- routing -----------------------------------------------------------------------------
     def route_logits(self, group: ExpertGroup, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Router logits ``[B, E]`` from the trunk output averaged over each prompt's positions."""
-        h = group.trunk_states(ids)
-        mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).to(h.dtype)
-        pooled = (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)
-        return self.router(pooled.to(self.router[1].weight.dtype))
+        return self.router(prompt_features(group, ids, lengths).to(self.router[1].weight.dtype))
 
     def select(self, group: ExpertGroup, prompt_ids: list[int]) -> tuple[int, list[int]]:
         """(primary, peers) for one prompt: the router's top-K, best first."""
@@ -170,9 +190,10 @@ class LatentFusion(torch.nn.Module):
         """What to add to the primary's stream after stack ``stage``.
 
         ``q_in [B, T, d]``: the primary's states; ``peers [B, P, T, s]``: the peers'
-        projections (``project``); ``gates [B, P]``; ``past``: peer keys/values
-        ``[B, P, H, S, D]`` cached by earlier calls (decoding: the new position attends to
-        all of them, every one <= t). Returns (addition ``[B, T, d]``, keys/values to cache).
+        projections (``project``) at the same positions; ``gates [B, P]``; ``past``: peer
+        keys/values ``[B, P, H, S, D]`` cached by earlier calls for the positions before
+        these ``T``. Query ``t`` sees every peer's positions ``<= t`` in one softmax. Returns
+        (addition ``[B, T, d]``, the keys/values to cache: past and new).
         """
         q = self._heads(self.wq[stage](self.project(stage, primary, q_in)))            # [B, H, T, D]
         k = self._heads(self.wk[stage](peers))                                          # [B, P, H, T, D]
@@ -180,17 +201,23 @@ class LatentFusion(torch.nn.Module):
         if past is None:
             out = latent_fusion(q, k, v)                                                # causal, same T
         else:
+            before, T = past[0].shape[3], q.shape[2]
             k, v = torch.cat([past[0], k], dim=3), torch.cat([past[1], v], dim=3)
             B, P, H, S, D = k.shape
+            # One new position (decoding) sees every cached one; a chunk of several needs the
+            # causal mask, offset by the cached length, repeated for each peer's block of keys.
+            mask = None if T == 1 else (torch.arange(S, device=q.device)[None]
+                                        <= torch.arange(T, device=q.device)[:, None] + before).repeat(1, P)
             out = F.scaled_dot_product_attention(q, k.permute(0, 2, 1, 3, 4).reshape(B, H, P * S, D),
-                                                 v.permute(0, 2, 1, 3, 4).reshape(B, H, P * S, D))
+                                                 v.permute(0, 2, 1, 3, 4).reshape(B, H, P * S, D), attn_mask=mask)
         return self.back[stage][primary](out.transpose(1, 2).flatten(-2)), (k, v)
 
     # -- decoding ----------------------------------------------------------------------------
-    def generate(self, group: ExpertGroup, prompt_ids: list[int], params: SamplingParams) -> Iterator[Step]:
-        """Decode one sequence with the router's primary, fused with its peers."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
+    def session(self, group: ExpertGroup, prompt_ids: list[int]):
+        """Route ``prompt_ids`` and open an incremental decoder for it: returns ``(primary,
+        peers, feed)``; ``feed(ids [1, T], last_only=True)`` runs the next ``T`` tokens (the
+        prompt first) through the group's cache and the peers' cached keys/values, and
+        returns the fused primary's logits ``[T, V]`` (``[1, V]``: the last position)."""
         primary, peers, gates = self._plan(group, prompt_ids)
         active = [primary, *peers]
         cache = group.new_cache()
@@ -201,14 +228,25 @@ class LatentFusion(torch.nn.Module):
             add, peer_kv[stage] = self.attend(stage, primary, h[0], proj, gates, peer_kv.get(stage))
             return torch.cat([(h[0] + add.to(h.dtype))[None], h[1:]])
 
+        def feed(ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+            hidden = group(ids, cache, active=active, boundaries=self.boundaries if peers else (),
+                           fuse=fuse if peers else None)[:1]                           # [1, 1, T, d]
+            return group.logits(hidden[:, :, -1:] if last_only else hidden, [primary])[0, 0]
+
+        return primary, peers, feed
+
+    def generate(self, group: ExpertGroup, prompt_ids: list[int], params: SamplingParams) -> Iterator[Step]:
+        """Decode one sequence with the router's primary, fused with its peers; yields each
+        new token (the stop token included, then ends)."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        primary, _, feed = self.session(group, prompt_ids)
         gen = generator_for(params, group.device)
         x = torch.tensor([prompt_ids], device=group.device)
         zero = torch.zeros(1, dtype=torch.long, device=group.device)
         with torch.inference_mode():
             for _ in range(params.max_tokens):
-                hidden = group(x, cache, active=active, boundaries=self.boundaries if peers else (),
-                               fuse=fuse if peers else None)[:1, :, -1]               # [1, 1, d]
-                tokens, logprobs = sample(group.logits(hidden, [primary]), Route(zero), params, gen)
+                tokens, logprobs = sample(feed(x)[None], Route(zero), params, gen)    # [E=1, B=1, V]
                 token = int(tokens[0])
                 yield Step(token, float(logprobs[0]), primary)
                 if token in params.stop_ids:
@@ -251,7 +289,7 @@ class LatentFusion(torch.nn.Module):
             raise RouterFileError(f"{directory}: config.json is inconsistent: {exc}") from None
         if group is not None:
             check_group(model.names, model.fingerprint, group, directory)
-            if max(model.boundaries) > group.n_layers or min(model.boundaries) < group.trunk_layers:
+            if any(not group.trunk_layers <= b <= group.n_layers for b in model.boundaries):
                 raise RouterFileError(f"{directory}: fusion boundaries {model.boundaries} do not fit the group")
         try:
             model.load_state_dict(state)
@@ -263,18 +301,18 @@ class LatentFusion(torch.nn.Module):
 # -- training ----------------------------------------------------------------------------------
 def _answer_losses(group: ExpertGroup, hidden: torch.Tensor, ids: torch.Tensor,
                    starts: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean answer-token CE per example: ``hidden [B, T, d]`` of the expert(s) ``rows [B]``."""
+    """Mean answer-token CE per example: ``hidden [B, T, d]`` of the expert(s) ``rows [B]``.
+    The output head (V x d, as costly as ~8 of SmolLM2's layers) runs on answer positions only."""
     T = ids.shape[1]
     pos = torch.arange(T - 1, device=ids.device)[None]
-    keep = (pos >= (starts - 1)[:, None]) & (pos < (lengths - 1)[:, None])
+    keep = (pos >= (starts - 1)[:, None]) & (pos < (lengths - 1)[:, None])     # predicts an answer token
     out = torch.zeros(len(ids), device=ids.device)
     for e in rows.unique().tolist():
         sel = (rows == e).nonzero().squeeze(1)
-        z = group.logits(hidden[sel][:, :-1], [e] if not group.shared_head else None)
-        z = z[0] if z.dim() == 4 else z
-        ce = F.cross_entropy(z.float().flatten(0, 1), ids[sel, 1:].flatten(), reduction="none").view(len(sel), -1)
-        m = keep[sel].float()
-        out[sel] = (ce * m).sum(1) / m.sum(1)
+        r, c = keep[sel].nonzero(as_tuple=True)
+        z = group.logits(hidden[sel[r], c][None], [e])[0]                           # [M, V]
+        ce = F.cross_entropy(z.float(), ids[sel[r], c + 1], reduction="none")
+        out[sel] = torch.zeros(len(sel), device=ids.device).index_add(0, r, ce) / keep[sel].sum(1)
     return out
 
 
@@ -287,57 +325,74 @@ def _batch(examples, idx, pad, device):
 
 
 @torch.no_grad()
-def _expert_losses(group, examples, out_dir: Path, batch_size: int, progress: bool) -> torch.Tensor:
-    """``[N, E]`` answer loss of every expert alone on every example (cached in out_dir)."""
+def _reference_pass(group, examples, out_dir: Path, batch_size: int, progress: bool):
+    """``[N, E]`` answer loss of every expert alone on every example and ``[N, d]`` prompt
+    features for the router; both fixed (the experts are frozen), so computed once and
+    cached in ``out_dir/reference.safetensors`` (keyed by the experts and the examples)."""
+    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    path = out_dir / "expert_losses.json"
-    key = {"experts": group.names, "examples": _examples_hash(examples)}
+    path = out_dir / "reference.safetensors"
+    key = json.dumps({"experts": group.names, "examples": _examples_hash(examples)})
     try:
-        cached = json.loads(path.read_text())
-        if cached["key"] == key:
-            return torch.tensor(cached["losses"])
-    except (OSError, ValueError, KeyError):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                cached = load_file(str(path))
+                return cached["losses"], cached["features"]
+    except Exception:  # noqa: BLE001 - none yet, or cut short: compute it again
         pass
     pad = group.tokenizer.pad_token_id or 0
-    rows = []
-    for i in tqdm(range(0, len(examples), batch_size), desc="latent fusion: expert losses", unit="batch",
+    losses, feats = [], []
+    for i in tqdm(range(0, len(examples), batch_size), desc="latent fusion: reference pass", unit="batch",
                   disable=not progress):
         ids, starts, lengths = _batch(examples, range(i, min(i + batch_size, len(examples))), pad, group.device)
         hidden = group(ids)
-        rows.append(torch.stack([_answer_losses(group, hidden[e], ids, starts, lengths,
-                                                torch.full((len(ids),), e, device=ids.device))
-                                 for e in range(len(group.names))], 1).cpu())
-    losses = torch.cat(rows)
+        losses.append(torch.stack([_answer_losses(group, hidden[e], ids, starts, lengths,
+                                                  torch.full((len(ids),), e, device=ids.device))
+                                   for e in range(len(group.names))], 1).cpu())
+        feats.append(prompt_features(group, ids, starts).float().cpu())
+    out = {"losses": torch.cat(losses).contiguous(), "features": torch.cat(feats).contiguous()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "losses": losses.tolist()}) + "\n")
-    return losses
+    save_file(out, str(path), metadata={"key": key})
+    return out["losses"], out["features"]
 
 
 def _fused_forward(model: LatentFusion, group: ExpertGroup, ids, primaries: torch.Tensor, peers: torch.Tensor,
                    gates: torch.Tensor) -> torch.Tensor:
-    """Every expert runs; at each boundary each example's primary row gets its fusion. Returns
-    the primaries' final states ``[B, T, d]``."""
-    B = len(ids)
-    rows = torch.arange(B, device=ids.device)
+    """The primaries' final states ``[B, T, d]``, each fused with its own peers ``peers [B, K-1]``
+    (gates ``[B, K-1]``). One group call per primary in the batch, running that primary and
+    the peers its rows use: every row runs the trunk once and only the experts it needs
+    (K of E once the router has settled). Autograd records nothing before the first
+    boundary; after it, ``ExpertGroup.forward`` re-stacks the states, so the peers' later
+    layers are recorded too and backward runs through them (gradient that ends nowhere)."""
+    parts, where = [], []
+    for p in primaries.unique().tolist():
+        sel = (primaries == p).nonzero().squeeze(1)
+        parts.append(_fused_primary(model, group, ids[sel], p, peers[sel], gates[sel]))
+        where.append(sel)
+    return torch.cat(parts)[torch.cat(where).argsort()]                # back in batch order
 
-    def fuse(stage: int, h: torch.Tensor) -> torch.Tensor:   # h: [E, B, T, d]
-        # Each row's peers are its own experts: project per (peer slot, expert) block of rows.
-        proj = torch.empty(B, peers.shape[1], ids.shape[1], model.config.shared_width, device=ids.device,
+
+def _fused_primary(model: LatentFusion, group: ExpertGroup, ids, primary: int, peers: torch.Tensor,
+                   gates: torch.Tensor) -> torch.Tensor:
+    """``ids [n, T]`` that share ``primary``; row ``b``'s peers ``peers[b]``. -> ``[n, T, d]``."""
+    used = sorted(set(peers.flatten().tolist()) - {primary})
+    active = [primary, *used]
+    slot = {e: i for i, e in enumerate(active)}
+
+    def fuse(stage: int, h: torch.Tensor) -> torch.Tensor:   # h: [len(active), n, T, d]
+        proj = torch.empty(len(ids), peers.shape[1], ids.shape[1], model.config.shared_width, device=ids.device,
                            dtype=model.wq[0].weight.dtype)
         for j in range(peers.shape[1]):
             for e in peers[:, j].unique().tolist():
                 sel = (peers[:, j] == e).nonzero().squeeze(1)
-                proj[sel, j] = model.project(stage, e, h[e, sel])
-        h = h.clone()
-        for p in primaries.unique().tolist():
-            sel = (primaries == p).nonzero().squeeze(1)
-            add, _ = model.attend(stage, p, h[p, sel], proj[sel], gates[sel])
-            h[p, sel] = h[p, sel] + add.to(h.dtype)
-        return h
+                proj[sel, j] = model.project(stage, e, h[slot[e], sel])
+        add, _ = model.attend(stage, primary, h[0], proj, gates)
+        return torch.cat([(h[0] + add.to(h.dtype))[None], h[1:]])
 
-    hidden = group(ids, boundaries=model.boundaries, fuse=fuse)
-    return hidden[primaries, rows]
+    return group(ids, active=active, boundaries=model.boundaries, fuse=fuse)[0]
 
 
 def _router_terms(logits: torch.Tensor, target: torch.Tensor):
@@ -360,12 +415,29 @@ def _choose_peers(logits: torch.Tensor, primaries: torch.Tensor, k: int) -> tupl
     return peers, gates
 
 
+def _train_step(model, group, opt, batch, features, primaries, k, config) -> tuple[float, float, float]:
+    """One AdamW step on a batch ``(ids, starts, lengths)``; returns (loss, answer loss, router CE)."""
+    ids, starts, lengths = batch
+    logits = model.router(features)
+    peers, gates = _choose_peers(logits, primaries, k)
+    hidden = _fused_forward(model, group, ids, primaries, peers, gates)
+    lm = _answer_losses(group, hidden, ids, starts, lengths, primaries).mean()
+    ce, balance, entropy = _router_terms(logits, primaries)
+    loss = lm + config.router_weight * ce + config.balance_weight * balance + config.entropy_weight * entropy
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), float(lm.detach()), float(ce.detach())
+
+
 def train_latent_fusion(group: ExpertGroup, examples: Sequence[tuple[list[int], int]], out_dir: str | Path, *,
                         config: LatentFusionConfig = LatentFusionConfig(), progress: bool = True,
                         resume: bool = True) -> LatentFusion:
     """Train the router and interaction layers on ``examples`` (token ids, answer start); see module doc.
 
-    Writes ``out_dir/{expert_losses.json,checkpoint,model}`` and ``out_dir/train_report.json``.
+    Writes ``out_dir/{reference.safetensors,checkpoint/,model/,train_report.json}``; with
+    ``resume`` a checkpoint made with the same settings and examples is continued (from
+    the step it was written at), anything else starts over.
     """
     from tqdm.auto import tqdm
 
@@ -377,61 +449,63 @@ def train_latent_fusion(group: ExpertGroup, examples: Sequence[tuple[list[int], 
     out_dir = Path(out_dir)
     started = time.time()
     torch.manual_seed(config.seed)
-    losses = _expert_losses(group, examples, out_dir, config.batch_size, progress)
+    losses, features = _reference_pass(group, examples, out_dir, config.batch_size, progress)
+    reference_s = time.time() - started
     target = losses.argmin(1)
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
     n_held = max(1, round(len(examples) * config.heldout_share))
     held, fit = order[:n_held], order[n_held:] or order[:1]
-    model = LatentFusion.for_group(group, config)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    ckpt = out_dir / "checkpoint"
-    state = _load_checkpoint(ckpt, model, opt) if resume else None
-    if state is not None and state.get("config") != asdict(config):
-        log.info("checkpoint in %s was made with other settings; starting over", ckpt)
-        model = LatentFusion.for_group(group, config)
-        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        state = None
-    state = state or {"epoch": 0, "losses": [], "config": asdict(config)}
-    pad = group.tokenizer.pad_token_id or 0
-    k = min(config.top_k, len(group.names))
+    model, opt, state = _start(group, config, out_dir / "checkpoint", _examples_hash(examples), resume)
+    pad, k = group.tokenizer.pad_token_id or 0, min(config.top_k, len(group.names))
     by_len = sorted(fit, key=lambda i: len(examples[i][0]))
     batches = [by_len[i:i + config.batch_size] for i in range(0, len(by_len), config.batch_size)]
-    with tqdm(total=config.epochs * len(batches), initial=state["epoch"] * len(batches),
+    with tqdm(total=config.epochs * len(batches), initial=state["epoch"] * len(batches) + state["step"],
               desc="latent fusion: training", unit="step", disable=not progress) as bar:
         for epoch in range(state["epoch"], config.epochs):
-            random.Random(config.seed * 1000 + epoch).shuffle(batches)
+            shuffled = list(batches)
+            random.Random(config.seed * 1000 + epoch).shuffle(shuffled)  # the same order when resumed
             model.train()
-            total, n = 0.0, 0
-            for idx in batches:
-                ids, starts, lengths = _batch(examples, idx, pad, group.device)
-                logits = model.route_logits(group, ids, starts)
-                primaries = target[idx].to(group.device)
-                peers, gates = _choose_peers(logits, primaries, k)
-                hidden = _fused_forward(model, group, ids, primaries, peers, gates)
-                lm = _answer_losses(group, hidden, ids, starts, lengths, primaries).mean()
-                ce, balance, entropy = _router_terms(logits, primaries)
-                loss = lm + config.router_weight * ce + config.balance_weight * balance \
-                    + config.entropy_weight * entropy
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, n = total + float(loss.detach()) * len(idx), n + len(idx)
-                bar.set_postfix_str(f"lm {float(lm.detach()):.3f} router {float(ce.detach()):.3f}")
+            for step in range(state["step"], len(shuffled)):
+                idx = shuffled[step]
+                loss, lm, ce = _train_step(model, group, opt, _batch(examples, idx, pad, group.device),
+                                           features[idx].to(group.device), target[idx].to(group.device), k, config)
+                state.update(step=step + 1, total=state["total"] + loss * len(idx), n=state["n"] + len(idx))
+                bar.set_postfix_str(f"lm {lm:.3f} router {ce:.3f}")
                 bar.update()
-            state["losses"].append(round(total / max(n, 1), 4))
-            state["epoch"] = epoch + 1
-            _save_checkpoint(ckpt, model, opt, state)
+                if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < len(shuffled):
+                    _save_checkpoint(out_dir / "checkpoint", model, opt, state)
+            state["losses"].append(round(state["total"] / max(state["n"], 1), 4))
+            state.update(epoch=epoch + 1, step=0, total=0.0, n=0)
+            _save_checkpoint(out_dir / "checkpoint", model, opt, state)
     model.eval().requires_grad_(False)
     model.save(out_dir / "model")
-    report = _report(model, group, examples, held, losses, target, k, state)
-    report.update(examples=len(examples), heldout_examples=len(held), seconds=round(time.time() - started, 1))
+    report = _report(model, group, examples, held, losses, features, target, k, state)
+    report.update(examples=len(examples), heldout_examples=len(held), steps_per_epoch=len(batches),
+                  seconds=round(time.time() - started, 1), seconds_reference_pass=round(reference_s, 1))
     (out_dir / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return model
 
 
+def _start(group, config, ckpt: Path, examples_hash: str, resume: bool):
+    """A fresh module and optimizer, or the checkpoint's when it was made with the same
+    settings and examples. Returns (model, optimizer, progress state)."""
+    key = {"config": asdict(config), "examples": examples_hash}
+    model = LatentFusion.for_group(group, config)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    state = _load_checkpoint(ckpt, model, opt) if resume else None
+    if state is not None and state.get("key") == key:
+        log.info("latent fusion: resuming from %s (epoch %d, step %d)", ckpt, state["epoch"], state["step"])
+        return model, opt, state
+    if state is not None:
+        log.info("checkpoint in %s was made with other settings or examples; starting over", ckpt)
+        model = LatentFusion.for_group(group, config)
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return model, opt, {"key": key, "epoch": 0, "step": 0, "total": 0.0, "n": 0, "losses": []}
+
+
 @torch.no_grad()
-def _report(model, group, examples, held, losses, target, k, state) -> dict:
+def _report(model, group, examples, held, losses, features, target, k, state) -> dict:
     """Held-out: router accuracy against the lowest-loss expert, and the answer loss of
     the router's primary alone vs fused with its peers."""
     pad = group.tokenizer.pad_token_id or 0
@@ -439,7 +513,7 @@ def _report(model, group, examples, held, losses, target, k, state) -> dict:
     for i in range(0, len(held), model.config.batch_size):
         idx = held[i:i + model.config.batch_size]
         ids, starts, lengths = _batch(examples, idx, pad, group.device)
-        logits = model.route_logits(group, ids, starts)
+        logits = model.router(features[idx].to(group.device))
         primaries = logits.argmax(-1)
         peers, gates = _choose_peers(logits, primaries, k)
         hidden = _fused_forward(model, group, ids, primaries, peers, gates)
