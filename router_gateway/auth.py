@@ -1,12 +1,30 @@
-"""Bearer-key checks for client and admin endpoints (per-key policy arrives with the keys issue)."""
+"""Who is calling: bearer keys for client and admin endpoints.
+
+Client endpoints are open until a client key exists: one configured in
+``SWITCHYARD_API_KEYS``, or any key ever created with ``switchyard keys create`` /
+``POST /v1/keys`` (revoking them all does not reopen the gateway). From then on every
+call needs a key: the admin key or a configured key (no limits), or a managed key, whose
+policy (allowed models, budget, rate limits; ``router_gateway.keys``) applies.
+
+Managed keys are cached per process and reloaded when the store's key version moves
+(polled every ``registry_refresh_s``); a key created in another process is found on its
+first use, a revocation reaches every process within one refresh (at once in the
+process that revoked it).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 
+import anyio
 from starlette.requests import Request
 
 from router_gateway.errors import AuthError, PermissionDenied
+from router_gateway.keys import KeyRecord, KeyStore, hash_secret
+
+log = logging.getLogger(__name__)
 
 
 def bearer(request: Request) -> str | None:
@@ -19,23 +37,76 @@ def bearer(request: Request) -> str | None:
     return token.strip()
 
 
+class KeyCache:
+    """The managed keys by secret hash, as of the store's last key version."""
+
+    def __init__(self, store: KeyStore, refresh_s: float = 1.0):
+        self.store = store
+        self.refresh_s = refresh_s
+        self.by_hash: dict[str, KeyRecord] = {}
+        self.version = -1
+
+    @property
+    def any_created(self) -> bool:
+        return self.version > 0
+
+    def _load(self) -> None:
+        version = self.store.version()
+        if version != self.version:
+            self.by_hash = {r.hash: r for r in self.store.list()}
+            self.version = version
+
+    async def refresh(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self._load)
+        except Exception as exc:  # keep the last good keys while Redis hiccups
+            log.warning("key refresh failed, keeping the last keys: %s", exc)
+
+    async def run(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.refresh_s)
+
+    async def lookup(self, token: str) -> KeyRecord | None:
+        digest = hash_secret(token)
+        rec = self.by_hash.get(digest)
+        if rec is None:  # maybe created elsewhere since the last refresh
+            rec = await anyio.to_thread.run_sync(self.store.by_hash, digest)
+            if rec is not None:
+                self.by_hash[digest] = rec
+                self.version = max(self.version, 1)
+        return rec
+
+
 class KeyChecker:
-    def __init__(self, admin_key: str, client_keys: list[str]):
+    def __init__(self, admin_key: str, client_keys: list[str], managed: KeyCache | None = None):
         self.admin_key = admin_key
         self.client_keys = frozenset(client_keys)
+        self.managed = managed
 
     def _is_admin(self, token: str) -> bool:
         return hmac.compare_digest(token.encode(), self.admin_key.encode())
 
-    def client(self, request: Request) -> None:
-        """Client endpoints: open when no client keys are configured, else a known key (or admin)."""
-        if not self.client_keys:
-            return
+    @property
+    def open(self) -> bool:
+        return not self.client_keys and (self.managed is None or not self.managed.any_created)
+
+    async def client(self, request: Request) -> KeyRecord | None:
+        """Client endpoints: the managed key's record when one is used (its policy applies),
+        None for an open gateway, the admin key or a configured key; else 401."""
+        if self.open:
+            return None
         token = bearer(request)
         if token is None:
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
-        if token not in self.client_keys and not self._is_admin(token):
+        if token in self.client_keys or self._is_admin(token):
+            return None
+        rec = await self.managed.lookup(token) if self.managed is not None else None
+        if rec is None:
             raise AuthError("invalid API key")
+        if rec.revoked_at is not None:
+            raise AuthError(f"API key '{rec.name}' has been revoked", code="revoked_api_key")
+        return rec
 
     def admin(self, request: Request) -> None:
         token = bearer(request)
@@ -44,6 +115,6 @@ class KeyChecker:
                             code="missing_api_key")
         if self._is_admin(token):
             return
-        if token in self.client_keys:
+        if token in self.client_keys or (self.managed is not None and hash_secret(token) in self.managed.by_hash):
             raise PermissionDenied("this endpoint needs the admin key, not a client key")
         raise AuthError("invalid admin key")

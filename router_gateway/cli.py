@@ -22,6 +22,7 @@ from router_gateway.cli_collab import collab_app
 from router_gateway.cli_common import console
 from router_gateway.cli_common import fail as _fail
 from router_gateway.cli_fleet import fleet_app
+from router_gateway.cli_keys import keys_app
 from router_gateway.cli_routers import routers_app
 from router_gateway.settings import Settings
 
@@ -35,6 +36,7 @@ app.add_typer(workers_app, name="workers")
 app.add_typer(routers_app, name="routers")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(collab_app, name="collab")
+app.add_typer(keys_app, name="keys")
 cli_train.register(app)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import orjson
 from starlette.responses import Response, StreamingResponse
@@ -34,6 +34,7 @@ from router_gateway.errors import (
     error_body,
     sse_error_frame,
 )
+from router_gateway.keys import decode_usage, usage_from
 from router_gateway.model_string import ModelTarget
 from router_gateway.registry_view import RegistryView
 from router_gateway.sse import reframe
@@ -42,6 +43,10 @@ if TYPE_CHECKING:  # routing imports RouteDecision from here
     from router_gateway.routing import RoutingTable
 
 log = logging.getLogger(__name__)
+
+Meter = Callable[[ExpertSpec, "tuple[int, int] | None"], None]
+"""Called once an answer is complete with the expert and its (prompt, completion) tokens
+as the upstream reported them (None: not reported); books usage against the caller's key."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,9 @@ class Dispatcher:
 
     # --- calling -----------------------------------------------------------------
     async def handle(self, endpoint: str, body: dict, decision: RouteDecision, request_id: str,
-                     t0: float) -> Response:
+                     t0: float, meter: Meter | None = None) -> Response:
+        """Call the decided expert and answer. With a ``meter``, a stream asks the upstream
+        for its usage chunk (and drops it again when the client did not ask for it)."""
         spec = decision.expert
         headers = {"x-switchyard-expert": spec.name, "x-switchyard-router": decision.router,
                    "x-request-id": request_id}
@@ -140,12 +147,13 @@ class Dispatcher:
         t_up = time.perf_counter()
         try:
             if body.get("stream") is True:
+                hide_usage = meter is not None and _ask_for_usage(body)
                 stream = await upstream.open_stream(spec, endpoint, body, request_id)
                 up_s = time.perf_counter() - t_up
                 if stream.status == 200:
                     headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
-                    return StreamingResponse(self._relay(stream, rewrite, spec), media_type="text/event-stream",
-                                             headers=headers)
+                    return StreamingResponse(self._relay(stream, rewrite, spec, meter, hide_usage),
+                                             media_type="text/event-stream", headers=headers)
                 status, content = stream.status, await stream.read_all()
             else:
                 status, content = await upstream.send(spec, endpoint, body, request_id)
@@ -155,12 +163,24 @@ class Dispatcher:
         except UpstreamFailure as exc:
             raise UpstreamError(str(exc)) from exc
         content = _answer_or_raise(spec, status, content, rewrite)
+        if meter is not None and status < 400:
+            meter(spec, decode_usage(content))
         headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
         return Response(content, status_code=status, media_type="application/json", headers=headers)
 
-    async def _relay(self, stream: UpstreamStream, rewrite: str | None, spec: ExpertSpec) -> AsyncIterator[bytes]:
+    async def _relay(self, stream: UpstreamStream, rewrite: str | None, spec: ExpertSpec,
+                     meter: Meter | None = None, hide_usage: bool = False) -> AsyncIterator[bytes]:
+        seen: list[tuple[int, int]] = []
+
+        def inspect(obj: Any) -> bool:
+            usage = usage_from(obj)
+            if usage is None:
+                return True
+            seen.append(usage)
+            return not (hide_usage and not obj.get("choices"))   # the usage-only chunk we asked for
+
         try:
-            async for frame in reframe(stream.chunks, rewrite):
+            async for frame in reframe(stream.chunks, rewrite, inspect if meter is not None else None):
                 yield frame
         except UpstreamFailure as exc:
             log.warning("stream from expert %s broke: %s", spec.name, exc)
@@ -168,6 +188,18 @@ class Dispatcher:
             yield sse_error_frame(err)
         finally:
             await stream.aclose()
+            if meter is not None:
+                meter(spec, seen[-1] if seen else None)
+
+
+def _ask_for_usage(body: dict) -> bool:
+    """Make a streamed request include the upstream's usage chunk; True when the client
+    had not asked for it (so the relay drops it again)."""
+    opts = body.get("stream_options")
+    if isinstance(opts, dict) and opts.get("include_usage") is True:
+        return False
+    body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+    return True
 
 
 def _ms(seconds: float) -> str:

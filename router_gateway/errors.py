@@ -3,13 +3,13 @@
     GatewayError                      (500, never raised for client input)
     ├── InvalidRequest                400  bad JSON, wrong types, bad model string
     ├── AuthError                     401  missing / invalid key
-    ├── PermissionDenied              403  a client key on an admin endpoint
+    ├── PermissionDenied              403  a client key on an admin endpoint, a model the key may not use
     ├── ModelNotFound                 404  unknown expert, router or group
     ├── NotFound                      404  unknown route or record
     ├── Conflict                      409  expert already exists
     ├── PayloadTooLarge               413  body over the configured limit
-    ├── RateLimited                   429  (keys and limits issue)
-    ├── BudgetExceeded                402  (keys and limits issue)
+    ├── RateLimited                   429  over a key's requests or tokens per minute (Retry-After)
+    ├── BudgetExceeded                402  a key's budget for the period is spent
     ├── ExpertUnavailable             503  the expert is known to be down
     ├── UpstreamError                 502  connect error / 5xx / garbage from the upstream
     └── UpstreamTimeout               504  the upstream did not answer in time

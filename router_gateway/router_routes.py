@@ -108,7 +108,7 @@ async def delete_router(name: str, request: Request) -> Response:
 @router.post("/v1/route", tags=["openai"])
 async def explain_route(request: Request) -> Response:
     """The routing decision for a chat or completions body, without calling any expert."""
-    request.app.state.keys.client(request)
+    key = await request.app.state.keys.client(request)
     body = await read_json(request, request.app.state.settings.max_body_bytes)
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
@@ -119,6 +119,8 @@ async def explain_route(request: Request) -> Response:
     else:
         raise InvalidRequest("the body needs 'messages' (a chat completion) or 'prompt' (a completion)")
     validate_body(wire, body)
+    if key is not None:
+        key.check_model(body["model"])
     target = parse_model(body["model"])
     if target.kind not in ("router", "auto"):
         raise InvalidRequest("/v1/route explains routers: 'model' must be 'router:NAME' or 'auto'", param="model")

@@ -9,7 +9,7 @@ blank line (``\\n\\n``, ``\\r\\n\\r\\n`` or ``\\r\\r``) ends an event.
 from __future__ import annotations
 
 import re
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import orjson
 
@@ -56,31 +56,39 @@ def encode_data(payload: bytes) -> bytes:
     return b"".join(b"data: " + line + b"\n" for line in payload.split(b"\n")) + b"\n"
 
 
-def rewrite_event(event: bytes, model: str | None) -> bytes:
-    """Re-frame one upstream event, replacing the JSON payload's ``model`` when given."""
+def rewrite_event(event: bytes, model: str | None, inspect: Callable[[Any], bool] | None = None) -> bytes:
+    """Re-frame one upstream event, replacing the JSON payload's ``model`` when given.
+    ``inspect`` sees every decoded JSON payload and returns False to drop its event."""
     data = event_data(event)
     if data is None:
         return event + b"\n\n"  # comments / keep-alives pass through as they came
-    if model is None or data == DONE:
+    if (model is None and inspect is None) or data == DONE:
         return encode_data(data)
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         return encode_data(data)
-    if isinstance(obj, dict) and "model" in obj:
+    if inspect is not None and not inspect(obj):
+        return b""
+    if model is not None and isinstance(obj, dict) and "model" in obj:
         obj["model"] = model
         data = orjson.dumps(obj)
     return encode_data(data)
 
 
-async def reframe(chunks: AsyncIterator[bytes], model: str | None) -> AsyncIterator[bytes]:
-    """Turn an upstream byte stream into re-framed SSE events, one ``bytes`` per network write."""
+async def reframe(chunks: AsyncIterator[bytes], model: str | None,
+                  inspect: Callable[[Any], bool] | None = None) -> AsyncIterator[bytes]:
+    """Turn an upstream byte stream into re-framed SSE events, one ``bytes`` per network write
+    (see ``rewrite_event`` for ``inspect``)."""
     splitter = SSESplitter()
     async for chunk in chunks:
         events = splitter.feed(chunk)
         if events:
-            yield b"".join(rewrite_event(e, model) for e in events)
+            out = b"".join(rewrite_event(e, model, inspect) for e in events)
+            if out:
+                yield out
     tail = splitter.flush()
     if tail is not None:
-        yield rewrite_event(tail, model)
-
+        out = rewrite_event(tail, model, inspect)
+        if out:
+            yield out

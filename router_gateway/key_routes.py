@@ -1,0 +1,107 @@
+"""``/v1/keys``: create, list, show, change and revoke API keys (admin key required).
+
+``POST /v1/keys`` answers the new secret once, in ``key``; nothing else ever shows it.
+``DELETE`` revokes: the record and its spend stay, listed with ``revoked_at``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from router_gateway.app_helpers import read_json
+from router_gateway.errors import InvalidRequest, NotFound
+from router_gateway.keys import KeyMissing, KeyPolicy, KeyRecord, KeyStore
+from router_gateway.protocol import invalid_from_validation
+
+router = APIRouter(prefix="/v1/keys", tags=["keys"])
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
+
+
+async def _admin(request: Request) -> KeyStore:
+    request.app.state.keys.admin(request)
+    return request.app.state.key_store
+
+
+async def _body(request: Request) -> dict:
+    body = await read_json(request, request.app.state.settings.max_body_bytes)
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def _entry(store: KeyStore, rec: KeyRecord) -> dict:
+    return {"object": "api_key", **rec.public(), "usage": store.usage(rec)}
+
+
+async def _changed(request: Request) -> None:
+    await request.app.state.keys.managed.refresh()   # this process sees the change at once
+
+
+@router.get("")
+async def list_keys(request: Request) -> Response:
+    store = await _admin(request)
+    entries = await anyio.to_thread.run_sync(lambda: [_entry(store, r) for r in store.list()])
+    return _json({"object": "list", "data": entries})
+
+
+@router.post("")
+async def create_key(request: Request) -> Response:
+    store = await _admin(request)
+    body = await _body(request)
+    name = body.pop("name", None)
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest("'name' is required: a non-empty string naming the key's owner", param="name")
+    try:
+        policy = KeyPolicy.model_validate(body)
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from None
+    secret, rec = await anyio.to_thread.run_sync(store.create, name, policy)
+    await _changed(request)
+    return _json({**_entry(store, rec), "key": secret}, 201)
+
+
+async def _get(store: KeyStore, key_id: str) -> KeyRecord:
+    try:
+        return await anyio.to_thread.run_sync(store.get, key_id)
+    except KeyMissing:
+        raise NotFound(f"API key '{key_id}' does not exist") from None
+
+
+@router.get("/{key_id}")
+async def get_key(key_id: str, request: Request) -> Response:
+    store = await _admin(request)
+    rec = await _get(store, key_id)
+    return _json(await anyio.to_thread.run_sync(_entry, store, rec))
+
+
+@router.patch("/{key_id}")
+async def update_key(key_id: str, request: Request) -> Response:
+    store = await _admin(request)
+    body = await _body(request)
+    await _get(store, key_id)
+    try:
+        rec = await anyio.to_thread.run_sync(store.update, key_id, body)
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from None
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    await _changed(request)
+    return _json(await anyio.to_thread.run_sync(_entry, store, rec))
+
+
+@router.delete("/{key_id}")
+async def revoke_key(key_id: str, request: Request) -> Response:
+    store = await _admin(request)
+    await _get(store, key_id)
+    rec = await anyio.to_thread.run_sync(store.revoke, key_id)
+    await _changed(request)
+    return _json({"id": rec.id, "object": "api_key", "revoked": True, "revoked_at": rec.revoked_at})

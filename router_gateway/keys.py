@@ -1,0 +1,400 @@
+"""API keys: created, listed and revoked by an admin, stored hashed in Redis, each with
+its own policy (which models it may call, a spend budget over a period, requests and
+tokens per minute), and the limiter that enforces that policy across every gateway
+process sharing the Redis.
+
+Layout (under the store's prefix, beside the expert registry)::
+
+    {prefix}keys                        hash  key id -> KeyRecord JSON (the secret's SHA-256, never the secret)
+    {prefix}keys:hashes                 hash  SHA-256 of the secret -> key id
+    {prefix}keys:version                int   bumped on every write; gateways poll it
+    {prefix}usage:{id}                  hash  lifetime totals: requests, input_tokens, output_tokens, spend_nano
+    {prefix}spend:{id}:{period}         int   nano-dollars spent in one budget period (day, ISO week, month, all)
+    {prefix}rl:{id}:{r|t}:{minute}      int   requests / tokens counted in one clock minute (expire after 2)
+
+Why SHA-256 and not a slow password hash: a key is 32 random bytes, so there is no
+dictionary to guess from, and the lookup runs on every request. Spend is kept in integer
+nano-dollars with ``INCRBY`` (tokens x $ per 1M tokens x 1000), so concurrent requests
+in any number of processes never lose an update and no float drifts.
+
+Limits, checked before a request in one Lua script (atomic, one round trip):
+
+- ``rpm``: a sliding-window counter (this minute's count plus the previous minute's,
+  weighted by how much of it still overlaps the last 60 s); an admitted request counts
+  at once.
+- ``tpm``: the same window over tokens; tokens are known only after the answer, so a
+  request is admitted while the window is under the limit and its tokens are added
+  when it completes.
+- ``budget_usd`` per ``budget_period`` (UTC calendar day, ISO week, month, or ``total``):
+  admitted while the period's spend is under the budget; the spend of requests in
+  flight lands after them, so a budget can be overshot by what those cost.
+
+Over ``rpm``/``tpm``: 429 with ``Retry-After`` (seconds until the window admits the
+request). Over budget: 402 ``insufficient_quota`` naming when the period resets (an
+OpenAI SDK retries 429s; a spent budget is not worth retrying).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import fnmatch
+import hashlib
+import logging
+import math
+import secrets
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Literal
+
+import orjson
+import redis
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from router_gateway.errors import BudgetExceeded, PermissionDenied, RateLimited
+
+log = logging.getLogger(__name__)
+
+Period = Literal["day", "week", "month", "total"]
+KEY_PREFIX = "sy-"
+WINDOW_S = 60
+
+
+class KeyMissing(KeyError):
+    """No key with that id exists."""
+
+
+class KeyPolicy(BaseModel):
+    """What a key may do; every field optional (None: no restriction)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] | None = Field(default=None, description="Model names or glob patterns the key may call "
+                                     "(an expert's name, router:NAME, collab:NAME, auto); None: all")
+    budget_usd: float | None = Field(default=None, gt=0, description="Spend limit per budget_period, in USD")
+    budget_period: Period = "month"
+    rpm: int | None = Field(default=None, ge=1, description="Requests per minute")
+    tpm: int | None = Field(default=None, ge=1, description="Tokens (input + output) per minute")
+
+    @field_validator("models")
+    @classmethod
+    def _non_empty_names(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not isinstance(m, str) or not m.strip() for m in v):
+            raise ValueError("model names must be non-empty strings")
+        return None if v is None else [m.strip() for m in v]
+
+    @property
+    def limited(self) -> bool:
+        return self.budget_usd is not None or self.rpm is not None or self.tpm is not None
+
+
+class KeyRecord(KeyPolicy):
+    """One key as stored: its policy plus identity; the secret itself is never kept."""
+
+    id: str
+    name: str
+    hash: str
+    hint: str                      # "sy-…last4", enough to tell keys apart in a list
+    created_at: float
+    revoked_at: float | None = None
+
+    def public(self) -> dict:
+        return self.model_dump(exclude={"hash"})
+
+    def check_model(self, model: str) -> None:
+        """403 unless the key may call ``model`` (knobs after ``?`` are ignored)."""
+        if self.models is None:
+            return
+        bare = model.split("?", 1)[0]
+        if not any(fnmatch.fnmatchcase(bare, p) for p in self.models):
+            raise PermissionDenied(f"API key '{self.name}' may not use model '{bare}' "
+                                   f"(allowed: {', '.join(self.models)})", param="model", code="model_not_allowed")
+
+    def allows(self, model: str) -> bool:
+        try:
+            self.check_model(model)
+            return True
+        except PermissionDenied:
+            return False
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+# -- periods ---------------------------------------------------------------------------------
+def period_key(period: Period, now: float) -> str:
+    t = datetime.fromtimestamp(now, timezone.utc)
+    if period == "day":
+        return t.strftime("%Y-%m-%d")
+    if period == "week":
+        year, week, _ = t.isocalendar()
+        return f"{year}-W{week:02d}"
+    if period == "month":
+        return t.strftime("%Y-%m")
+    return "all"
+
+
+def period_end(period: Period, now: float) -> float | None:
+    """When the budget period containing ``now`` ends (None for ``total``)."""
+    t = datetime.fromtimestamp(now, timezone.utc)
+    day = t.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        end = day + timedelta(days=1)
+    elif period == "week":
+        end = day + timedelta(days=7 - t.weekday())
+    elif period == "month":
+        end = day.replace(day=1) + timedelta(days=calendar.monthrange(t.year, t.month)[1])
+    else:
+        return None
+    return end.timestamp()
+
+
+def cost_nano(input_tokens: int, output_tokens: int, input_per_mtok: float, output_per_mtok: float) -> int:
+    """Nano-dollars for a request: tokens x $ per 1M tokens = micro-dollars, x 1000."""
+    return round((input_tokens * input_per_mtok + output_tokens * output_per_mtok) * 1000)
+
+
+# -- the store (sync: CLI and admin routes, in a thread) -------------------------------------
+class KeyStore:
+    def __init__(self, client: redis.Redis, prefix: str = "switchyard:"):
+        self.r = client
+        self.prefix = prefix
+        self.k_keys = f"{prefix}keys"
+        self.k_hashes = f"{prefix}keys:hashes"
+        self.k_version = f"{prefix}keys:version"
+
+    def usage_key(self, key_id: str) -> str:
+        return f"{self.prefix}usage:{key_id}"
+
+    def spend_key(self, key_id: str, period: Period, now: float) -> str:
+        return f"{self.prefix}spend:{key_id}:{period_key(period, now)}"
+
+    def window_key(self, key_id: str, kind: str, minute: int) -> str:
+        return f"{self.prefix}rl:{key_id}:{kind}:{minute}"
+
+    def create(self, name: str, policy: KeyPolicy | None = None) -> tuple[str, KeyRecord]:
+        """A new key: returns (the secret, shown once; its record)."""
+        if not name.strip():
+            raise ValueError("a key needs a name")
+        secret = new_secret()
+        rec = KeyRecord(**(policy or KeyPolicy()).model_dump(), id="key-" + uuid.uuid4().hex[:12],
+                        name=name.strip(), hash=hash_secret(secret), hint=f"{KEY_PREFIX}…{secret[-4:]}",
+                        created_at=round(time.time(), 3))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k_keys, rec.id, rec.model_dump_json())
+        pipe.hset(self.k_hashes, rec.hash, rec.id)
+        pipe.incr(self.k_version)
+        pipe.execute()
+        return secret, rec
+
+    def get(self, key_id: str) -> KeyRecord:
+        raw = self.r.hget(self.k_keys, key_id)
+        if raw is None:
+            raise KeyMissing(key_id)
+        return KeyRecord.model_validate_json(raw)
+
+    def by_hash(self, digest: str) -> KeyRecord | None:
+        key_id = self.r.hget(self.k_hashes, digest)
+        if key_id is None:
+            return None
+        try:
+            return self.get(key_id)
+        except KeyMissing:
+            return None
+
+    def list(self) -> list[KeyRecord]:
+        recs = [KeyRecord.model_validate_json(v) for v in self.r.hgetall(self.k_keys).values()]
+        return sorted(recs, key=lambda r: r.created_at)
+
+    def update(self, key_id: str, changes: dict) -> KeyRecord:
+        """Change a key's policy (only policy fields; validated as a whole)."""
+        unknown = set(changes) - set(KeyPolicy.model_fields)
+        if unknown:
+            raise ValueError(f"unknown or read-only field(s): {', '.join(sorted(unknown))}")
+        rec = self.get(key_id)
+        new = KeyRecord.model_validate({**rec.model_dump(), **changes})
+        self._put(new)
+        return new
+
+    def revoke(self, key_id: str) -> KeyRecord:
+        """Revoked keys stop working at once here and within a refresh elsewhere; their
+        record and spend stay for the books."""
+        rec = self.get(key_id)
+        if rec.revoked_at is None:
+            rec = rec.model_copy(update={"revoked_at": round(time.time(), 3)})
+            self._put(rec)
+        return rec
+
+    def _put(self, rec: KeyRecord) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k_keys, rec.id, rec.model_dump_json())
+        pipe.incr(self.k_version)
+        pipe.execute()
+
+    def version(self) -> int:
+        return int(self.r.get(self.k_version) or 0)
+
+    def usage(self, rec: KeyRecord, now: float | None = None) -> dict:
+        """Lifetime totals and the current budget period's spend, in USD."""
+        now = time.time() if now is None else now
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self.usage_key(rec.id))
+        pipe.get(self.spend_key(rec.id, rec.budget_period, now))
+        totals, period = pipe.execute()
+        return {"requests": int(totals.get("requests", 0)), "input_tokens": int(totals.get("input_tokens", 0)),
+                "output_tokens": int(totals.get("output_tokens", 0)),
+                "spend_usd": int(totals.get("spend_nano", 0)) / 1e9,
+                "period": period_key(rec.budget_period, now), "period_spend_usd": int(period or 0) / 1e9}
+
+
+# -- the limiter (async: the request path) ---------------------------------------------------
+_CHECK = """
+-- KEYS: requests prev/cur window, tokens prev/cur window, period spend
+-- ARGV: rpm, tpm, budget (nano; < 0: none), seconds into the current window
+local function wait(prev, cur, limit, elapsed)
+  -- seconds until prev * (1 - x/60) + cur <= limit, x = seconds into a window
+  if cur <= limit then
+    return 60 * (1 - (limit - cur) / prev) - elapsed
+  end
+  return (60 - elapsed) + 60 * (1 - limit / cur)
+end
+local elapsed = tonumber(ARGV[4])
+local weight = 1 - elapsed / 60
+local budget = tonumber(ARGV[3])
+if budget >= 0 then
+  if tonumber(redis.call('GET', KEYS[5]) or '0') >= budget then return {2, 0} end
+end
+local tpm = tonumber(ARGV[2])
+if tpm > 0 then
+  local prev = tonumber(redis.call('GET', KEYS[3]) or '0')
+  local cur = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if prev * weight + cur + 1 > tpm then return {3, tostring(wait(prev, cur + 1, tpm, elapsed))} end
+end
+local rpm = tonumber(ARGV[1])
+if rpm > 0 then
+  local prev = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if prev * weight + cur + 1 > rpm then return {1, tostring(wait(prev, cur + 1, rpm, elapsed))} end
+  redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], 120)
+end
+return {0, 0}
+"""
+
+
+class Limiter:
+    """Admits requests against a key's limits and books what they used, in Redis."""
+
+    def __init__(self, store: KeyStore, aclient, clock=time.time):
+        self.store = store
+        self.r = aclient                  # redis.asyncio client on the same server as ``store``
+        self.clock = clock
+        self._check = aclient.register_script(_CHECK)
+        self._pending: set[asyncio.Task] = set()
+
+    def _windows(self, key_id: str, now: float) -> tuple[list[str], float]:
+        minute = int(now // WINDOW_S)
+        keys = [self.store.window_key(key_id, kind, m) for kind in ("r", "t") for m in (minute - 1, minute)]
+        return keys, now - minute * WINDOW_S
+
+    async def admit(self, rec: KeyRecord) -> None:
+        """Raise ``RateLimited`` (429) or ``BudgetExceeded`` (402), else count the request."""
+        if not rec.limited:
+            return
+        now = self.clock()
+        windows, elapsed = self._windows(rec.id, now)
+        budget = -1 if rec.budget_usd is None else round(rec.budget_usd * 1e9)
+        verdict, wait = await self._check(keys=[*windows, self.store.spend_key(rec.id, rec.budget_period, now)],
+                                          args=[rec.rpm or 0, rec.tpm or 0, budget, f"{elapsed:.3f}"])
+        verdict = int(verdict)
+        if verdict == 0:
+            return
+        if verdict == 2:
+            end = period_end(rec.budget_period, now)
+            when = ("" if end is None else
+                    f"; it resets at {datetime.fromtimestamp(end, timezone.utc):%Y-%m-%d %H:%M} UTC")
+            raise BudgetExceeded(f"API key '{rec.name}' has spent its budget of ${rec.budget_usd:g} "
+                                 f"for this {rec.budget_period if rec.budget_period != 'total' else 'key'}{when}",
+                                 code="budget_exceeded")
+        retry = max(1, math.ceil(float(wait)))
+        what = f"{rec.rpm} requests" if verdict == 1 else f"{rec.tpm} tokens"
+        raise RateLimited(f"API key '{rec.name}' is over its limit of {what} per minute; retry in {retry} s",
+                          code="rate_limit_exceeded", headers={"retry-after": str(retry)})
+
+    async def record(self, rec: KeyRecord, input_tokens: int, output_tokens: int, nano: int) -> None:
+        """Book one finished request: tokens into the minute window, spend into the period
+        and the lifetime totals; one atomic transaction."""
+        now = self.clock()
+        minute = int(now // WINDOW_S)
+        tokens = input_tokens + output_tokens
+        pipe = self.r.pipeline(transaction=True)
+        if rec.tpm is not None and tokens:
+            win = self.store.window_key(rec.id, "t", minute)
+            pipe.incrby(win, tokens)
+            pipe.expire(win, 120)
+        spend = self.store.spend_key(rec.id, rec.budget_period, now)
+        pipe.incrby(spend, nano)
+        end = period_end(rec.budget_period, now)
+        if end is not None:
+            pipe.expireat(spend, int(end) + 7 * 86400)   # kept a week past the period for reports
+        usage = self.store.usage_key(rec.id)
+        pipe.hincrby(usage, "requests", 1)
+        pipe.hincrby(usage, "input_tokens", input_tokens)
+        pipe.hincrby(usage, "output_tokens", output_tokens)
+        pipe.hincrby(usage, "spend_nano", nano)
+        await pipe.execute()
+
+
+    def book(self, rec: KeyRecord, usage: tuple[int, int] | None, input_per_mtok: float,
+             output_per_mtok: float) -> None:
+        """Record a finished request in the background (the answer does not wait on Redis).
+        Without a reported usage the request still counts, with no tokens and no spend."""
+        p, c = usage or (0, 0)
+        if usage is None:
+            log.warning("no usage in the answer for key %s: counted without tokens or spend", rec.id)
+        task = asyncio.get_running_loop().create_task(self._record_logged(rec, p, c, cost_nano(
+            p, c, input_per_mtok, output_per_mtok)))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def meter(self, rec: KeyRecord):
+        """The ``Dispatcher`` meter for requests made with ``rec``: books each answer at the
+        answering expert's prices."""
+        return lambda spec, usage: self.book(rec, usage, spec.input_price_per_mtok, spec.output_price_per_mtok)
+
+    async def _record_logged(self, rec: KeyRecord, p: int, c: int, nano: int) -> None:
+        try:
+            await self.record(rec, p, c, nano)
+        except Exception as exc:  # Redis down: the answer went out; the books miss this one
+            log.error("could not record usage of key %s (%d + %d tokens, %d nano-USD): %s", rec.id, p, c, nano, exc)
+
+    async def drain(self) -> None:
+        """Wait for the bookings in flight (shutdown, tests)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+
+def usage_from(obj: object) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an OpenAI ``usage`` object, or None."""
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not isinstance(p, int) or not isinstance(c, int):
+        return None
+    return p, c
+
+
+def decode_usage(content: bytes) -> tuple[int, int] | None:
+    try:
+        return usage_from(orjson.loads(content))
+    except orjson.JSONDecodeError:
+        return None
