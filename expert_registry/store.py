@@ -4,7 +4,8 @@ Layout (all keys under one prefix so several deployments can share a server):
 
     {prefix}experts          hash  name -> ExpertSpec JSON
     {prefix}experts:version  int   bumped on every write; gateways poll it to refresh
-    {prefix}health           hash  name -> {"healthy", "checked_at", "error"} JSON
+    {prefix}health           hash  name -> {"healthy", "checked_at", "error", "until"} JSON
+    {prefix}failures:{name}  int   failed calls in the current cooldown window
     {prefix}routers          hash  name -> RouterDeployment JSON (router_gateway.deployments)
     {prefix}keys...          API keys, their usage and limit windows (router_gateway.keys)
 
@@ -82,6 +83,37 @@ class HealthRecord:
     healthy: bool
     checked_at: float
     error: str | None = None
+    until: float | None = None   # a cooldown: out of rotation until then, then back through a probe
+
+
+# Health writes from probes must not end a cooldown early: they land only when no
+# cooldown is running. KEYS[1] health hash; ARGV name, record JSON, now.
+_SET_HEALTH = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local ok, rec = pcall(cjson.decode, cur)
+  if ok and type(rec) == 'table' and type(rec['until']) == 'number' and rec['until'] > tonumber(ARGV[3]) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# One failure of an expert: counted in a window; at the threshold (or at once with an
+# upstream Retry-After) the expert goes into cooldown. KEYS[1] failure counter,
+# KEYS[2] health hash; ARGV name, threshold, window_s, now, cooldown record JSON,
+# forced ("1" when the upstream asked for the pause). Returns 1 when it cooled down.
+_NOTE_FAILURE = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]))) end
+if n >= tonumber(ARGV[2]) or ARGV[6] == '1' then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[5])
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
 
 
 class ExpertStore:
@@ -139,13 +171,30 @@ class ExpertStore:
         return self._version
 
     # --- health --------------------------------------------------------------
-    def set_health(self, name: str, healthy: bool, error: str | None = None) -> None:
-        rec = {"healthy": healthy, "checked_at": time.time(), "error": error}
-        self.client.hset(self._health, name, json.dumps(rec))
+    def set_health(self, name: str, healthy: bool, error: str | None = None) -> bool:
+        """Record a probe's verdict, unless a cooldown is running (False then)."""
+        now = time.time()
+        rec = {"healthy": healthy, "checked_at": now, "error": error}
+        return bool(self.client.eval(_SET_HEALTH, 1, self._health, name, json.dumps(rec), now))
+
+    def note_failure(self, name: str, error: str, *, threshold: int, window_s: float, cooldown_s: float,
+                     retry_after_s: float | None = None) -> HealthRecord | None:
+        """Count one failed call to ``name``; the record of the cooldown it started, if it did.
+        ``threshold`` failures within ``window_s`` (shared by every process) start a
+        cooldown of ``cooldown_s``; an upstream's Retry-After starts one of that length at once."""
+        now = time.time()
+        pause = cooldown_s if retry_after_s is None else retry_after_s
+        why = (f"cooldown for {pause:g} s: the upstream asked to retry later ({error})" if retry_after_s is not None
+               else f"cooldown for {pause:g} s after {threshold} failure(s) in {window_s:g} s; last: {error}")
+        rec = HealthRecord(False, now, why, now + pause)
+        cooled = self.client.eval(_NOTE_FAILURE, 2, f"{self.prefix}failures:{name}", self._health, name,
+                                  threshold, window_s, now, json.dumps(rec.__dict__),
+                                  "1" if retry_after_s is not None else "0")
+        return rec if cooled else None
 
     def health(self) -> dict[str, HealthRecord]:
         out = {}
         for name, raw in self.client.hgetall(self._health).items():
             d = json.loads(raw)
-            out[name] = HealthRecord(bool(d["healthy"]), float(d["checked_at"]), d.get("error"))
+            out[name] = HealthRecord(bool(d["healthy"]), float(d["checked_at"]), d.get("error"), d.get("until"))
         return out

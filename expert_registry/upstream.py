@@ -96,9 +96,15 @@ class HTTPUpstream:
 
     async def send(self, spec: ExpertSpec, endpoint: str, body: dict,
                    request_id: str | None = None) -> tuple[int, bytes]:
+        status, content, _ = await self.answer(spec, endpoint, body, request_id)
+        return status, content
+
+    async def answer(self, spec: ExpertSpec, endpoint: str, body: dict,
+                     request_id: str | None = None) -> tuple[int, bytes, str | None]:
+        """``send`` plus the upstream's Retry-After header (when it sent one)."""
         resp = await self._post(spec, endpoint, body, request_id)
         try:
-            return resp.status, await resp.read()
+            return resp.status, await resp.read(), resp.headers.get("retry-after")
         except HTTPClientError as exc:
             raise _http_failure(exc, spec) from exc
 
@@ -170,6 +176,10 @@ class LiteLLMUpstream:
                 return mapped
             raise mapped from exc
         return 200, orjson.dumps(resp.model_dump(mode="json", exclude_none=True))
+
+    async def answer(self, spec: ExpertSpec, endpoint: str, body: dict,
+                     request_id: str | None = None) -> tuple[int, bytes, str | None]:
+        return (*await self.send(spec, endpoint, body, request_id), None)
 
     async def open_stream(self, spec: ExpertSpec, endpoint: str, body: dict,
                           request_id: str | None = None) -> UpstreamStream:

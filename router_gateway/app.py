@@ -23,7 +23,7 @@ from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream
 from router_gateway import admin_routes, router_routes
 from router_gateway import key_routes
 from router_gateway.auth import KeyCache, KeyChecker
-from router_gateway.dispatch import Dispatcher, error_response, internal_error_response
+from router_gateway.dispatch import CooldownPolicy, Dispatcher, error_response, internal_error_response
 from router_gateway.app_helpers import read_json
 from router_gateway.errors import GatewayError, error_body
 from router_gateway.keys import KeyRecord, KeyStore, Limiter
@@ -109,7 +109,9 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             app.state.keys = KeyChecker(settings.resolved_admin_key(), settings.api_keys, keys)
             http, litellm = HTTPUpstream(client), LiteLLMUpstream(settings.upstream_timeout_s)
             routing.skills = SkillAsker(st, view, http, litellm)
-            app.state.dispatcher = Dispatcher(view, http, litellm, routing)
+            app.state.dispatcher = Dispatcher(view, http, litellm, routing, CooldownPolicy(
+                settings.cooldown_failures, settings.cooldown_window_s, settings.cooldown_s,
+                settings.max_retry_after_s))
             tasks = [asyncio.create_task(view.run(), name="registry-refresh"),
                      asyncio.create_task(routing.run(), name="routers-refresh"),
                      asyncio.create_task(keys.run(), name="keys-refresh")]

@@ -21,7 +21,7 @@ import logging
 import anyio
 from starlette.requests import Request
 
-from router_gateway.errors import AuthError, PermissionDenied
+from router_gateway.errors import AuthError, PermissionDenied, StoreUnavailable
 from router_gateway.keys import KeyRecord, KeyStore, hash_secret
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,11 @@ class KeyCache:
         digest = hash_secret(token)
         rec = self.by_hash.get(digest)
         if rec is None:  # maybe created elsewhere since the last refresh
-            rec = await anyio.to_thread.run_sync(self.store.by_hash, digest)
+            try:
+                rec = await anyio.to_thread.run_sync(self.store.by_hash, digest)
+            except Exception as exc:  # redis raises many types; all mean the store is away
+                raise StoreUnavailable("cannot check this API key now: the key store is unreachable "
+                                       "(keys seen before keep working)") from exc
             if rec is not None:
                 self.by_hash[digest] = rec
                 self.version = max(self.version, 1)

@@ -9,10 +9,12 @@ the upstream sent them (it is the client's error); 5xx and transport failures be
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
+import anyio
 import orjson
 from starlette.responses import Response, StreamingResponse
 
@@ -62,8 +64,9 @@ class RouteDecision:
 
 class Dispatcher:
     def __init__(self, view: RegistryView, http: HTTPUpstream, litellm: LiteLLMUpstream,
-                 routing: RoutingTable | None = None):
+                 routing: RoutingTable | None = None, cooldown: CooldownPolicy | None = None):
         self.view = view
+        self.cooldown = cooldown or CooldownPolicy()
         self.http = http
         self.litellm = litellm
         self.routing = routing
@@ -96,7 +99,7 @@ class Dispatcher:
             bad = self.view.is_unhealthy(spec.name)
             if bad is not None:
                 raise ExpertUnavailable(f"expert '{spec.name}' is unhealthy ({bad.error or 'failed its health check'}); "
-                                        f"try another model. Available {self.available()}")
+                                        f"try another model. Available {self.available()}", headers=_retry_in(bad))
             return RouteDecision(target, spec, "direct")
         if target.kind == "router":
             raise ModelNotFound(f"router '{target.name}' is not available. Available {self.available()}",
@@ -126,9 +129,7 @@ class Dispatcher:
                      t0: float, meter: Meter | None = None) -> Response:
         """Call the decided expert and answer. With a ``meter``, a stream asks the upstream
         for its usage chunk (and drops it again when the client did not ask for it)."""
-        spec = decision.expert
-        headers = {"x-switchyard-expert": spec.name, "x-switchyard-router": decision.router,
-                   "x-request-id": request_id}
+        headers = {"x-switchyard-router": decision.router, "x-request-id": request_id}
         if decision.recruited:
             body, good, bad = await Aggregation(self._upstream).gather(endpoint, body, decision.recruited,
                                                                        request_id)
@@ -137,36 +138,85 @@ class Dispatcher:
             if bad:
                 headers["x-switchyard-recruited-failed"] = ",".join(a.expert.name for a in bad)
         client_model = body["model"]
-        body["model"] = spec.served_model
-        rewrite = client_model if client_model != spec.served_model else None
         if decision.route_s is not None:
             headers["x-switchyard-route-ms"] = _ms(decision.route_s)
         if decision.scores is not None:
             headers["x-switchyard-scores"] = decision.scores
+        hide_usage = meter is not None and body.get("stream") is True and _ask_for_usage(body)
+        failed: list[str] = []
+        last: _Failed | None = None
+        for spec in (decision.expert, *decision.fallbacks):
+            if failed and self.view.is_unhealthy(spec.name) is not None:
+                continue                     # cooled down or failed its probe since the ranking
+            if failed:
+                headers["x-switchyard-fallback-from"] = ",".join(failed)
+            try:
+                return await self._call(spec, endpoint, body, client_model, request_id, t0, dict(headers), meter,
+                                        hide_usage)
+            except _Failed as exc:
+                failed.append(spec.name)
+                last = exc
+                await self._note_failure(spec, exc)
+        assert last is not None
+        if last.response is not None:       # an upstream 429 with nobody left to ask: as it came
+            return last.response
+        raise last.error
+
+    async def _call(self, spec: ExpertSpec, endpoint: str, body: dict, client_model: str, request_id: str,
+                    t0: float, headers: dict, meter: Meter | None, hide_usage: bool) -> Response:
+        """One attempt at one expert. Raises ``_Failed`` for what the next expert may fix:
+        no connection, a timeout or a 5xx before the first byte, or a 429."""
+        headers["x-switchyard-expert"] = spec.name
+        body["model"] = spec.served_model
+        rewrite = client_model if client_model != spec.served_model else None
         upstream = self._upstream(spec)
         t_up = time.perf_counter()
         try:
             if body.get("stream") is True:
-                hide_usage = meter is not None and _ask_for_usage(body)
                 stream = await upstream.open_stream(spec, endpoint, body, request_id)
                 up_s = time.perf_counter() - t_up
                 if stream.status == 200:
                     headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
                     return StreamingResponse(self._relay(stream, rewrite, spec, meter, hide_usage),
                                              media_type="text/event-stream", headers=headers)
-                status, content = stream.status, await stream.read_all()
+                status, content, retry_after = stream.status, await stream.read_all(), stream.retry_after
             else:
-                status, content = await upstream.send(spec, endpoint, body, request_id)
+                status, content, retry_after = await upstream.answer(spec, endpoint, body, request_id)
                 up_s = time.perf_counter() - t_up
         except UpstreamTimedOut as exc:
-            raise UpstreamTimeout(str(exc)) from exc
+            raise _Failed(UpstreamTimeout(str(exc))) from exc
         except UpstreamFailure as exc:
-            raise UpstreamError(str(exc)) from exc
-        content = _answer_or_raise(spec, status, content, rewrite)
+            raise _Failed(UpstreamError(str(exc))) from exc
+        try:
+            content = _answer_or_raise(spec, status, content, rewrite)
+        except UpstreamError as exc:
+            raise _Failed(exc) from exc
+        if status == 429:
+            if retry_after is not None:
+                headers["retry-after"] = retry_after
+            raise _Failed(UpstreamError(f"expert '{spec.name}' is rate limited"), retry_after=retry_after,
+                          response=Response(content, status_code=429, media_type="application/json",
+                                            headers=headers))
         if meter is not None and status < 400:
             meter(spec, decode_usage(content))
         headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
         return Response(content, status_code=status, media_type="application/json", headers=headers)
+
+    async def _note_failure(self, spec: ExpertSpec, failure: _Failed) -> None:
+        """Count the failure in Redis (shared by every gateway process); at the policy's
+        threshold, or when the upstream sent Retry-After, the expert goes into cooldown."""
+        p = self.cooldown
+        pause = _seconds(failure.retry_after)
+        try:
+            rec = await anyio.to_thread.run_sync(lambda: self.view.store.note_failure(
+                spec.name, failure.error.message, threshold=p.failures, window_s=p.window_s,
+                cooldown_s=p.cooldown_s, retry_after_s=None if pause is None else min(pause, p.max_retry_after_s)))
+        except Exception as exc:  # Redis down: the failure still fails over, it is just not counted
+            log.warning("could not count a failure of expert %s: %s", spec.name, exc)
+            return
+        if rec is not None:
+            log.warning("expert %s: %s", spec.name, rec.error)
+            self.view.cooled(spec.name, rec)
 
     async def _relay(self, stream: UpstreamStream, rewrite: str | None, spec: ExpertSpec,
                      meter: Meter | None = None, hide_usage: bool = False) -> AsyncIterator[bytes]:
@@ -200,6 +250,48 @@ def _ask_for_usage(body: dict) -> bool:
         return False
     body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
     return True
+
+
+class _Failed(Exception):
+    """An attempt the next expert may succeed at: the error to answer if none does, the
+    upstream's Retry-After, and (429) the upstream's own answer to pass on as it came."""
+
+    def __init__(self, error: GatewayError, retry_after: str | None = None, response: Response | None = None):
+        super().__init__(error.message)
+        self.error = error
+        self.retry_after = retry_after
+        self.response = response
+
+
+@dataclass(frozen=True)
+class CooldownPolicy:
+    failures: int = 3              # failed calls within window_s that start a cooldown
+    window_s: float = 60.0
+    cooldown_s: float = 30.0
+    max_retry_after_s: float = 300.0   # an upstream's Retry-After is honoured up to this
+
+
+def _retry_in(rec) -> dict[str, str] | None:
+    """Retry-After for an expert in cooldown: when its cooldown ends (then a probe decides)."""
+    if rec.until is None:
+        return None
+    return {"retry-after": str(max(1, math.ceil(rec.until - time.time())))}
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date), None when absent or unreadable."""
+    if retry_after is None:
+        return None
+    try:
+        return max(0.0, float(retry_after))
+    except ValueError:
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+
+        return max(0.0, parsedate_to_datetime(retry_after).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 def _ms(seconds: float) -> str:

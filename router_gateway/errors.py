@@ -10,7 +10,8 @@
     ├── PayloadTooLarge               413  body over the configured limit
     ├── RateLimited                   429  over a key's requests or tokens per minute (Retry-After)
     ├── BudgetExceeded                402  a key's budget for the period is spent
-    ├── ExpertUnavailable             503  the expert is known to be down
+    ├── ExpertUnavailable             503  the expert is known to be down, or in cooldown (Retry-After)
+    ├── StoreUnavailable              503  Redis is unreachable and the answer needs it
     ├── UpstreamError                 502  connect error / 5xx / garbage from the upstream
     └── UpstreamTimeout               504  the upstream did not answer in time
 
@@ -94,6 +95,12 @@ class ExpertUnavailable(GatewayError):
     status_code = 503
     error_type = "service_unavailable"
     code = "expert_unavailable"
+
+
+class StoreUnavailable(GatewayError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "store_unavailable"
 
 
 class UpstreamError(GatewayError):

@@ -310,8 +310,14 @@ class Limiter:
         now = self.clock()
         windows, elapsed = self._windows(rec.id, now)
         budget = -1 if rec.budget_usd is None else round(rec.budget_usd * 1e9)
-        verdict, wait = await self._check(keys=[*windows, self.store.spend_key(rec.id, rec.budget_period, now)],
-                                          args=[rec.rpm or 0, rec.tpm or 0, budget, f"{elapsed:.3f}"])
+        try:
+            verdict, wait = await self._check(keys=[*windows, self.store.spend_key(rec.id, rec.budget_period, now)],
+                                              args=[rec.rpm or 0, rec.tpm or 0, budget, f"{elapsed:.3f}"])
+        except (redis.RedisError, OSError) as exc:
+            # Degraded on purpose: without Redis, limits and budgets cannot be shared, so
+            # they are not enforced; the key itself was checked against the cached keys.
+            log.warning("limits of key %s not checked, the store is unreachable: %s", rec.id, exc)
+            return
         verdict = int(verdict)
         if verdict == 0:
             return

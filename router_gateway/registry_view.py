@@ -30,6 +30,7 @@ class RegistryView:
         self._version = -1
         self.last_refresh = 0.0
         self.store_error: str | None = None
+        self.probing = False   # set when a health loop runs (cooldowns then end through a probe)
 
     def _load(self) -> None:
         version = self.store.version()
@@ -54,8 +55,19 @@ class RegistryView:
             await asyncio.sleep(self.refresh_s)
 
     def is_unhealthy(self, name: str) -> HealthRecord | None:
+        """The record that keeps ``name`` out of rotation: failed its last probe, or in a
+        cooldown. A cooldown that has run out ends with the next good probe, or by itself
+        when this gateway does not probe (``health_interval_s <= 0``)."""
         rec = self.health.get(name)
-        return rec if rec is not None and not rec.healthy else None
+        if rec is None or rec.healthy:
+            return None
+        if rec.until is not None and rec.until <= time.time() and not self.probing:
+            return None
+        return rec
+
+    def cooled(self, name: str, rec: HealthRecord) -> None:
+        """A cooldown this process started: in effect here at once, elsewhere at their next refresh."""
+        self.health[name] = rec
 
 
 def health_url(spec: ExpertSpec) -> str | None:
@@ -90,16 +102,16 @@ async def probe_all(view: RegistryView, client: HTTP1Client) -> dict[str, tuple[
     results = await asyncio.gather(*(probe(client, s) for s in specs))
     out = dict(zip((s.name for s in specs), results))
 
-    def write() -> None:
-        for name, (ok, err) in out.items():
-            view.store.set_health(name, ok, err)
+    def write() -> list[str]:
+        return [name for name, (ok, err) in out.items() if view.store.set_health(name, ok, err)]
 
-    await anyio.to_thread.run_sync(write)
-    view.health.update({n: HealthRecord(ok, time.time(), err) for n, (ok, err) in out.items()})
+    written = await anyio.to_thread.run_sync(write)   # not over a running cooldown
+    view.health.update({n: HealthRecord(out[n][0], time.time(), out[n][1]) for n in written})
     return out
 
 
 async def health_loop(view: RegistryView, client: HTTP1Client, interval_s: float) -> None:
+    view.probing = True
     while True:
         try:
             await probe_all(view, client)

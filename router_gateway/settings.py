@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     upstream_max_connections: int = 512
     registry_refresh_s: float = 1.0
     health_interval_s: float = Field(default=5.0, description="Seconds between upstream probes; <= 0 disables")
+    cooldown_failures: int = Field(default=3, ge=1, description="Failed calls to an expert within cooldown_window_s "
+                                   "that put it in cooldown")
+    cooldown_window_s: float = Field(default=60.0, gt=0)
+    cooldown_s: float = Field(default=30.0, ge=0, description="How long a failing expert stays out of rotation "
+                              "(then back through a health probe)")
+    max_retry_after_s: float = Field(default=300.0, ge=0, description="Upstream Retry-After honoured up to this")
     log_level: str = "info"
 
     def resolved_admin_key(self) -> str:

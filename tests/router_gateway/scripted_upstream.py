@@ -11,6 +11,7 @@ The behaviour is chosen by the ``served_model`` the gateway forwards:
   slow         waits 5 s before answering (for timeouts)
   breakstream  streams two chunks then drops the connection
   garbage      HTTP 200 with a body that is not JSON
+  busy         HTTP 429 with ``Retry-After: 2`` and an OpenAI error body
   skills-*     answers with a fixed list of skill keywords (``SKILL_ANSWERS``), as a
                model asked to label a query's skills would
 """
@@ -67,6 +68,9 @@ async def _serve(request: Request, chat: bool) -> Response:
     if model == "bad400":
         return JSONResponse({"error": {"message": "max_tokens too large", "type": "BadRequestError",
                                        "param": "max_tokens", "code": 400}}, status_code=400)
+    if model == "busy":
+        return JSONResponse({"error": {"message": "too many requests", "type": "rate_limit_error"}},
+                            status_code=429, headers={"retry-after": "2"})
     if model == "slow":
         await asyncio.sleep(5)
     if model == "garbage":

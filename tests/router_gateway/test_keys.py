@@ -328,3 +328,29 @@ def test_cli_manages_keys_across_processes(tmp_path: Path):
     assert json.loads(sy(d, "keys", "list", "--json").stdout) == []
     listed = json.loads(sy(d, "keys", "list", "--json", "--all").stdout)
     assert [k["id"] for k in listed] == [made["id"]] and listed[0]["revoked_at"] is not None
+
+
+def test_without_redis_limits_are_skipped_and_unknown_keys_are_a_503(store: ExpertStore, tmp_path: Path):
+    # Degraded mode, as documented: a Redis that cannot be reached (a socket nobody serves).
+    import redis
+    import redis.asyncio as aredis
+
+    from router_gateway.auth import KeyCache
+    from router_gateway.errors import StoreUnavailable
+
+    keys = KeyStore(store.client)
+    _, rec = keys.create("limited", KeyPolicy(rpm=1))
+    gone = str(tmp_path / "nobody.sock")
+
+    async def go():
+        limiter = Limiter(keys, aredis.Redis(unix_socket_path=gone))
+        for _ in range(3):             # rpm=1 is not enforced without the store, and nothing raises
+            await limiter.admit(rec)
+        cache = KeyCache(KeyStore(redis.Redis(unix_socket_path=gone)))
+        cache.by_hash[hash_secret("sy-seen-before")] = rec   # cached before the store went away
+        assert await cache.lookup("sy-seen-before") == rec
+        with pytest.raises(StoreUnavailable) as exc:
+            await cache.lookup("sy-a-key-never-seen")
+        assert exc.value.status_code == 503
+
+    _run(go())

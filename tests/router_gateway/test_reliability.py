@@ -1,0 +1,134 @@
+"""Fallbacks and cooldowns against real upstreams on loopback (the scripted upstream, a
+port nobody listens on), with the cooldown state in the embedded real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from expert_registry.http1 import HTTP1Client
+from expert_registry.spec import ExpertSpec
+from expert_registry.store import ExpertStore
+from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream
+from router_gateway.app import create_app
+from router_gateway.dispatch import CooldownPolicy, Dispatcher, RouteDecision
+from router_gateway.errors import UpstreamTimeout
+from router_gateway.model_string import parse_model
+from router_gateway.registry_view import RegistryView, health_loop
+from tests.router_gateway.conftest import Gateway, make_settings, scripted_experts, serve_in_thread
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def _body() -> dict:
+    return {"model": "router:test", "messages": MSGS}
+
+
+def _dispatch(store: ExpertStore, first: str, *fallbacks: str, timeout_s: float = 2.0, **policy):
+    """One routed request decided by hand (first choice, then fallbacks), through the real
+    dispatcher and HTTP client; returns (status, headers, body) or the raised error."""
+    async def go():
+        view = RegistryView(store, 0.2)
+        await view.refresh()
+        client = HTTP1Client(16, 1.0, timeout_s)
+        try:
+            d = Dispatcher(view, HTTPUpstream(client), LiteLLMUpstream(timeout_s), cooldown=CooldownPolicy(**policy))
+            decision = RouteDecision(parse_model("router:test"), view.experts[first], "test",
+                                     fallbacks=tuple(view.experts[f] for f in fallbacks))
+            try:
+                resp = await d.handle("chat/completions", _body(), decision, "rid", time.perf_counter())
+            except Exception as exc:  # noqa: BLE001 - the test looks at it
+                return exc
+            return resp.status_code, dict(resp.headers), orjson.loads(resp.body)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def experts(store: ExpertStore, scripted_upstream: str) -> ExpertStore:
+    for spec in scripted_experts(scripted_upstream):
+        store.put(spec)
+    store.put(ExpertSpec(name="up-busy", backend="openai", base_url=scripted_upstream, served_model="busy"))
+    return store
+
+
+@pytest.mark.parametrize("first", ["down", "up-fail500", "up-garbage", "up-busy"])
+def test_a_failing_first_choice_falls_back_to_the_next(experts: ExpertStore, first: str):
+    status, headers, body = _dispatch(experts, first, "up-echo")
+    assert status == 200 and body["model"] == "router:test" and body["choices"][0]["message"]["content"]
+    assert (headers["x-switchyard-expert"], headers["x-switchyard-fallback-from"]) == ("up-echo", first)
+
+
+def test_a_timeout_falls_back_and_the_last_failure_is_the_answer(experts: ExpertStore):
+    status, headers, _ = _dispatch(experts, "up-slow", "down", "up-echo", timeout_s=0.5)
+    assert status == 200 and headers["x-switchyard-fallback-from"] == "up-slow,down"
+    err = _dispatch(experts, "up-fail500", "up-slow", timeout_s=0.5)
+    assert isinstance(err, UpstreamTimeout) and err.status_code == 504     # every one failed: the last error
+
+
+def test_failures_start_a_cooldown_every_process_sees(experts: ExpertStore, data_dir: Path, scripted_upstream):
+    settings = make_settings(data_dir, cooldown_failures=3, cooldown_s=30)
+    with serve_in_thread(create_app(settings, experts)) as a, serve_in_thread(create_app(settings, experts)) as b:
+        ga, gb = Gateway(a, experts), Gateway(b, experts)
+        with ga.client() as ca, gb.client() as cb:
+            # Failures counted in Redis across both processes: 2 here, 1 there.
+            for c in (ca, ca, cb):
+                assert c.post("/v1/chat/completions", json={"model": "up-fail500", "messages": MSGS}).status_code == 502
+            rec = experts.health()["up-fail500"]
+            assert not rec.healthy and rec.until == pytest.approx(time.time() + 30, abs=5)
+            assert "3 failure(s)" in rec.error and "engine crashed" in rec.error
+            time.sleep(0.5)                                              # the other gateway refreshes
+            for c in (ca, cb):
+                r = c.post("/v1/chat/completions", json={"model": "up-fail500", "messages": MSGS})
+                assert r.status_code == 503 and "cooldown" in r.json()["error"]["message"]
+                assert 25 <= int(r.headers["retry-after"]) <= 30
+            # A probe does not end a cooldown early...
+            assert experts.set_health("up-fail500", True) is False
+            assert experts.health()["up-fail500"].until is not None
+            # ...and other experts are untouched.
+            assert ca.post("/v1/chat/completions", json={"model": "up-echo", "messages": MSGS}).status_code == 200
+
+
+def test_an_upstream_retry_after_is_honoured(experts: ExpertStore, data_dir: Path):
+    settings = make_settings(data_dir, cooldown_failures=100)
+    with serve_in_thread(create_app(settings, experts)) as url, Gateway(url, experts).client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "up-busy", "messages": MSGS})
+        assert r.status_code == 429 and r.headers["retry-after"] == "2"     # the upstream's answer, as it came
+        assert r.json()["error"]["message"] == "too many requests"
+        r = c.post("/v1/chat/completions", json={"model": "up-busy", "messages": MSGS})
+        assert r.status_code == 503 and int(r.headers["retry-after"]) <= 2   # paused for what it asked
+        time.sleep(2.2)                                # no probing here: the cooldown ends by itself
+        assert c.post("/v1/chat/completions", json={"model": "up-busy", "messages": MSGS}).status_code == 429
+
+
+def test_a_cooled_expert_comes_back_through_a_health_probe(experts: ExpertStore):
+    # up-echo is cooled down although it works; "down" too, and it does not work.
+    for name in ("up-echo", "down"):
+        experts.note_failure(name, "test", threshold=1, window_s=60, cooldown_s=0.6)
+
+    async def go():
+        view = RegistryView(experts, 0.1)
+        await view.refresh()
+        client = HTTP1Client(8, 1.0, 1.0)
+        loop = asyncio.create_task(health_loop(view, client, 0.2))
+        try:
+            await asyncio.sleep(0.3)
+            during = {n: view.is_unhealthy(n) is not None for n in ("up-echo", "down")}
+            await asyncio.sleep(1.0)                  # the cooldown ended; probes decided
+            await view.refresh()
+            after = {n: view.is_unhealthy(n) is not None for n in ("up-echo", "down")}
+        finally:
+            loop.cancel()
+            await client.aclose()
+        return during, after
+
+    during, after = asyncio.run(go())
+    assert during == {"up-echo": True, "down": True}
+    assert after == {"up-echo": False, "down": True}
+    assert experts.health()["up-echo"].until is None and experts.health()["down"].until is None
