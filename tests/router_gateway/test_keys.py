@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -120,7 +120,11 @@ def test_requests_per_minute_slide_over_two_windows(store: ExpertStore):
 def test_tokens_per_minute_and_budget(store: ExpertStore):
     keys = KeyStore(store.client)
     _, rec = keys.create("tpm", KeyPolicy(tpm=100, budget_usd=0.00005, budget_period="day"))
-    clock = Clock(datetime(2026, 11, 24, 12, 0, 10, tzinfo=timezone.utc).timestamp())
+    # Tomorrow noon: a clock in the past would let Redis expire the spend counter at once
+    # (it lives until a week after its period).
+    day = datetime.now(timezone.utc).replace(hour=12, minute=0, second=10, microsecond=0) + timedelta(days=1)
+    clock = Clock(day.timestamp())
+    resets = (day + timedelta(days=1)).strftime("%Y-%m-%d 00:00 UTC")
 
     async def go():
         limiter = Limiter(keys, open_async_redis(store.client, None), clock)
@@ -131,7 +135,7 @@ def test_tokens_per_minute_and_budget(store: ExpertStore):
         clock.t += 120
         await limiter.admit(rec)
         await limiter.record(rec, 1, 1, 40_000)          # $0.00005 spent: the budget is gone
-        with pytest.raises(BudgetExceeded, match="resets at 2026-11-25 00:00 UTC") as exc:
+        with pytest.raises(BudgetExceeded, match=f"resets at {resets}") as exc:
             await limiter.admit(rec)
         assert exc.value.status_code == 402 and exc.value.error_type == "insufficient_quota"
         clock.t += 86400                                 # the next day has a fresh budget
@@ -141,7 +145,7 @@ def test_tokens_per_minute_and_budget(store: ExpertStore):
     _run(go())
     usage = keys.usage(rec, clock.t - 86400)
     assert usage == {"requests": 2, "input_tokens": 61, "output_tokens": 41, "spend_usd": 5e-05,
-                     "period": "2026-11-24", "period_spend_usd": 5e-05}
+                     "period": day.strftime("%Y-%m-%d"), "period_spend_usd": 5e-05}
 
 
 def test_concurrent_admits_and_bookings_from_two_limiters_lose_nothing(store: ExpertStore):
