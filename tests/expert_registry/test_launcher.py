@@ -188,7 +188,7 @@ def test_up_refuses_experts_without_a_launch_block(store, tmp_path):
 
 
 # --- command line and environment ----------------------------------------------------------
-def test_cpu_workers_get_eager_mode_a_kv_budget_and_disjoint_cores(store, tmp_path, monkeypatch):
+def test_cpu_workers_get_eager_mode_fp32_a_kv_budget_and_disjoint_cores(store, tmp_path, monkeypatch):
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     store.put(local_spec("a", str(tmp_path)))
@@ -200,8 +200,12 @@ def test_cpu_workers_get_eager_mode_a_kv_budget_and_disjoint_cores(store, tmp_pa
     assert cmd_a[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     assert cmd_a[cmd_a.index("--port") + 1] == "8123" and "--enforce-eager" in cmd_a
     assert cmd_a[cmd_a.index("--kv-cache-memory-bytes") + 1] == "512M"
+    assert cmd_a[cmd_a.index("--dtype") + 1] == "float32"
     cmd_b = launcher.command(store.get("b"), 8124)
     assert cmd_b.count("--kv-cache-memory-bytes") == 1 and cmd_b[-1] == "1G"  # the spec's own wins
+    store.put(local_spec("c", str(tmp_path)).model_copy(
+        update={"launch": LaunchSpec(model_path=str(tmp_path), args=["--dtype=bfloat16"])}))
+    assert not any(a == "--dtype" for a in launcher.command(store.get("c"), 8125))
     env_a, env_b = launcher.environment(store.get("a")), launcher.environment(store.get("b"))
     assert env_a["HF_HUB_OFFLINE"] == "1"
     cores_a = set(env_a["VLLM_CPU_OMP_THREADS_BIND"].split(","))
