@@ -17,6 +17,9 @@ Backend = Literal["vllm", "openai", "litellm", "collab"]
 # must not collide with the policy prefixes (`router:`, `collab:`) or `auto`.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
 RESERVED_NAMES = frozenset({"auto"})
+# Prices above this are typos (the dearest hosted models cost well under $1,000 per 1M tokens); it also
+# keeps price arithmetic finite.
+MAX_PRICE_PER_MTOK = 1_000_000.0
 
 
 class LaunchSpec(BaseModel):
@@ -43,8 +46,9 @@ class ExpertSpec(BaseModel):
     base_url: str | None = Field(default=None, description="OpenAI-compatible base URL, e.g. http://host:8001/v1")
     served_model: str = Field(description="The upstream's model id (or litellm provider model string)")
     api_key: str | None = Field(default=None, description="Key sent to the upstream, if it needs one")
-    input_price_per_mtok: float = Field(default=0.0, ge=0, description="USD per 1M input tokens")
-    output_price_per_mtok: float = Field(default=0.0, ge=0, description="USD per 1M output tokens")
+    input_price_per_mtok: float = Field(default=0.0, ge=0, le=MAX_PRICE_PER_MTOK, description="USD per 1M input tokens")
+    output_price_per_mtok: float = Field(default=0.0, ge=0, le=MAX_PRICE_PER_MTOK,
+                                         description="USD per 1M output tokens")
     context_window: int = Field(default=4096, gt=0)
     tokenizer: str = Field(default="unknown", description="Tokenizer family, e.g. llama3, smollm2")
     skills: list[str] = Field(default_factory=list)

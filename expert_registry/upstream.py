@@ -87,30 +87,37 @@ class HTTPUpstream:
             headers["x-request-id"] = request_id
         return headers
 
-    async def _post(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None):
+    async def _post(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None,
+                    timeout_s: float | None = None):
         try:
             return await self.client.request("POST", f"{spec.base_url}/{endpoint}", orjson.dumps(body),
-                                             self._headers(spec, request_id))
+                                             self._headers(spec, request_id),
+                                             read_timeout=-1.0 if timeout_s is None else timeout_s)
         except HTTPClientError as exc:
             raise _http_failure(exc, spec) from exc
+        except ValueError as exc:   # no base URL (a worker never started), or not http(s)
+            raise UpstreamUnreachable(f"expert '{spec.name}' has no usable base URL ({spec.base_url!r}); "
+                                      "start its worker or set base_url") from exc
 
     async def send(self, spec: ExpertSpec, endpoint: str, body: dict,
                    request_id: str | None = None) -> tuple[int, bytes]:
         status, content, _ = await self.answer(spec, endpoint, body, request_id)
         return status, content
 
-    async def answer(self, spec: ExpertSpec, endpoint: str, body: dict,
-                     request_id: str | None = None) -> tuple[int, bytes, str | None]:
-        """``send`` plus the upstream's Retry-After header (when it sent one)."""
-        resp = await self._post(spec, endpoint, body, request_id)
+    async def answer(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None = None,
+                     timeout_s: float | None = None) -> tuple[int, bytes, str | None]:
+        """``send`` plus the upstream's Retry-After header (when it sent one); ``timeout_s``
+        replaces the client's read timeout for this call."""
+        resp = await self._post(spec, endpoint, body, request_id, timeout_s)
         try:
             return resp.status, await resp.read(), resp.headers.get("retry-after")
         except HTTPClientError as exc:
             raise _http_failure(exc, spec) from exc
 
-    async def open_stream(self, spec: ExpertSpec, endpoint: str, body: dict,
-                          request_id: str | None = None) -> UpstreamStream:
-        resp = await self._post(spec, endpoint, body, request_id)
+    async def open_stream(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None = None,
+                          timeout_s: float | None = None) -> UpstreamStream:
+        """``timeout_s`` bounds the wait for the answer to start and for each chunk after."""
+        resp = await self._post(spec, endpoint, body, request_id, timeout_s)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -142,14 +149,14 @@ class LiteLLMUpstream:
             self._litellm = litellm
         return self._litellm
 
-    def _call(self, spec: ExpertSpec, endpoint: str, body: dict):
+    def _call(self, spec: ExpertSpec, endpoint: str, body: dict, timeout_s: float | None = None):
         lib = self._lib()
         kwargs = dict(body)
         kwargs["model"] = spec.served_model
         if spec.base_url:
             kwargs["api_base"] = spec.base_url
         kwargs["api_key"] = spec.api_key or "none"
-        kwargs.setdefault("timeout", self.timeout_s)
+        kwargs["timeout"] = timeout_s if timeout_s is not None else kwargs.get("timeout", self.timeout_s)
         fn = lib.acompletion if endpoint == "chat/completions" else lib.atext_completion
         return fn(**kwargs)
 
@@ -166,10 +173,10 @@ class LiteLLMUpstream:
             return status, orjson.dumps(err)
         return UpstreamProtocolError(f"{where} failed: {type(exc).__name__}: {exc}")
 
-    async def send(self, spec: ExpertSpec, endpoint: str, body: dict,
-                   request_id: str | None = None) -> tuple[int, bytes]:
+    async def send(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None = None,
+                   timeout_s: float | None = None) -> tuple[int, bytes]:
         try:
-            resp = await self._call(spec, endpoint, body)
+            resp = await self._call(spec, endpoint, body, timeout_s)
         except Exception as exc:  # litellm raises provider-specific types; map them all
             mapped = self._failure(exc, spec)
             if isinstance(mapped, tuple):
@@ -177,14 +184,14 @@ class LiteLLMUpstream:
             raise mapped from exc
         return 200, orjson.dumps(resp.model_dump(mode="json", exclude_none=True))
 
-    async def answer(self, spec: ExpertSpec, endpoint: str, body: dict,
-                     request_id: str | None = None) -> tuple[int, bytes, str | None]:
-        return (*await self.send(spec, endpoint, body, request_id), None)
+    async def answer(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None = None,
+                     timeout_s: float | None = None) -> tuple[int, bytes, str | None]:
+        return (*await self.send(spec, endpoint, body, request_id, timeout_s), None)
 
-    async def open_stream(self, spec: ExpertSpec, endpoint: str, body: dict,
-                          request_id: str | None = None) -> UpstreamStream:
+    async def open_stream(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None = None,
+                          timeout_s: float | None = None) -> UpstreamStream:
         try:
-            stream = await self._call(spec, endpoint, body)
+            stream = await self._call(spec, endpoint, body, timeout_s)
         except Exception as exc:  # see send()
             mapped = self._failure(exc, spec)
             if isinstance(mapped, tuple):

@@ -5,32 +5,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import time
-import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import PlainTextResponse, Response
 
 from expert_registry.http1 import HTTP1Client
 from expert_registry.store import ExpertStore, close_redis, open_async_redis, open_redis
 from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream
 from router_gateway import admin_routes, router_routes
-from router_gateway import key_routes
+from router_gateway import feedback_routes, key_routes
 from router_gateway.auth import KeyCache, KeyChecker
 from router_gateway.dispatch import CooldownPolicy, Dispatcher, error_response, internal_error_response
 from router_gateway.app_helpers import read_json
-from router_gateway.errors import GatewayError, error_body
+from router_gateway.decision_log import DecisionLog
+from router_gateway.errors import GatewayError, InvalidRequest, error_body
 from router_gateway.keys import KeyRecord, KeyStore, Limiter
 from router_gateway.model_string import parse_model
 from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, invalid_from_errors, validate_body
+from router_gateway.observe import Metrics, Trace, configure_logging, request_id_from, route_label
 from router_gateway.registry_view import RegistryView, health_loop
-from router_gateway.routing import RoutingTable
+from router_gateway.routing import RoutingTable, query_text
 from router_gateway.settings import Settings
 from router_gateway.skills_llm import SkillAsker
 
@@ -61,31 +65,67 @@ class FastPath:
     """Serves the hot POST routes straight from ASGI, ahead of FastAPI's middleware stack
     (which cost about half the gateway's CPU per proxied request); everything else,
     lifespan included, goes to the FastAPI app. The handlers are the same functions the
-    FastAPI routes call, so both paths behave alike and the OpenAPI schema stays whole."""
+    FastAPI routes call, so both paths behave alike and the OpenAPI schema stays whole.
 
-    def __init__(self, app: FastAPI, routes: dict[str, Any]):
+    Every HTTP request gets a ``Trace`` (``scope["switchyard.trace"]``): its request id
+    goes on the response and into log lines, and ``observe`` gets the trace once the
+    last byte is out (metrics, the decision log)."""
+
+    def __init__(self, app: FastAPI, routes: dict[str, Any], observe: Callable[[Trace], None]):
         self.app = app
         self.routes = routes
         self.state = app.state
+        self.observe = observe
 
     async def __call__(self, scope, receive, send) -> None:
-        handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if handler is None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope["app"] = self.app
-        request = Request(scope, receive)
+        rid = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                rid = value
+                break
+        trace = Trace(request_id_from(rid), time.perf_counter(), time.time(), route_label(scope["path"]))
+        scope["switchyard.trace"] = trace
+        rid_header = (b"x-request-id", trace.rid.encode())
+
+        async def send_traced(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                trace.read_response_headers(message["status"], headers)
+                headers.append(rid_header)
+                message = {**message, "headers": headers}
+            elif not message.get("more_body", False):
+                trace.ended = time.perf_counter()
+            await send(message)
+
+        token = trace.enter()
         try:
-            response = await handler(request)
-        except GatewayError as exc:
-            response = error_response(exc)
-        except Exception as exc:  # never let a bug become a dropped connection
-            response = internal_error_response(exc)
-        await response(scope, receive, send)
+            handler = self.routes.get(scope["path"]) if scope["method"] == "POST" else None
+            if handler is None:
+                await self.app(scope, receive, send_traced)
+                return
+            scope["app"] = self.app
+            request = Request(scope, receive)
+            try:
+                response = await handler(request)
+            except GatewayError as exc:
+                response = error_response(exc)
+            except Exception as exc:  # never let a bug become a dropped connection
+                response = internal_error_response(exc)
+            await response(scope, receive, send_traced)
+        finally:
+            try:
+                self.observe(trace)
+            except Exception:  # metrics must never break an answer
+                log.exception("could not record request %s", trace.rid)
+            Trace.leave(token)
 
 
 def create_app(settings: Settings | None = None, store: ExpertStore | None = None) -> FastPath:
     settings = settings or Settings()
+    configure_logging(settings.log_level)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -99,6 +139,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         await keys.refresh()
         aredis = open_async_redis(st.client, settings.redis_url)
         limiter = Limiter(key_store, aredis)
+        decisions = DecisionLog(aredis, st.prefix, settings.decision_log_max_entries, settings.decision_log_prompts,
+                                on_drop=metrics.log_dropped.inc)
         client = HTTP1Client(settings.upstream_max_connections, settings.upstream_connect_timeout_s,
                              settings.upstream_timeout_s)
         try:
@@ -106,15 +148,18 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             app.state.view = view
             app.state.routing = routing
             app.state.key_store, app.state.limiter = key_store, limiter
+            app.state.decisions, app.state.aredis = decisions, aredis
             app.state.keys = KeyChecker(settings.resolved_admin_key(), settings.api_keys, keys)
             http, litellm = HTTPUpstream(client), LiteLLMUpstream(settings.upstream_timeout_s)
             routing.skills = SkillAsker(st, view, http, litellm)
             app.state.dispatcher = Dispatcher(view, http, litellm, routing, CooldownPolicy(
                 settings.cooldown_failures, settings.cooldown_window_s, settings.cooldown_s,
-                settings.max_retry_after_s))
+                settings.max_retry_after_s), metrics)
             tasks = [asyncio.create_task(view.run(), name="registry-refresh"),
                      asyncio.create_task(routing.run(), name="routers-refresh"),
                      asyncio.create_task(keys.run(), name="keys-refresh")]
+            if decisions.enabled:
+                tasks.append(asyncio.create_task(decisions.run(), name="decision-log"))
             if settings.health_interval_s > 0:
                 tasks.append(asyncio.create_task(health_loop(view, client, settings.health_interval_s),
                                                  name="health"))
@@ -125,6 +170,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await limiter.drain()
+                await decisions.flush()
                 await aredis.aclose()
                 if store is None:  # we opened it, we close it
                     await anyio.to_thread.run_sync(close_redis, st.client)
@@ -134,28 +180,35 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     app = FastAPI(title="Switchyard", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible multi-LLM routing gateway")
     app.state.settings = settings
+    app.state.metrics = metrics = Metrics(lambda: getattr(app.state, "view", None))
     _install_error_handlers(app)
 
     async def _proxy(request: Request, endpoint: str, wire: type) -> Response:
-        t0 = time.perf_counter()
+        trace: Trace = request.scope["switchyard.trace"]
         state = request.app.state
-        key: KeyRecord | None = await state.keys.client(request)
+        key, trace.key = await state.keys.caller(request)
         body = await read_json(request, settings.max_body_bytes)
         validate_body(wire, body)
-        meter = None
+        timeout_s = _timeout(request.headers.get("x-switchyard-timeout"), settings.max_request_timeout_s)
+        trace.endpoint, trace.model = endpoint, body["model"]
+        logging_decisions = state.decisions.enabled
+        if logging_decisions and settings.decision_log_prompts:
+            trace.prompt = _prompt_or_none(body, endpoint)
         if key is not None:
             key.check_model(body["model"])
             await state.limiter.admit(key)
-            meter = state.limiter.meter(key)
+        meter = trace.metering(state.limiter.meter(key) if key is not None else None)
         dispatcher: Dispatcher = state.dispatcher
         target = parse_model(body["model"])
         if target.kind == "expert":  # the fast path: no awaits
             decision = dispatcher.resolve(target)
         else:
             explain = request.headers.get("x-switchyard-explain", "").lower() in ("1", "true", "yes")
-            decision = await dispatcher.route(target, body, endpoint, explain)
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        return await dispatcher.handle(endpoint, body, decision, rid, t0, meter)
+            decision = await dispatcher.route(target, body, endpoint, explain or logging_decisions)
+            trace.route_s, trace.scores = decision.route_s, decision.scores
+            if not explain and decision.scores is not None:
+                decision = dataclasses.replace(decision, scores=None)
+        return await dispatcher.handle(endpoint, body, decision, trace.rid, trace.t0, meter, timeout_s)
 
     async def chat_completions(request: Request) -> Response:
         return await _proxy(request, "chat/completions", ChatCompletionRequest)
@@ -184,7 +237,41 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                 "experts": len(view.experts), "healthy_experts": healthy}
         return Response(orjson.dumps(body), media_type="application/json")
 
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def prometheus_metrics(request: Request) -> Response:
+        """Prometheus metrics (text format); see ``router_gateway.observe``."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def observe(trace: Trace) -> None:
+        metrics.finish(trace)
+        decisions = getattr(app.state, "decisions", None)
+        if trace.endpoint and decisions is not None:
+            decisions.append(trace)
+
     app.include_router(admin_routes.router)
     app.include_router(key_routes.router)
     app.include_router(router_routes.router)
-    return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions})
+    app.include_router(feedback_routes.router)
+    return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions}, observe)
+
+
+def _timeout(header: str | None, limit: float) -> float | None:
+    """``x-switchyard-timeout``: seconds to wait for the expert (to start answering, and
+    between streamed chunks) instead of the configured upstream timeout."""
+    if header is None:
+        return None
+    try:
+        value = float(header)
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= limit):
+        raise InvalidRequest(f"x-switchyard-timeout must be a number of seconds above 0 and at most {limit:g}; "
+                             f"got {header[:40]!r}", code="invalid_timeout")
+    return value
+
+
+def _prompt_or_none(body: dict, endpoint: str) -> str | None:
+    try:
+        return query_text(body, endpoint) or None
+    except GatewayError:   # token-id prompts have no text to log
+        return None

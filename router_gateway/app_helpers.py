@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from router_gateway.errors import InvalidRequest, PayloadTooLarge
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], body: Any, what: str = "") -> M:
+    """``body`` (parsed JSON) as ``model``, or the 400 naming the first bad field."""
+    from router_gateway.protocol import invalid_from_validation
+
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"request body must be a JSON object{what}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from None
 
 
 async def read_json(request: Request, limit: int) -> Any:

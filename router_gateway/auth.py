@@ -98,19 +98,26 @@ class KeyChecker:
     async def client(self, request: Request) -> KeyRecord | None:
         """Client endpoints: the managed key's record when one is used (its policy applies),
         None for an open gateway, the admin key or a configured key; else 401."""
+        return (await self.caller(request))[0]
+
+    async def caller(self, request: Request) -> tuple[KeyRecord | None, str]:
+        """``client`` plus who called, as metrics and the decision log name it: the key's
+        id, ``admin``, ``static`` (a key from SWITCHYARD_API_KEYS), or ``""`` (open)."""
         if self.open:
-            return None
+            return None, ""
         token = bearer(request)
         if token is None:
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
-        if token in self.client_keys or self._is_admin(token):
-            return None
+        if token in self.client_keys:
+            return None, "static"
+        if self._is_admin(token):
+            return None, "admin"
         rec = await self.managed.lookup(token) if self.managed is not None else None
         if rec is None:
             raise AuthError("invalid API key")
         if rec.revoked_at is not None:
             raise AuthError(f"API key '{rec.name}' has been revoked", code="revoked_api_key")
-        return rec
+        return rec, rec.id
 
     def admin(self, request: Request) -> None:
         token = bearer(request)

@@ -8,7 +8,6 @@ running gateway; gateways pick up changes within ``registry_refresh_s``.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ from router_gateway.cli_common import fail as _fail
 from router_gateway.cli_common import open_store
 from router_gateway.cli_fleet import fleet_app
 from router_gateway.cli_keys import keys_app
+from router_gateway.cli_logs import logs_app
 from router_gateway.cli_routers import routers_app
 from router_gateway.settings import Settings
 
@@ -38,6 +38,7 @@ app.add_typer(routers_app, name="routers")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(collab_app, name="collab")
 app.add_typer(keys_app, name="keys")
+app.add_typer(logs_app, name="logs")
 cli_train.register(app)
 
 
@@ -55,14 +56,17 @@ def serve(
 ) -> None:
     """Run the gateway (OpenAI-compatible API on http://HOST:PORT/v1)."""
     import os
+    import shutil
+    import tempfile
 
     import uvicorn
+
+    from router_gateway.observe import configure_logging
 
     settings = Settings()
     host = host or settings.host
     port = port or settings.port
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per worker health poll is noise
+    configure_logging(settings.log_level)
     launcher = None
     if demo:
         from router_gateway.demo import start_demo
@@ -80,6 +84,9 @@ def serve(
     from expert_registry.store import close_redis
 
     held = _store(settings).client
+    if workers > 1:   # every worker writes its metric samples here; a scrape sums them
+        metrics_dir = Path(tempfile.mkdtemp(prefix="switchyard-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     try:
         uvicorn.run("router_gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level.lower())
@@ -88,6 +95,8 @@ def serve(
             console.print("stopping demo workers ...")
             launcher.down()
         close_redis(held)
+        if workers > 1:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @experts_app.command("add")

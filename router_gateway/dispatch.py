@@ -23,8 +23,10 @@ from expert_registry.upstream import (
     HTTPUpstream,
     LiteLLMUpstream,
     UpstreamFailure,
+    UpstreamProtocolError,
     UpstreamStream,
     UpstreamTimedOut,
+    UpstreamUnreachable,
 )
 from router_gateway.aggregate import Aggregation
 from router_gateway.errors import (
@@ -42,6 +44,7 @@ from router_gateway.registry_view import RegistryView
 from router_gateway.sse import reframe
 
 if TYPE_CHECKING:  # routing imports RouteDecision from here
+    from router_gateway.observe import Metrics
     from router_gateway.routing import RoutingTable
 
 log = logging.getLogger(__name__)
@@ -64,8 +67,10 @@ class RouteDecision:
 
 class Dispatcher:
     def __init__(self, view: RegistryView, http: HTTPUpstream, litellm: LiteLLMUpstream,
-                 routing: RoutingTable | None = None, cooldown: CooldownPolicy | None = None):
+                 routing: RoutingTable | None = None, cooldown: CooldownPolicy | None = None,
+                 metrics: Metrics | None = None):
         self.view = view
+        self.metrics = metrics
         self.cooldown = cooldown or CooldownPolicy()
         self.http = http
         self.litellm = litellm
@@ -126,10 +131,11 @@ class Dispatcher:
 
     # --- calling -----------------------------------------------------------------
     async def handle(self, endpoint: str, body: dict, decision: RouteDecision, request_id: str,
-                     t0: float, meter: Meter | None = None) -> Response:
+                     t0: float, meter: Meter | None = None, timeout_s: float | None = None) -> Response:
         """Call the decided expert and answer. With a ``meter``, a stream asks the upstream
-        for its usage chunk (and drops it again when the client did not ask for it)."""
-        headers = {"x-switchyard-router": decision.router, "x-request-id": request_id}
+        for its usage chunk (and drops it again when the client did not ask for it).
+        ``timeout_s`` replaces the configured upstream timeout for this request."""
+        headers = {"x-switchyard-router": decision.router}
         if decision.recruited:
             body, good, bad = await Aggregation(self._upstream).gather(endpoint, body, decision.recruited,
                                                                        request_id)
@@ -152,7 +158,7 @@ class Dispatcher:
                 headers["x-switchyard-fallback-from"] = ",".join(failed)
             try:
                 return await self._call(spec, endpoint, body, client_model, request_id, t0, dict(headers), meter,
-                                        hide_usage)
+                                        hide_usage, timeout_s)
             except _Failed as exc:
                 failed.append(spec.name)
                 last = exc
@@ -163,7 +169,8 @@ class Dispatcher:
         raise last.error
 
     async def _call(self, spec: ExpertSpec, endpoint: str, body: dict, client_model: str, request_id: str,
-                    t0: float, headers: dict, meter: Meter | None, hide_usage: bool) -> Response:
+                    t0: float, headers: dict, meter: Meter | None, hide_usage: bool,
+                    timeout_s: float | None = None) -> Response:
         """One attempt at one expert. Raises ``_Failed`` for what the next expert may fix:
         no connection, a timeout or a 5xx before the first byte, or a 429."""
         headers["x-switchyard-expert"] = spec.name
@@ -173,28 +180,31 @@ class Dispatcher:
         t_up = time.perf_counter()
         try:
             if body.get("stream") is True:
-                stream = await upstream.open_stream(spec, endpoint, body, request_id)
+                stream = await upstream.open_stream(spec, endpoint, body, request_id, timeout_s)
                 up_s = time.perf_counter() - t_up
                 if stream.status == 200:
+                    await _first_events(spec, stream)
                     headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
                     return StreamingResponse(self._relay(stream, rewrite, spec, meter, hide_usage),
                                              media_type="text/event-stream", headers=headers)
                 status, content, retry_after = stream.status, await stream.read_all(), stream.retry_after
             else:
-                status, content, retry_after = await upstream.answer(spec, endpoint, body, request_id)
+                status, content, retry_after = await upstream.answer(spec, endpoint, body, request_id, timeout_s)
                 up_s = time.perf_counter() - t_up
         except UpstreamTimedOut as exc:
-            raise _Failed(UpstreamTimeout(str(exc))) from exc
+            raise _Failed(UpstreamTimeout(str(exc)), reason="timeout") from exc
+        except UpstreamUnreachable as exc:
+            raise _Failed(UpstreamError(str(exc)), reason="unreachable") from exc
         except UpstreamFailure as exc:
-            raise _Failed(UpstreamError(str(exc))) from exc
+            raise _Failed(UpstreamError(str(exc)), reason="protocol") from exc
         try:
             content = _answer_or_raise(spec, status, content, rewrite)
         except UpstreamError as exc:
-            raise _Failed(exc) from exc
+            raise _Failed(exc, reason="5xx" if status >= 500 else "bad_answer") from exc
         if status == 429:
             if retry_after is not None:
                 headers["retry-after"] = retry_after
-            raise _Failed(UpstreamError(f"expert '{spec.name}' is rate limited"), retry_after=retry_after,
+            raise _Failed(UpstreamError(f"expert '{spec.name}' is rate limited"), "429", retry_after=retry_after,
                           response=Response(content, status_code=429, media_type="application/json",
                                             headers=headers))
         if meter is not None and status < 400:
@@ -206,6 +216,8 @@ class Dispatcher:
         """Count the failure in Redis (shared by every gateway process); at the policy's
         threshold, or when the upstream sent Retry-After, the expert goes into cooldown."""
         p = self.cooldown
+        if self.metrics is not None:
+            self.metrics.upstream_failure(spec.name, failure.reason)
         pause = _seconds(failure.retry_after)
         try:
             rec = await anyio.to_thread.run_sync(lambda: self.view.store.note_failure(
@@ -217,6 +229,8 @@ class Dispatcher:
         if rec is not None:
             log.warning("expert %s: %s", spec.name, rec.error)
             self.view.cooled(spec.name, rec)
+            if self.metrics is not None:
+                self.metrics.cooldown(spec.name)
 
     async def _relay(self, stream: UpstreamStream, rewrite: str | None, spec: ExpertSpec,
                      meter: Meter | None = None, hide_usage: bool = False) -> AsyncIterator[bytes]:
@@ -242,6 +256,34 @@ class Dispatcher:
                 meter(spec, seen[-1] if seen else None)
 
 
+_SSE_STARTS = (b"data:", b"event:", b"id:", b"retry:", b":")
+
+
+async def _first_events(spec: ExpertSpec, stream: UpstreamStream) -> None:
+    """Wait for a stream's first bytes and check they are server-sent events, so that a
+    stream failing before its first byte (or answering 200 with something else, an HTML
+    page say) fails over like a plain answer would; the bytes stay in ``stream``."""
+    try:
+        first = await anext(stream.chunks, b"")
+    except UpstreamFailure:
+        await stream.aclose()
+        raise
+    head = first.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not (head.startswith(_SSE_STARTS) or (0 < len(head) < 6 and any(s.startswith(head) for s in _SSE_STARTS))):
+        await stream.aclose()
+        what = "nothing" if not first else f"{first[:60]!r}"
+        raise UpstreamProtocolError(f"expert '{spec.name}' answered a streamed request with {what}, "
+                                    "not server-sent events")
+    rest = stream.chunks
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in rest:
+            yield chunk
+
+    stream.chunks = chunks()
+
+
 def _ask_for_usage(body: dict) -> bool:
     """Make a streamed request include the upstream's usage chunk; True when the client
     had not asked for it (so the relay drops it again)."""
@@ -256,9 +298,11 @@ class _Failed(Exception):
     """An attempt the next expert may succeed at: the error to answer if none does, the
     upstream's Retry-After, and (429) the upstream's own answer to pass on as it came."""
 
-    def __init__(self, error: GatewayError, retry_after: str | None = None, response: Response | None = None):
+    def __init__(self, error: GatewayError, reason: str, retry_after: str | None = None,
+                 response: Response | None = None):
         super().__init__(error.message)
         self.error = error
+        self.reason = reason  # for metrics: timeout, unreachable, protocol, 5xx, bad_answer, 429
         self.retry_after = retry_after
         self.response = response
 

@@ -8,10 +8,9 @@ from typing import Any
 import anyio
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
 from starlette.responses import Response
 
-from router_gateway.app_helpers import read_json
+from router_gateway.app_helpers import read_json, validated
 from router_gateway.deployments import (
     DeploymentCheck,
     DeploymentInvalid,
@@ -23,7 +22,7 @@ from router_gateway.deployments import (
 from router_gateway.dispatch import Dispatcher
 from router_gateway.errors import InvalidRequest, NotFound
 from router_gateway.model_string import parse_model
-from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, invalid_from_validation, validate_body
+from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, validate_body
 from router_gateway.routing import RoutingTable
 
 router = APIRouter(tags=["routers"])
@@ -35,12 +34,7 @@ def _json(obj: Any, status: int = 200) -> Response:
 
 
 def _deployment_from(body: Any) -> RouterDeployment:
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object (a router deployment)")
-    try:
-        dep = RouterDeployment.model_validate(body)
-    except ValidationError as exc:
-        raise invalid_from_validation(exc) from None
+    dep = validated(RouterDeployment, body, " (a router deployment)")
     return dep.model_copy(update={"router_dir": absolute_dir(dep.router_dir)})
 
 

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     cooldown_s: float = Field(default=30.0, ge=0, description="How long a failing expert stays out of rotation "
                               "(then back through a health probe)")
     max_retry_after_s: float = Field(default=300.0, ge=0, description="Upstream Retry-After honoured up to this")
+    max_request_timeout_s: float = Field(default=600.0, gt=0, description="Largest x-switchyard-timeout a "
+                                         "client may ask for")
+    decision_log_max_entries: int = Field(default=100_000, ge=0, description="Decision-log entries kept in Redis "
+                                          "(and as many feedback entries); 0 turns the log off")
+    decision_log_prompts: bool = Field(default=True, description="Keep each request's prompt text in the "
+                                       "decision log (needed by `switchyard logs export`)")
     log_level: str = "info"
 
     def resolved_admin_key(self) -> str:

@@ -10,6 +10,7 @@ The behaviour is chosen by the ``served_model`` the gateway forwards:
   bad400       HTTP 400 with an OpenAI error body (passes through the gateway)
   slow         waits 5 s before answering (for timeouts)
   breakstream  streams two chunks then drops the connection
+  slowstream   streams a chunk every 0.5 s, without end (for killing the server midway)
   garbage      HTTP 200 with a body that is not JSON
   busy         HTTP 429 with ``Retry-After: 2`` and an OpenAI error body
   skills-*     answers with a fixed list of skill keywords (``SKILL_ANSWERS``), as a
@@ -76,7 +77,8 @@ async def _serve(request: Request, chat: bool) -> Response:
     if model == "garbage":
         return Response(b"<html>not json</html>", media_type="text/html")
     if not body.get("stream"):
-        return JSONResponse(_completion(model, body, chat))
+        return JSONResponse({**_completion(model, body, chat),
+                             "received_request_id": request.headers.get("x-request-id")})
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     chunks = _chunks(model, include_usage, chat)
 
@@ -85,7 +87,10 @@ async def _serve(request: Request, chat: bool) -> Response:
             if model == "breakstream" and i == 2:
                 raise RuntimeError("upstream dropped the connection on purpose")
             yield f"data: {json.dumps(c)}\n\n".encode()
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.5 if model == "slowstream" else 0)
+        while model == "slowstream":     # a long answer, for killing the server midway
+            yield f"data: {json.dumps(chunks[1])}\n\n".encode()
+            await asyncio.sleep(0.5)
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(gen(), media_type="text/event-stream")

@@ -1,0 +1,272 @@
+"""Observability: a request id on every response and log line, one ``Trace`` per HTTP
+request, and the Prometheus metrics built from it when the request ends.
+
+Request ids: a client's ``x-request-id`` is kept when it is a sane token (1-128 of
+``A-Za-z0-9._:-``), otherwise the gateway makes one; it goes back on every response
+(errors included), to the upstream expert, into the decision log, and into every log
+line written while the request is handled (``%(request_id)s``, ``-`` outside one).
+
+Metrics (``GET /metrics``, Prometheus text format)::
+
+    switchyard_requests_total{route, code, expert, key}       every HTTP request
+    switchyard_request_duration_seconds{route, expert}        until the last byte (streams included)
+    switchyard_gateway_overhead_seconds{route}                the gateway's own time before the upstream answered
+    switchyard_routing_decision_seconds{router}               scoring + policy of routed requests
+    switchyard_tokens_total{expert, key, kind}                prompt / completion tokens the upstream reported
+    switchyard_spend_usd_total{expert, key}                   at the expert's prices
+    switchyard_fallbacks_total{expert}                        answers that moved past this expert
+    switchyard_upstream_failures_total{expert, reason}        failed calls (connect, timeout, 5xx, 429, ...)
+    switchyard_cooldowns_total{expert}                        times an expert was put in cooldown
+    switchyard_decision_log_dropped_total                     decision-log entries lost (Redis down, backlog)
+    switchyard_expert_up{expert}                              1 healthy, 0 unhealthy or cooling (at scrape)
+    switchyard_expert_cooldown{expert}                        1 while in a cooldown (at scrape)
+    switchyard_store_up                                       1 while Redis answers (at scrape)
+
+``key`` is the API key's id (never its secret): ``static`` for keys from
+SWITCHYARD_API_KEYS, ``admin``, and ``""`` when the gateway is open. With
+``switchyard serve --workers N`` every process writes its samples under
+PROMETHEUS_MULTIPROC_DIR and any one of them answers a scrape with the sum.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from expert_registry.spec import ExpertSpec
+    from router_gateway.registry_view import RegistryView
+
+REQUEST_ID_HEADER = "x-request-id"
+_SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_request_id = contextvars.ContextVar("switchyard_request_id", default="-")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"
+
+# Routes named in metric labels; any other path counts as "other" (no label per URL).
+_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/experts", "/v1/keys", "/v1/routers",
+           "/v1/route", "/v1/feedback", "/health", "/metrics"}
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+# --- request ids and log lines ----------------------------------------------------------
+def request_id_from(header: bytes | str | None) -> str:
+    """The client's id when it is a sane token, else a new one."""
+    if header:
+        text = header.decode("latin-1") if isinstance(header, bytes) else header
+        if _SANE_ID.fullmatch(text):
+            return text
+    return uuid.uuid4().hex
+
+
+def current_request_id() -> str:
+    return _request_id.get()
+
+
+_factory_installed = False
+
+
+def install_log_context() -> None:
+    """Give every log record a ``request_id`` attribute (the current request's, or ``-``);
+    once per process, whatever handlers and formats are configured."""
+    global _factory_installed
+    if _factory_installed:
+        return
+    base = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = base(*args, **kwargs)
+        record.request_id = _request_id.get()
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True
+
+
+def configure_logging(level: str) -> None:
+    """Root logging for a gateway process (``serve`` and each of its workers)."""
+    install_log_context()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per worker health poll is noise
+
+
+# --- one request ----------------------------------------------------------------------
+def route_label(path: str) -> str:
+    if path in _ROUTES:
+        return path
+    parts = path.split("/", 3)
+    if len(parts) > 2 and parts[1] == "v1":
+        label = f"/v1/{parts[2]}"
+        if label in _ROUTES:
+            return label
+    return "other"
+
+
+@dataclass(slots=True)
+class Trace:
+    """What one HTTP request did, filled in as it goes; read once it ended."""
+
+    rid: str
+    t0: float                      # perf_counter at arrival
+    wall: float                    # time.time() at arrival
+    route: str
+    status: int = 0
+    key: str = ""                  # the caller's key id; see the module docstring
+    endpoint: str = ""             # chat/completions | completions (proxied requests only)
+    model: str = ""                # ``model`` as the client sent it (proxied requests only)
+    router: str = ""
+    expert: str = ""               # the expert that answered (or was last tried)
+    fallback_from: str = ""
+    route_s: float | None = None
+    scores: str | None = None
+    prompt: str | None = None
+    usage: tuple[int, int] | None = None
+    cost_usd: float = 0.0
+    overhead_s: float | None = None
+    ended: float | None = None     # perf_counter when the last byte went out
+
+    def read_response_headers(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        for name, value in headers:
+            if name.startswith(b"x-switchyard-"):
+                if name == b"x-switchyard-expert":
+                    self.expert = value.decode("latin-1")
+                elif name == b"x-switchyard-router":
+                    self.router = value.decode("latin-1")
+                elif name == b"x-switchyard-fallback-from":
+                    self.fallback_from = value.decode("latin-1")
+                elif name == b"x-switchyard-overhead-ms":
+                    try:
+                        self.overhead_s = float(value) / 1000
+                    except ValueError:
+                        pass
+
+    def metering(self, then: Callable[["ExpertSpec", "tuple[int, int] | None"], None] | None):
+        """A ``Dispatcher`` meter that notes the answer's usage and cost here, then calls
+        ``then`` (the key's booking) when there is one."""
+
+        def meter(spec: "ExpertSpec", usage: tuple[int, int] | None) -> None:
+            self.expert = spec.name
+            self.usage = usage
+            if usage is not None:
+                self.cost_usd = (usage[0] * spec.input_price_per_mtok + usage[1] * spec.output_price_per_mtok) / 1e6
+            if then is not None:
+                then(spec, usage)
+
+        return meter
+
+    def enter(self) -> contextvars.Token:
+        return _request_id.set(self.rid)
+
+    @staticmethod
+    def leave(token: contextvars.Token) -> None:
+        _request_id.reset(token)
+
+
+# --- metrics --------------------------------------------------------------------------
+class _FleetCollector(Collector):
+    """Gauges read from the registry view at scrape time (every process has the same)."""
+
+    def __init__(self, view_of: Callable[[], "RegistryView | None"]):
+        self.view_of = view_of
+
+    def collect(self):
+        view = self.view_of()
+        up = GaugeMetricFamily("switchyard_expert_up", "1 when the expert is healthy and not cooling down",
+                               labels=["expert"])
+        cool = GaugeMetricFamily("switchyard_expert_cooldown", "1 while the expert is in a cooldown",
+                                 labels=["expert"])
+        store = GaugeMetricFamily("switchyard_store_up", "1 while the Redis store answers")
+        if view is not None:
+            now = time.time()
+            for name in sorted(view.experts):
+                bad = view.is_unhealthy(name)
+                up.add_metric([name], 0.0 if bad is not None else 1.0)
+                h = view.health.get(name)
+                cooling = h is not None and h.until is not None and h.until > now
+                cool.add_metric([name], 1.0 if cooling else 0.0)
+            store.add_metric([], 1.0 if view.store_error is None else 0.0)
+        yield up
+        yield cool
+        yield store
+
+
+class Metrics:
+    """The gateway's Prometheus metrics. One per app (tests run several in one process);
+    with PROMETHEUS_MULTIPROC_DIR set (``serve --workers N``), samples go to files there
+    and a scrape sums every process's."""
+
+    def __init__(self, view_of: Callable[[], "RegistryView | None"] = lambda: None):
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        reg = None if self.multiprocess else CollectorRegistry(auto_describe=True)
+        self.registry = reg
+        self.fleet = _FleetCollector(view_of)
+        self.requests = Counter("switchyard_requests", "HTTP requests by route, status code, expert and key",
+                                ["route", "code", "expert", "key"], registry=reg)
+        self.duration = Histogram("switchyard_request_duration_seconds",
+                                  "Request time until the last byte was sent (streams included)",
+                                  ["route", "expert"], buckets=_LATENCY_BUCKETS, registry=reg)
+        self.overhead = Histogram("switchyard_gateway_overhead_seconds",
+                                  "The gateway's own time in a proxied request (before the upstream answered)",
+                                  ["route"], buckets=_OVERHEAD_BUCKETS, registry=reg)
+        self.routing = Histogram("switchyard_routing_decision_seconds",
+                                 "Routing decision time (embedding, scoring, policy)", ["router"],
+                                 buckets=_OVERHEAD_BUCKETS + (2.5, 5), registry=reg)
+        self.tokens = Counter("switchyard_tokens", "Tokens the upstream reported", ["expert", "key", "kind"],
+                              registry=reg)
+        self.spend = Counter("switchyard_spend_usd", "Spend at the expert's prices", ["expert", "key"], registry=reg)
+        self.fallbacks = Counter("switchyard_fallbacks", "Answers that moved on past this expert", ["expert"],
+                                 registry=reg)
+        self.failures = Counter("switchyard_upstream_failures", "Failed calls to an expert", ["expert", "reason"],
+                                registry=reg)
+        self.cooldowns = Counter("switchyard_cooldowns", "Times an expert was put in a cooldown", ["expert"],
+                                 registry=reg)
+        self.log_dropped = Counter("switchyard_decision_log_dropped", "Decision-log entries lost", registry=reg)
+        if reg is not None:
+            reg.register(self.fleet)
+
+    def finish(self, t: Trace) -> None:
+        """Count one ended request."""
+        elapsed = (t.ended or time.perf_counter()) - t.t0
+        self.requests.labels(t.route, str(t.status), t.expert, t.key).inc()
+        self.duration.labels(t.route, t.expert).observe(elapsed)
+        if t.overhead_s is not None:
+            self.overhead.labels(t.route).observe(t.overhead_s)
+        if t.route_s is not None:
+            self.routing.labels(t.router).observe(t.route_s)
+        if t.usage is not None:
+            self.tokens.labels(t.expert, t.key, "prompt").inc(t.usage[0])
+            self.tokens.labels(t.expert, t.key, "completion").inc(t.usage[1])
+            if t.cost_usd:
+                self.spend.labels(t.expert, t.key).inc(t.cost_usd)
+        if t.fallback_from:
+            for name in t.fallback_from.split(","):
+                self.fallbacks.labels(name).inc()
+
+    def upstream_failure(self, expert: str, reason: str) -> None:
+        self.failures.labels(expert, reason).inc()
+
+    def cooldown(self, expert: str) -> None:
+        self.cooldowns.labels(expert).inc()
+
+    def render(self) -> bytes:
+        if self.registry is not None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)
+        reg.register(self.fleet)
+        return generate_latest(reg)

@@ -1,0 +1,209 @@
+"""Observability end to end: request ids, Prometheus metrics, the decision log with its
+retention cap, feedback, and `switchyard logs export` into a file the router trainer
+reads. Real gateway on loopback, real Redis (embedded), the scripted real-HTTP upstream,
+the real OpenAI SDK."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from typer.testing import CliRunner
+
+from expert_registry.store import ExpertStore
+from router_gateway.cli import app as cli_app
+from router_gateway.cli_common import console
+from router_gateway.cli_logs import parse_when
+from router_gateway.decision_log import decisions_key, export_rows, feedback_key
+from router_gateway.keys import KeyPolicy, KeyStore
+from router_gateway.app import create_app
+from router_models.logs import load_logs
+from tests.router_gateway.conftest import ADMIN_KEY, CLIENT_KEY, make_settings, scripted_experts, serve_in_thread
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    """One sample's value from Prometheus text, matching the given labels exactly."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        m = re.match(r"([^{ ]+)(?:\{(.*)\})? (\S+)$", line)
+        assert m is not None, line
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if got == labels:
+            return float(m.group(3))
+    return None
+
+
+def _wait(cond, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def observed(store: ExpertStore, data_dir: Path, scripted_upstream: str):
+    for spec in scripted_experts(scripted_upstream):
+        store.put(spec)
+    keys = KeyStore(store.client, store.prefix)
+    secret, rec = keys.create("team-a", KeyPolicy(rpm=10_000))
+    other, other_rec = keys.create("team-b", KeyPolicy())
+    settings = make_settings(data_dir, decision_log_max_entries=1000)
+    with serve_in_thread(create_app(settings, store)) as url:
+        yield url, store, (secret, rec.id), (other, other_rec.id), data_dir
+
+
+def test_every_response_carries_a_request_id_that_reaches_the_upstream_and_the_logs(observed, caplog):
+    url, _, (secret, _), _, _ = observed
+    with httpx.Client(base_url=url, timeout=30) as c:
+        ok = c.post("/v1/chat/completions", headers={"authorization": f"Bearer {secret}", "x-request-id": "trace-42"},
+                    json={"model": "up-echo", "messages": [{"role": "user", "content": "hi"}]})
+        assert ok.status_code == 200 and ok.headers["x-request-id"] == "trace-42"
+        assert ok.json()["received_request_id"] == "trace-42"        # forwarded to the expert
+        # A header that is not a sane token is replaced, not echoed (no header injection).
+        odd = c.post("/v1/chat/completions", headers={"authorization": f"Bearer {secret}",
+                                                      "x-request-id": "a b\tc" + "x" * 200},
+                     json={"model": "up-echo", "messages": [{"role": "user", "content": "hi"}]})
+        assert re.fullmatch(r"[0-9a-f]{32}", odd.headers["x-request-id"])
+        # Errors, other routes and unknown paths carry one too, each its own.
+        ids = {c.post("/v1/chat/completions", content=b"{nope").headers["x-request-id"],
+               c.get("/health").headers["x-request-id"], c.get("/nowhere").headers["x-request-id"],
+               c.get("/v1/models", headers={"authorization": f"Bearer {secret}"}).headers["x-request-id"]}
+        assert len(ids) == 4
+        with caplog.at_level(logging.WARNING, logger="router_gateway.dispatch"):
+            broke = c.post("/v1/chat/completions", headers={"authorization": f"Bearer {secret}",
+                                                            "x-request-id": "trace-broken"},
+                           json={"model": "up-breakstream", "stream": True,
+                                 "messages": [{"role": "user", "content": "hi"}]})
+            assert broke.status_code == 200 and broke.headers["x-request-id"] == "trace-broken"
+    line = next(r for r in caplog.records if "broke" in r.getMessage())
+    assert line.request_id == "trace-broken"
+
+
+def test_metrics_count_requests_tokens_spend_errors_and_failures(observed):
+    url, _, (secret, key_id), _, _ = observed
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+    for _ in range(3):
+        sdk.chat.completions.create(model="up-echo", messages=[{"role": "user", "content": "hi"}])
+    chunks = list(sdk.chat.completions.create(model="up-echo", stream=True,
+                                              messages=[{"role": "user", "content": "hi"}]))
+    assert chunks and all(ch.usage is None for ch in chunks)   # the usage chunk we asked for stays hidden
+    with pytest.raises(openai.BadRequestError):
+        sdk.chat.completions.create(model="up-echo", messages="not a list")  # type: ignore[arg-type]
+    with pytest.raises(openai.InternalServerError):
+        sdk.chat.completions.create(model="up-fail500", messages=[{"role": "user", "content": "hi"}])
+    text = _wait(lambda: (t := httpx.get(f"{url}/metrics").text) and "up-fail500" in t and t)
+    route = "/v1/chat/completions"
+    assert _sample(text, "switchyard_requests_total", route=route, code="200", expert="up-echo", key=key_id) == 4
+    assert _sample(text, "switchyard_requests_total", route=route, code="400", expert="", key=key_id) == 1
+    assert _sample(text, "switchyard_requests_total", route=route, code="502", expert="", key=key_id) == 1
+    # 4 answers x (7 prompt + 3 completion) tokens at $1 / $2 per 1M tokens.
+    assert _sample(text, "switchyard_tokens_total", expert="up-echo", key=key_id, kind="prompt") == 28
+    assert _sample(text, "switchyard_tokens_total", expert="up-echo", key=key_id, kind="completion") == 12
+    assert _sample(text, "switchyard_spend_usd_total", expert="up-echo", key=key_id) == pytest.approx(52e-6)
+    assert _sample(text, "switchyard_request_duration_seconds_count", route=route, expert="up-echo") == 4
+    assert _sample(text, "switchyard_upstream_failures_total", expert="up-fail500", reason="5xx") == 1
+    assert _sample(text, "switchyard_expert_up", expert="up-echo") == 1
+    assert _sample(text, "switchyard_expert_up", expert="down") == 1     # no probe has failed it (yet)
+    assert _sample(text, "switchyard_store_up") == 1
+    assert "switchyard_gateway_overhead_seconds_bucket" in text
+
+
+def test_the_decision_log_records_each_request_and_keeps_its_cap(store: ExpertStore, data_dir: Path,
+                                                                  scripted_upstream: str):
+    for spec in scripted_experts(scripted_upstream):
+        store.put(spec)
+    settings = make_settings(data_dir, api_keys=[], decision_log_max_entries=100)
+    with serve_in_thread(create_app(settings, store)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        first = c.post("/v1/chat/completions", json={"model": "up-echo", "messages": [
+            {"role": "user", "content": "first question"}]})
+        key = decisions_key(store.prefix)
+        entries = _wait(lambda: store.client.xrange(key))
+        assert len(entries) == 1
+        d = entries[0][1]
+        assert d["rid"] == first.headers["x-request-id"] and d["expert"] == "up-echo" and d["status"] == "200"
+        assert d["prompt"] == "first question" and d["input_tokens"] == "7" and d["output_tokens"] == "3"
+        assert float(d["cost_usd"]) == pytest.approx(13e-6) and float(d["latency_s"]) > 0
+        for i in range(400):
+            c.post("/v1/chat/completions", json={"model": "up-echo", "messages": [{"role": "user", "content": str(i)}]})
+        assert _wait(lambda: store.client.xrevrange(key, count=1)[0][1]["prompt"] == "399")
+        # MAXLEN ~ trims whole nodes: about the cap, never the whole history.
+        assert 100 <= store.client.xlen(key) < 300
+
+
+def test_feedback_and_export_make_a_training_file(observed, tmp_path: Path, monkeypatch):
+    url, store, (secret, key_id), (other, _), data_dir = observed
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+    ids = {}
+    for expert in ("up-echo", "echo"):
+        for q in ("what is 2+2?", "name a colour"):
+            raw = sdk.chat.completions.with_raw_response.create(model=expert, messages=[{"role": "user", "content": q}])
+            ids[(expert, q)] = raw.headers["x-request-id"]
+    with httpx.Client(base_url=url, timeout=30) as c:
+        def give(rid: str, score, who: str = secret, **extra):
+            return c.post("/v1/feedback", headers={"authorization": f"Bearer {who}"},
+                          json={"request_id": rid, "score": score, **extra})
+
+        for (expert, q), rid in ids.items():
+            assert give(rid, 1.0 if expert == "echo" else 0.25).status_code == 201
+        # Another key's opinion of team-a's answers is kept but never exported.
+        assert give(ids[("echo", "name a colour")], 0.0, who=other).status_code == 201
+        for bad in (give("x", 1.5), give("x", "high"), give("", 0.5), give("x", 0.5, extra_field=1),
+                    c.post("/v1/feedback", json={"request_id": "x", "score": 1})):
+            assert bad.status_code in (400, 401) and "error" in bad.json(), bad.text
+    assert _wait(lambda: len(store.client.xrange(decisions_key(store.prefix))) == 4)
+    assert store.client.xlen(feedback_key(store.prefix)) == 5
+
+    rows, rep = export_rows(store.client, store.prefix)
+    assert rep.exported == 4 and {(r["model"], r["score"]) for r in rows} == {("echo", 1.0), ("up-echo", 0.25)}
+
+    monkeypatch.setenv("SWITCHYARD_DATA_DIR", str(data_dir))
+    monkeypatch.delenv("SWITCHYARD_REDIS_URL", raising=False)
+    out = tmp_path / "traffic.jsonl"
+    done = CliRunner().invoke(cli_app, ["logs", "export", "--out", str(out), "--task", "support"])
+    assert done.exit_code == 0, done.output
+    assert "wrote 4 rows" in done.output
+    logs = load_logs(out)
+    assert sorted(logs.experts) == ["echo", "up-echo"] and len(logs.prompt_ids) == 2
+    assert set(logs.tasks) == {"support"}
+    assert sorted(logs.scores.mean(axis=0).tolist()) == [0.25, 1.0]
+    monkeypatch.setattr(console, "width", 250)
+    tail = CliRunner().invoke(cli_app, ["logs", "tail", "-n", "2"])
+    assert tail.exit_code == 0 and key_id in tail.output and ids[("echo", "name a colour")] in tail.output
+
+
+def test_parse_when():
+    now = 1_000_000.0
+    assert parse_when("90m", now) == now - 5400 and parse_when("2d", now) == now - 172800
+    assert parse_when("2026-12-01T08:00", now) == datetime(2026, 12, 1, 8, tzinfo=timezone.utc).timestamp()
+    assert parse_when("2026-12-01T08:00+01:00", now) == datetime(2026, 12, 1, 7, tzinfo=timezone.utc).timestamp()
+    assert parse_when(None) is None
+
+
+def test_a_request_timeout_header_bounds_the_wait(observed):
+    url, _, (secret, _), _, _ = observed
+    auth = {"authorization": f"Bearer {secret}"}
+    body = {"model": "up-slow", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=url, timeout=30, headers=auth) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/chat/completions", json=body, headers={"x-switchyard-timeout": "0.3"})
+        assert r.status_code == 504 and time.monotonic() - t0 < 1.5      # the default would wait 2 s
+        for bad in ("0", "-1", "soon", "nan", "100000"):
+            r = c.post("/v1/chat/completions", json=body, headers={"x-switchyard-timeout": bad})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_timeout"
+        assert c.get("/health").json()["status"] == "ok"
+
+
+def test_metrics_need_no_key_and_show_no_secrets(observed):
+    url, _, (secret, _), _, _ = observed
+    r = httpx.get(f"{url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert secret not in r.text and ADMIN_KEY not in r.text and CLIENT_KEY not in r.text
