@@ -1,5 +1,6 @@
 """Scale-out: two separate gateway processes (as on two hosts) on one Redis enforce one
-key's rate limit and budget between them under concurrent load, and lose no booking."""
+key's rate limit and budget between them under concurrent load, and lose no booking;
+one `serve --workers 2` answers metrics scrapes with both workers' counts."""
 
 from __future__ import annotations
 
@@ -25,13 +26,15 @@ MSGS = [{"role": "user", "content": "hi"}]
 
 
 @contextlib.contextmanager
-def two_gateways(data_dir: Path) -> Iterator[list[str]]:
+def two_gateways(data_dir: Path, count: int = 2, workers: int = 1) -> Iterator[list[str]]:
+    """``count`` separate `switchyard serve` processes (``workers`` each) on one store."""
     env = {**os.environ, "SWITCHYARD_DATA_DIR": str(data_dir), "SWITCHYARD_HEALTH_INTERVAL_S": "0",
            "SWITCHYARD_REGISTRY_REFRESH_S": "0.2", "SWITCHYARD_LOG_LEVEL": "warning"}
     env.pop("SWITCHYARD_REDIS_URL", None)
-    ports = [free_port(), free_port()]
-    procs = [subprocess.Popen([sys.executable, "-m", "router_gateway.cli", "serve", "--port", str(p)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for p in ports]
+    ports = [free_port() for _ in range(count)]
+    procs = [subprocess.Popen([sys.executable, "-m", "router_gateway.cli", "serve", "--port", str(p),
+                               "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for p in ports]
     try:
         for proc, port in zip(procs, ports):
             deadline = time.monotonic() + 60
@@ -94,3 +97,20 @@ def test_rate_limit_and_budget_hold_across_two_gateway_processes(tmp_path: Path,
     usage = _usage(d, budget["id"])
     # Every admitted request was booked exactly once, by whichever process served it.
     assert usage["requests"] == budget_ok and round(usage["spend_usd"] * 1e9) == budget_ok * COST
+
+
+@pytest.mark.timeout(300)
+def test_one_serve_with_two_workers_reports_one_set_of_metrics(tmp_path: Path, scripted_upstream: str):
+    d = tmp_path / "data"
+    sy(d, "experts", "add", "up-echo", "--backend", "openai", "--base-url", scripted_upstream, "--served-model",
+       "echo", "--input-price", "1", "--output-price", "2")
+    key = json.loads(sy(d, "keys", "create", "team", "--json").stdout)
+    with two_gateways(d, count=1, workers=2) as (url,):
+        assert set(asyncio.run(_fire([url, url], key["key"], 40))) == {200}
+        # Each scrape lands on either worker; every one sums both workers' samples.
+        for _ in range(6):
+            text = httpx.get(f"{url}/metrics").text
+            line = next(ln for ln in text.splitlines() if ln.startswith("switchyard_requests_total{")
+                        and 'route="/v1/chat/completions"' in ln and f'key="{key["id"]}"' in ln)
+            assert line.endswith(" 40.0"), line
+            assert f'switchyard_tokens_total{{expert="up-echo",key="{key["id"]}",kind="completion"}} 120.0' in text
