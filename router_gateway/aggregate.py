@@ -30,6 +30,7 @@ import orjson
 from expert_registry.spec import ExpertSpec
 from expert_registry.upstream import UpstreamFailure
 from router_gateway.errors import InvalidRequest, UpstreamError
+from router_gateway.keys import decode_usage, estimate_usage
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,13 @@ AGGREGATOR_PROMPT = (
 class ExpertAnswer:
     expert: ExpertSpec
     text: str | None  # None: it failed (``error`` says how)
-    tokens: int = 0
+    usage: tuple[int, int] | None = None   # (prompt, completion) tokens as reported, or estimated
     error: str | None = None
     status: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.usage) if self.usage is not None else 0
 
 
 def answer_text(content: bytes) -> str:
@@ -58,14 +63,6 @@ def answer_text(content: bytes) -> str:
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
         return ""
     return text if isinstance(text, str) else ""
-
-
-def _tokens(content: bytes) -> int:
-    try:
-        usage = orjson.loads(content).get("usage") or {}
-        return int(usage.get("total_tokens") or 0)
-    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-        return 0
 
 
 def recruit_body(body: dict, spec: ExpertSpec) -> dict:
@@ -103,7 +100,8 @@ class Aggregation:
         text = answer_text(content)
         if not text.strip():
             return ExpertAnswer(spec, None, error="an answer with no text", status=status)
-        return ExpertAnswer(spec, text, _tokens(content), status=status)
+        usage = decode_usage(content) or estimate_usage(recruit_body(body, spec), len(text))
+        return ExpertAnswer(spec, text, usage, status=status)
 
     async def gather(self, endpoint: str, body: dict, recruited: tuple[ExpertSpec, ...],
                      request_id: str) -> tuple[dict, list[ExpertAnswer], list[ExpertAnswer]]:

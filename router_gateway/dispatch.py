@@ -28,7 +28,7 @@ from expert_registry.upstream import (
     UpstreamTimedOut,
     UpstreamUnreachable,
 )
-from router_gateway.aggregate import Aggregation
+from router_gateway.aggregate import Aggregation, answer_text
 from router_gateway.errors import (
     ExpertUnavailable,
     GatewayError,
@@ -38,7 +38,7 @@ from router_gateway.errors import (
     error_body,
     sse_error_frame,
 )
-from router_gateway.keys import decode_usage, usage_from
+from router_gateway.keys import decode_usage, estimate_usage, usage_from
 from router_gateway.model_string import ModelTarget
 from router_gateway.registry_view import RegistryView
 from router_gateway.sse import reframe
@@ -49,9 +49,11 @@ if TYPE_CHECKING:  # routing imports RouteDecision from here
 
 log = logging.getLogger(__name__)
 
-Meter = Callable[[ExpertSpec, "tuple[int, int] | None"], None]
-"""Called once an answer is complete with the expert and its (prompt, completion) tokens
-as the upstream reported them (None: not reported); books usage against the caller's key."""
+Meter = Callable[[ExpertSpec, "tuple[int, int]", bool], None]
+"""Called once per paid-for answer with the expert, its (prompt, completion) tokens (as
+the upstream reported them, else estimated at 4 characters a token) and whether it is
+the answer the client gets (False for a recruited expert's); books usage against the
+caller's key. The flag defaults to True."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,9 @@ class Dispatcher:
                                                                        request_id)
             headers["x-switchyard-recruited"] = ",".join(a.expert.name for a in good)
             headers["x-switchyard-recruited-tokens"] = str(sum(a.tokens for a in good))
+            if meter is not None:            # the recruits' answers are paid for too
+                for a in good:
+                    meter(a.expert, a.usage, False)
             if bad:
                 headers["x-switchyard-recruited-failed"] = ",".join(a.expert.name for a in bad)
         client_model = body["model"]
@@ -185,7 +190,7 @@ class Dispatcher:
                 if stream.status == 200:
                     await _first_events(spec, stream)
                     headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
-                    return StreamingResponse(self._relay(stream, rewrite, spec, meter, hide_usage),
+                    return StreamingResponse(self._relay(stream, rewrite, spec, meter, hide_usage, body),
                                              media_type="text/event-stream", headers=headers)
                 status, content, retry_after = stream.status, await stream.read_all(), stream.retry_after
             else:
@@ -208,7 +213,7 @@ class Dispatcher:
                           response=Response(content, status_code=429, media_type="application/json",
                                             headers=headers))
         if meter is not None and status < 400:
-            meter(spec, decode_usage(content))
+            meter(spec, decode_usage(content) or estimate_usage(body, len(answer_text(content))))
         headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
         return Response(content, status_code=status, media_type="application/json", headers=headers)
 
@@ -233,12 +238,16 @@ class Dispatcher:
                 self.metrics.cooldown(spec.name)
 
     async def _relay(self, stream: UpstreamStream, rewrite: str | None, spec: ExpertSpec,
-                     meter: Meter | None = None, hide_usage: bool = False) -> AsyncIterator[bytes]:
+                     meter: Meter | None = None, hide_usage: bool = False,
+                     body: dict | None = None) -> AsyncIterator[bytes]:
         seen: list[tuple[int, int]] = []
+        chars = 0   # of streamed text, for an estimate when the upstream reports no usage
 
         def inspect(obj: Any) -> bool:
+            nonlocal chars
             usage = usage_from(obj)
             if usage is None:
+                chars += _streamed_chars(obj)
                 return True
             seen.append(usage)
             return not (hide_usage and not obj.get("choices"))   # the usage-only chunk we asked for
@@ -253,7 +262,7 @@ class Dispatcher:
         finally:
             await stream.aclose()
             if meter is not None:
-                meter(spec, seen[-1] if seen else None)
+                meter(spec, seen[-1] if seen else estimate_usage(body or {}, chars))
 
 
 _SSE_STARTS = (b"data:", b"event:", b"id:", b"retry:", b":")
@@ -282,6 +291,19 @@ async def _first_events(spec: ExpertSpec, stream: UpstreamStream) -> None:
             yield chunk
 
     stream.chunks = chunks()
+
+
+def _streamed_chars(obj: Any) -> int:
+    """Characters of text in one streamed chunk (chat deltas or completion text)."""
+    n = 0
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    for c in choices if isinstance(choices, list) else ():
+        if isinstance(c, dict):
+            delta = c.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else c.get("text")
+            if isinstance(text, str):
+                n += len(text)
+    return n
 
 
 def _ask_for_usage(body: dict) -> bool:

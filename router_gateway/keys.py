@@ -338,9 +338,11 @@ class Limiter:
         raise RateLimited(f"API key '{rec.name}' is over its limit of {what} per minute; retry in {retry} s",
                           code="rate_limit_exceeded", headers={"retry-after": str(retry)})
 
-    async def record(self, rec: KeyRecord, input_tokens: int, output_tokens: int, nano: int) -> None:
-        """Book one finished request: tokens into the minute window, spend into the period
-        and the lifetime totals; one atomic transaction."""
+    async def record(self, rec: KeyRecord, input_tokens: int, output_tokens: int, nano: int,
+                     requests: int = 1) -> None:
+        """Book one finished answer: tokens into the minute window, spend into the period
+        and the lifetime totals (``requests``: 0 for a recruited expert's answer, which is
+        part of its client request); one atomic transaction."""
         now = self.clock()
         minute = int(now // WINDOW_S)
         tokens = input_tokens + output_tokens
@@ -355,33 +357,33 @@ class Limiter:
         if end is not None:
             pipe.expireat(spend, int(end) + 7 * 86400)   # kept a week past the period for reports
         usage = self.store.usage_key(rec.id)
-        pipe.hincrby(usage, "requests", 1)
+        if requests:
+            pipe.hincrby(usage, "requests", requests)
         pipe.hincrby(usage, "input_tokens", input_tokens)
         pipe.hincrby(usage, "output_tokens", output_tokens)
         pipe.hincrby(usage, "spend_nano", nano)
         await pipe.execute()
 
 
-    def book(self, rec: KeyRecord, usage: tuple[int, int] | None, input_per_mtok: float,
-             output_per_mtok: float) -> None:
-        """Record a finished request in the background (the answer does not wait on Redis).
-        Without a reported usage the request still counts, with no tokens and no spend."""
-        p, c = usage or (0, 0)
-        if usage is None:
-            log.warning("no usage in the answer for key %s: counted without tokens or spend", rec.id)
+    def book(self, rec: KeyRecord, usage: tuple[int, int], input_per_mtok: float,
+             output_per_mtok: float, final: bool = True) -> None:
+        """Record a finished answer in the background (the answer does not wait on Redis);
+        ``final``: the answer the client gets (a recruited expert's is not)."""
+        p, c = usage
         task = asyncio.get_running_loop().create_task(self._record_logged(rec, p, c, cost_nano(
-            p, c, input_per_mtok, output_per_mtok)))
+            p, c, input_per_mtok, output_per_mtok), int(final)))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     def meter(self, rec: KeyRecord):
         """The ``Dispatcher`` meter for requests made with ``rec``: books each answer at the
         answering expert's prices."""
-        return lambda spec, usage: self.book(rec, usage, spec.input_price_per_mtok, spec.output_price_per_mtok)
+        return lambda spec, usage, final=True: self.book(rec, usage, spec.input_price_per_mtok,
+                                                         spec.output_price_per_mtok, final)
 
-    async def _record_logged(self, rec: KeyRecord, p: int, c: int, nano: int) -> None:
+    async def _record_logged(self, rec: KeyRecord, p: int, c: int, nano: int, requests: int) -> None:
         try:
-            await self.record(rec, p, c, nano)
+            await self.record(rec, p, c, nano, requests)
         except Exception as exc:  # Redis down: the answer went out; the books miss this one
             log.error("could not record usage of key %s (%d + %d tokens, %d nano-USD): %s", rec.id, p, c, nano, exc)
 
@@ -402,6 +404,27 @@ def usage_from(obj: object) -> tuple[int, int] | None:
     if not isinstance(p, int) or not isinstance(c, int):
         return None
     return p, c
+
+
+CHARS_PER_TOKEN = 4
+
+
+def _chars(x: object) -> int:
+    """Characters of text in a prompt, message list or content parts."""
+    if isinstance(x, str):
+        return len(x)
+    if isinstance(x, list):
+        return sum(_chars(i) for i in x)
+    if isinstance(x, dict):
+        return _chars(x.get("content")) + _chars(x.get("text"))
+    return 0
+
+
+def estimate_usage(body: dict, completion_chars: int) -> tuple[int, int]:
+    """(prompt, completion) tokens at ``CHARS_PER_TOKEN`` characters a token, for answers
+    whose upstream reports no usage, so that they are not free against a budget."""
+    prompt = _chars(body.get("messages")) + _chars(body.get("prompt"))
+    return -(-prompt // CHARS_PER_TOKEN), -(-completion_chars // CHARS_PER_TOKEN)
 
 
 def decode_usage(content: bytes) -> tuple[int, int] | None:

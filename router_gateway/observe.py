@@ -12,7 +12,7 @@ Metrics (``GET /metrics``, Prometheus text format)::
     switchyard_request_duration_seconds{route, expert}        until the last byte (streams included)
     switchyard_gateway_overhead_seconds{route}                the gateway's own time before the upstream answered
     switchyard_routing_decision_seconds{router}               scoring + policy of routed requests
-    switchyard_tokens_total{expert, key, kind}                prompt / completion tokens the upstream reported
+    switchyard_tokens_total{expert, key, kind}                prompt / completion tokens (reported, else estimated)
     switchyard_spend_usd_total{expert, key}                   at the expert's prices
     switchyard_fallbacks_total{expert}                        answers that moved past this expert
     switchyard_upstream_failures_total{expert, reason}        failed calls (connect, timeout, 5xx, 429, ...)
@@ -132,8 +132,7 @@ class Trace:
     route_s: float | None = None
     scores: str | None = None
     prompt: str | None = None
-    usage: tuple[int, int] | None = None
-    cost_usd: float = 0.0
+    calls: list[tuple[str, int, int, float]] | None = None   # (expert, prompt, completion tokens, USD) per paid answer
     overhead_s: float | None = None
     ended: float | None = None     # perf_counter when the last byte went out
 
@@ -153,17 +152,30 @@ class Trace:
                     except ValueError:
                         pass
 
-    def metering(self, then: Callable[["ExpertSpec", "tuple[int, int] | None"], None] | None):
-        """A ``Dispatcher`` meter that notes the answer's usage and cost here, then calls
-        ``then`` (the key's booking) when there is one."""
+    @property
+    def usage(self) -> tuple[int, int] | None:
+        """Tokens of every paid answer of this request (recruited experts' included)."""
+        if not self.calls:
+            return None
+        return sum(c[1] for c in self.calls), sum(c[2] for c in self.calls)
 
-        def meter(spec: "ExpertSpec", usage: tuple[int, int] | None) -> None:
-            self.expert = spec.name
-            self.usage = usage
-            if usage is not None:
-                self.cost_usd = (usage[0] * spec.input_price_per_mtok + usage[1] * spec.output_price_per_mtok) / 1e6
+    @property
+    def cost_usd(self) -> float:
+        return sum(c[3] for c in self.calls or ())
+
+    def metering(self, then: Callable[..., None] | None):
+        """A ``Dispatcher`` meter that notes each paid answer's usage and cost here, then
+        calls ``then`` (the key's booking) when there is one."""
+
+        def meter(spec: "ExpertSpec", usage: tuple[int, int], final: bool = True) -> None:
+            if final:
+                self.expert = spec.name
+            cost = (usage[0] * spec.input_price_per_mtok + usage[1] * spec.output_price_per_mtok) / 1e6
+            if self.calls is None:
+                self.calls = []
+            self.calls.append((spec.name, usage[0], usage[1], cost))
             if then is not None:
-                then(spec, usage)
+                then(spec, usage, final)
 
         return meter
 
@@ -224,7 +236,8 @@ class Metrics:
         self.routing = Histogram("switchyard_routing_decision_seconds",
                                  "Routing decision time (embedding, scoring, policy)", ["router"],
                                  buckets=_OVERHEAD_BUCKETS + (2.5, 5), registry=reg)
-        self.tokens = Counter("switchyard_tokens", "Tokens the upstream reported", ["expert", "key", "kind"],
+        self.tokens = Counter("switchyard_tokens", "Tokens the upstreams reported (else estimated)",
+                              ["expert", "key", "kind"],
                               registry=reg)
         self.spend = Counter("switchyard_spend_usd", "Spend at the expert's prices", ["expert", "key"], registry=reg)
         self.fallbacks = Counter("switchyard_fallbacks", "Answers that moved on past this expert", ["expert"],
@@ -246,11 +259,11 @@ class Metrics:
             self.overhead.labels(t.route).observe(t.overhead_s)
         if t.route_s is not None:
             self.routing.labels(t.router).observe(t.route_s)
-        if t.usage is not None:
-            self.tokens.labels(t.expert, t.key, "prompt").inc(t.usage[0])
-            self.tokens.labels(t.expert, t.key, "completion").inc(t.usage[1])
-            if t.cost_usd:
-                self.spend.labels(t.expert, t.key).inc(t.cost_usd)
+        for expert, p, c, cost in t.calls or ():
+            self.tokens.labels(expert, t.key, "prompt").inc(p)
+            self.tokens.labels(expert, t.key, "completion").inc(c)
+            if cost:
+                self.spend.labels(expert, t.key).inc(cost)
         if t.fallback_from:
             for name in t.fallback_from.split(","):
                 self.fallbacks.labels(name).inc()

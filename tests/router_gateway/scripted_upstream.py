@@ -11,6 +11,7 @@ The behaviour is chosen by the ``served_model`` the gateway forwards:
   slow         waits 5 s before answering (for timeouts)
   breakstream  streams two chunks then drops the connection
   slowstream   streams a chunk every 0.5 s, without end (for killing the server midway)
+  nousage      answers like echo, but never reports usage (not even when a stream asks)
   garbage      HTTP 200 with a body that is not JSON
   busy         HTTP 429 with ``Retry-After: 2`` and an OpenAI error body
   skills-*     answers with a fixed list of skill keywords (``SKILL_ANSWERS``), as a
@@ -77,9 +78,11 @@ async def _serve(request: Request, chat: bool) -> Response:
     if model == "garbage":
         return Response(b"<html>not json</html>", media_type="text/html")
     if not body.get("stream"):
-        return JSONResponse({**_completion(model, body, chat),
-                             "received_request_id": request.headers.get("x-request-id")})
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        answer = {**_completion(model, body, chat), "received_request_id": request.headers.get("x-request-id")}
+        if model == "nousage":
+            del answer["usage"]
+        return JSONResponse(answer)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and model != "nousage"
     chunks = _chunks(model, include_usage, chat)
 
     async def gen():

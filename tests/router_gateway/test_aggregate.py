@@ -22,6 +22,7 @@ from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore, open_redis
 from router_gateway.aggregate import AGGREGATOR_PROMPT, answer_text
 from router_gateway.app import create_app
+from router_gateway.keys import KeyPolicy, KeyStore, cost_nano
 from tests.router_gateway.conftest import ADMIN_KEY, CLIENT_KEY, Gateway, make_settings, serve_in_thread
 from tests.router_gateway.test_routing import EXPERT_MAP, MATH_Q, routed_experts, train_router
 
@@ -190,3 +191,24 @@ def test_deployment_rejects_unknown_aggregator(agg: Gateway, tmp_path: Path):
 ])
 def test_answer_text(content: bytes, text: str):
     assert answer_text(content) == text
+
+
+def test_a_key_pays_for_every_recruited_answer_and_counts_one_request(agg: Gateway):
+    keys = KeyStore(agg.store.client, agg.store.prefix)
+    secret, rec = keys.create("agg-payer", KeyPolicy())
+    client = openai.OpenAI(base_url=agg.url + "/v1", api_key=secret, max_retries=0, timeout=30)
+    raw = client.chat.completions.with_raw_response.create(
+        model="router:plain?k=2", messages=[{"role": "user", "content": MATH_Q}], max_tokens=7)
+    recruited = raw.headers["x-switchyard-recruited"].split(",")
+    paid = [*recruited, raw.headers["x-switchyard-expert"]]
+    assert len(recruited) == 2
+    deadline = time.monotonic() + 5
+    while keys.usage(rec)["input_tokens"] < 7 * len(paid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    usage = keys.usage(rec)
+    # The scripted upstream reports 7 + 3 tokens per answer: three answers, one request.
+    assert usage["requests"] == 1
+    assert (usage["input_tokens"], usage["output_tokens"]) == (7 * len(paid), 3 * len(paid))
+    specs = {s.name: s for s in agg.store.list()}
+    want = sum(cost_nano(7, 3, specs[n].input_price_per_mtok, specs[n].output_price_per_mtok) for n in paid)
+    assert round(usage["spend_usd"] * 1e9) == want

@@ -16,12 +16,13 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
+from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore
 from router_gateway.cli import app as cli_app
 from router_gateway.cli_common import console
 from router_gateway.cli_logs import parse_when
 from router_gateway.decision_log import decisions_key, export_rows, feedback_key
-from router_gateway.keys import KeyPolicy, KeyStore
+from router_gateway.keys import KeyPolicy, KeyStore, cost_nano
 from router_gateway.app import create_app
 from router_models.logs import load_logs
 from tests.router_gateway.conftest import ADMIN_KEY, CLIENT_KEY, make_settings, scripted_experts, serve_in_thread
@@ -178,6 +179,26 @@ def test_feedback_and_export_make_a_training_file(observed, tmp_path: Path, monk
     monkeypatch.setattr(console, "width", 250)
     tail = CliRunner().invoke(cli_app, ["logs", "tail", "-n", "2"])
     assert tail.exit_code == 0 and key_id in tail.output and ids[("echo", "name a colour")] in tail.output
+
+
+def test_answers_without_usage_are_booked_at_an_estimate(observed, scripted_upstream: str):
+    url, store, (secret, key_id), _, _ = observed
+    store.put(ExpertSpec(name="quiet", backend="openai", base_url=scripted_upstream, served_model="nousage",
+                         input_price_per_mtok=1.0, output_price_per_mtok=2.0))
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+    msgs = [{"role": "user", "content": "x" * 40}]                  # 40 characters: 10 tokens
+    _wait(lambda: "quiet" in {m.id for m in sdk.models.list().data})
+    plain = sdk.chat.completions.create(model="quiet", messages=msgs)
+    assert plain.usage is None and plain.choices[0].message.content == "hello there"   # 11 characters: 3 tokens
+    assert "".join(ch.choices[0].delta.content or "" for ch in
+                   sdk.chat.completions.create(model="quiet", messages=msgs, stream=True)) == "hello there"
+    keys = KeyStore(store.client, store.prefix)
+    rec = keys.get(key_id)
+    usage = _wait(lambda: (u := keys.usage(rec))["requests"] == 2 and u)
+    assert (usage["input_tokens"], usage["output_tokens"]) == (20, 6)
+    assert round(usage["spend_usd"] * 1e9) == 2 * cost_nano(10, 3, 1.0, 2.0)
+    text = httpx.get(f"{url}/metrics").text
+    assert _sample(text, "switchyard_tokens_total", expert="quiet", key=key_id, kind="completion") == 6
 
 
 def test_parse_when():
