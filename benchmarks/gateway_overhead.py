@@ -53,6 +53,9 @@ PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 GOAL_ADDED_P50_MS = 1.0  # added latency p50 at concurrency 1
 GOAL_THROUGHPUT_SHARE = 0.30  # gateway req/s at concurrency 64 vs direct
 LITELLM_VENV = Path(tempfile.gettempdir()) / "switchyard-litellm-venv"
+# litellm>=1.110 moved the proxy into a separate `litellm-proxy` package; where that is
+# not installable, the newest release with the proxy inside the litellm package
+LITELLM_FALLBACK = "litellm[proxy]<1.110"
 LUA = """wrk.method = "POST"
 wrk.body = [==[%(body)s]==]
 wrk.headers["Content-Type"] = "application/json"
@@ -169,7 +172,12 @@ def ensure_litellm_venv(venv: Path) -> Path:
     spec = "litellm[proxy]"
     with contextlib.suppress(metadata.PackageNotFoundError):
         spec += f"=={metadata.version('litellm')}"  # the same release the project venv has
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", spec], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    try:
+        subprocess.run([*pip, spec], check=True)
+    except subprocess.CalledProcessError:
+        print(f"{spec} cannot be installed here; installing {LITELLM_FALLBACK} instead ...", flush=True)
+        subprocess.run([*pip, LITELLM_FALLBACK], check=True)
     return exe
 
 
