@@ -296,12 +296,14 @@ return {0, 0}
 class Limiter:
     """Admits requests against a key's limits and books what they used, in Redis."""
 
-    def __init__(self, store: KeyStore, aclient, clock=time.time):
+    def __init__(self, store: KeyStore, aclient, clock=time.time, batch_s: float = 0.02):
         self.store = store
         self.r = aclient                  # redis.asyncio client on the same server as ``store``
         self.clock = clock
         self._check = aclient.register_script(_CHECK)
-        self._pending: set[asyncio.Task] = set()
+        self.batch_s = batch_s
+        self._batch: list[tuple[KeyRecord, int, int, int, int, float]] = []
+        self._flusher: asyncio.Task | None = None
 
     def _windows(self, key_id: str, now: float) -> tuple[list[str], float]:
         minute = int(now // WINDOW_S)
@@ -340,40 +342,52 @@ class Limiter:
 
     async def record(self, rec: KeyRecord, input_tokens: int, output_tokens: int, nano: int,
                      requests: int = 1) -> None:
-        """Book one finished answer: tokens into the minute window, spend into the period
-        and the lifetime totals (``requests``: 0 for a recruited expert's answer, which is
-        part of its client request); one atomic transaction."""
-        now = self.clock()
-        minute = int(now // WINDOW_S)
-        tokens = input_tokens + output_tokens
+        """Book one finished answer at once (``book`` batches them); see ``_record_many``."""
+        await self._record_many([(rec, input_tokens, output_tokens, nano, requests, self.clock())])
+
+    async def _record_many(self, bookings: list[tuple[KeyRecord, int, int, int, int, float]]) -> None:
+        """Book finished answers: tokens into their minute windows, spend into the budget
+        periods and the lifetime totals (``requests``: 0 for a recruited expert's answer,
+        part of its client request); summed per key and window, one atomic transaction."""
+        windows: dict[str, int] = {}
+        spends: dict[str, list] = {}
+        totals: dict[str, list[int]] = {}
+        for rec, p, c, nano, requests, now in bookings:
+            if rec.tpm is not None and p + c:
+                win = self.store.window_key(rec.id, "t", int(now // WINDOW_S))
+                windows[win] = windows.get(win, 0) + p + c
+            spend = self.store.spend_key(rec.id, rec.budget_period, now)
+            spends.setdefault(spend, [0, period_end(rec.budget_period, now)])[0] += nano
+            t = totals.setdefault(self.store.usage_key(rec.id), [0, 0, 0, 0])
+            t[0] += requests
+            t[1] += p
+            t[2] += c
+            t[3] += nano
         pipe = self.r.pipeline(transaction=True)
-        if rec.tpm is not None and tokens:
-            win = self.store.window_key(rec.id, "t", minute)
+        for win, tokens in windows.items():
             pipe.incrby(win, tokens)
             pipe.expire(win, 120)
-        spend = self.store.spend_key(rec.id, rec.budget_period, now)
-        pipe.incrby(spend, nano)
-        end = period_end(rec.budget_period, now)
-        if end is not None:
-            pipe.expireat(spend, int(end) + 7 * 86400)   # kept a week past the period for reports
-        usage = self.store.usage_key(rec.id)
-        if requests:
-            pipe.hincrby(usage, "requests", requests)
-        pipe.hincrby(usage, "input_tokens", input_tokens)
-        pipe.hincrby(usage, "output_tokens", output_tokens)
-        pipe.hincrby(usage, "spend_nano", nano)
+        for spend, (nano, end) in spends.items():
+            pipe.incrby(spend, nano)
+            if end is not None:
+                pipe.expireat(spend, int(end) + 7 * 86400)   # kept a week past the period for reports
+        for usage, (requests, p, c, nano) in totals.items():
+            if requests:
+                pipe.hincrby(usage, "requests", requests)
+            pipe.hincrby(usage, "input_tokens", p)
+            pipe.hincrby(usage, "output_tokens", c)
+            pipe.hincrby(usage, "spend_nano", nano)
         await pipe.execute()
-
 
     def book(self, rec: KeyRecord, usage: tuple[int, int], input_per_mtok: float,
              output_per_mtok: float, final: bool = True) -> None:
-        """Record a finished answer in the background (the answer does not wait on Redis);
-        ``final``: the answer the client gets (a recruited expert's is not)."""
+        """Book a finished answer in the background (the answer does not wait on Redis);
+        ``final``: the answer the client gets (a recruited expert's is not). Bookings
+        made within ``batch_s`` of each other go to Redis in one transaction."""
         p, c = usage
-        task = asyncio.get_running_loop().create_task(self._record_logged(rec, p, c, cost_nano(
-            p, c, input_per_mtok, output_per_mtok), int(final)))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._batch.append((rec, p, c, cost_nano(p, c, input_per_mtok, output_per_mtok), int(final), self.clock()))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
     def meter(self, rec: KeyRecord):
         """The ``Dispatcher`` meter for requests made with ``rec``: books each answer at the
@@ -381,16 +395,25 @@ class Limiter:
         return lambda spec, usage, final=True: self.book(rec, usage, spec.input_price_per_mtok,
                                                          spec.output_price_per_mtok, final)
 
-    async def _record_logged(self, rec: KeyRecord, p: int, c: int, nano: int, requests: int) -> None:
-        try:
-            await self.record(rec, p, c, nano, requests)
-        except Exception as exc:  # Redis down: the answer went out; the books miss this one
-            log.error("could not record usage of key %s (%d + %d tokens, %d nano-USD): %s", rec.id, p, c, nano, exc)
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(self.batch_s)
+        while self._batch:
+            batch, self._batch = self._batch, []
+            try:
+                await self._record_many(batch)
+            except Exception as exc:  # Redis down: the answers went out; the books miss these
+                spent = sum(b[3] for b in batch)
+                log.error("could not record the usage of %d answers (%d nano-USD): %s", len(batch), spent, exc)
+
+    @property
+    def busy(self) -> bool:
+        """Bookings not yet written."""
+        return bool(self._batch) or (self._flusher is not None and not self._flusher.done())
 
     async def drain(self) -> None:
         """Wait for the bookings in flight (shutdown, tests)."""
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.gather(self._flusher, return_exceptions=True)
 
 
 def usage_from(obj: object) -> tuple[int, int] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -161,11 +162,16 @@ def test_concurrent_admits_and_bookings_from_two_limiters_lose_nothing(store: Ex
                 await limiter.admit(rec)
             except RateLimited:
                 return False
-            await limiter.record(rec, 3, 2, 777)
+            if random.random() < 0.5:
+                await limiter.record(rec, 3, 2, 777)
+            else:                                    # batched, as the gateway books
+                limiter.book(rec, (3, 2), 0.259, 0.0)     # 3 x 0.259 $/Mtok = 777 nano-USD
+            await asyncio.sleep(random.random() / 100)
             return True
 
         results = await asyncio.gather(*(one(a if i % 2 else b) for i in range(200)))
         for lim in (a, b):
+            await lim.drain()
             await lim.r.aclose()
         return results
 
@@ -202,7 +208,7 @@ def _drain(app) -> None:
 
     limiter = app.state.limiter
     deadline = time.monotonic() + 10
-    while limiter._pending and time.monotonic() < deadline:
+    while limiter.busy and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
