@@ -72,10 +72,11 @@ class KeyPolicy(BaseModel):
 
     models: list[str] | None = Field(default=None, description="Model names or glob patterns the key may call "
                                      "(an expert's name, router:NAME, collab:NAME, auto); None: all")
-    budget_usd: float | None = Field(default=None, gt=0, description="Spend limit per budget_period, in USD")
+    # The caps keep the limit arithmetic finite (nano-dollars in 64 bits); far above any real limit.
+    budget_usd: float | None = Field(default=None, gt=0, le=1e9, description="Spend limit per budget_period, in USD")
     budget_period: Period = "month"
-    rpm: int | None = Field(default=None, ge=1, description="Requests per minute")
-    tpm: int | None = Field(default=None, ge=1, description="Tokens (input + output) per minute")
+    rpm: int | None = Field(default=None, ge=1, le=10**12, description="Requests per minute")
+    tpm: int | None = Field(default=None, ge=1, le=10**15, description="Tokens (input + output) per minute")
 
     @field_validator("models")
     @classmethod

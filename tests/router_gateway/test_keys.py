@@ -300,6 +300,8 @@ def test_streams_are_metered_without_changing_what_the_client_sees(keyed_gateway
     ({"rpm": 5}, 400, "'name' is required"),
     ({"name": "x", "rpm": 0}, 400, "rpm"),
     ({"name": "x", "budget_usd": -1}, 400, "budget_usd"),
+    ({"name": "x", "budget_usd": 1e308}, 400, "budget_usd"),    # found by fuzzing: a 500 on the key's next call
+    ({"name": "x", "rpm": 10**30}, 400, "rpm"),
     ({"name": "x", "budget_period": "year"}, 400, "budget_period"),
     ({"name": "x", "models": "up-echo"}, 400, "models"),
     ({"name": "x", "hash": "abc"}, 400, "hash"),
