@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 MAX_BACKLOG = 10_000   # entries waiting for Redis; beyond this the oldest are dropped
 BATCH = 500
-FIELDS = ("rid", "ts", "key", "endpoint", "model", "router", "expert", "fallback_from", "status", "latency_s",
-          "route_ms", "input_tokens", "output_tokens", "cost_usd", "scores", "prompt")
 
 
 def decisions_key(prefix: str) -> str:

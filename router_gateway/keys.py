@@ -430,7 +430,7 @@ def usage_from(obj: object) -> tuple[int, int] | None:
     return p, c
 
 
-CHARS_PER_TOKEN = 4
+CHARS_PER_TOKEN = 4  # tokens are estimated from characters; no tokenizer on the hot path
 
 
 def _chars(x: object) -> int:

@@ -170,7 +170,7 @@ class Trace:
         def meter(spec: "ExpertSpec", usage: tuple[int, int], final: bool = True) -> None:
             if final:
                 self.expert = spec.name
-            cost = (usage[0] * spec.input_price_per_mtok + usage[1] * spec.output_price_per_mtok) / 1e6
+            cost = spec.cost_usd(*usage)
             if self.calls is None:
                 self.calls = []
             self.calls.append((spec.name, usage[0], usage[1], cost))

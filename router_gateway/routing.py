@@ -52,6 +52,7 @@ from expert_registry.store import ExpertStore
 from router_gateway.deployments import DeploymentStore, RouterDeployment
 from router_gateway.dispatch import RouteDecision
 from router_gateway.errors import ExpertUnavailable, InvalidRequest
+from router_gateway.keys import CHARS_PER_TOKEN
 from router_gateway.model_string import ModelTarget
 from router_gateway.registry_view import RegistryView
 from router_gateway.skills_llm import SkillAnswer, SkillAsker
@@ -61,7 +62,6 @@ from router_models.serving import BatchedScorer, Scores
 
 log = logging.getLogger(__name__)
 
-CHARS_PER_TOKEN = 4  # input tokens are estimated from characters; no tokenizer on the hot path
 DEFAULT_OUTPUT_TOKENS = 256  # when the request sets no max_tokens
 
 
