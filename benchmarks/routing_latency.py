@@ -343,7 +343,7 @@ def render(report: dict) -> str:
                         f"not met at any rate measured (lowest {min(s['rates']):g}/s) | **no** |"))
     path = ("" if not info.get("reads_minilm") else
             ", **baseline** (SentenceTransformer.encode, batches not split by length)" if s["baseline"] else
-            ", lean MiniLM encoder, batches split by length")
+            f", lean MiniLM encoder in {info.get('encoder_dtype', 'float32')}, batches split by length")
     lines += ["", f"Scorer: torch on {s['threads'] or 'its own number of'} thread(s), {s['workers']} worker(s)"
               + path + ".", "",
              "| c | batched decisions/s | unbatched decisions/s | batched / unbatched | batched p50 / p90 / p99 ms | "
@@ -407,6 +407,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--rate", type=float, nargs="*", default=[],
                    help="open-loop levels: Poisson arrivals per second (e.g. --rate 20 50 100)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="MiniLM encoder dtype (default: bfloat16 on AMX CPUs, else float32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the scorer (0: torch's own count)")
     p.add_argument("--workers", type=int, default=1, help="batches the scorer runs at once")
     p.add_argument("--baseline", action="store_true",
@@ -430,6 +432,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("rates must be positive, --threads >= 0 and --workers >= 1")
     if args.baseline:
         args.threads = 0
+    if args.dtype:
+        os.environ["SWITCHYARD_MINILM_DTYPE"] = args.dtype
     args.concurrency, args.rate = sorted(set(args.concurrency)), sorted(set(args.rate))
     return args
 
@@ -451,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
             featurizer.cache = (EmbeddingCache(capacity=0) if args.embedding_cache == "off"
                                 else EmbeddingCache(Path(tmp) / "emb.sqlite"))
         report["router"]["reads_minilm"] = hasattr(featurizer, "token_lengths")
+        if report["router"]["reads_minilm"]:
+            report["router"]["encoder_dtype"] = minilm_encoder().dtype
         if args.baseline and report["router"]["reads_minilm"]:
             minilm_encoder().lean = False   # SentenceTransformer.encode, as before the lean encoder
         router.predict_quality([pool[0]])  # loads MiniLM before the clock starts

@@ -9,6 +9,12 @@ MiniLM runs through :class:`MiniLMEncoder`, a lean forward pass that gives the v
 ``SentenceTransformer.encode(texts, normalize_embeddings=True)`` (to ~2e-7) in batches
 grouped by length (:func:`length_groups`), so a short query never pays for a long one's
 padding. :func:`torch_threads` is how the serving path runs it on one core.
+
+On a CPU that multiplies bfloat16 matrices natively (Intel AMX), the encoder keeps a
+bfloat16 copy of the weights and runs in bfloat16: 1.6x faster for a 16-word-piece query,
+3x for 256, with vectors within cosine 0.9999 of the float32 ones on real prompts (so embeddings cached or
+trained on in float32 stay valid). ``SWITCHYARD_MINILM_DTYPE=float32|bfloat16`` overrides
+the choice (:func:`encoder_dtype`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ EMBED_DIM = 384
 # 1 thread, a forward is ~10 ms + ~0.45 ms per token (42 MB of fp32 weights are streamed
 # from memory per pass whatever its size). Sets how much padding merging two batches is worth.
 FORWARD_COST_TOKENS = 24
+DTYPE_ENV = "SWITCHYARD_MINILM_DTYPE"
+DTYPES = ("float32", "bfloat16")
 
 
 def query_text(prompt: str, max_chars: int = MAX_CHARS) -> str:
@@ -174,6 +182,22 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def encoder_dtype() -> str:
+    """The dtype the MiniLM encoder runs in: ``$SWITCHYARD_MINILM_DTYPE`` when set, else
+    ``bfloat16`` where the CPU has AMX tiles (bfloat16 matrix products in hardware; on the
+    2-core Xeon a 256-word-piece query takes 12 ms instead of 38), else ``float32``. CPUs
+    with only AVX512-BF16 keep float32: not measured here."""
+    wanted = os.environ.get(DTYPE_ENV, "").strip().lower()
+    if wanted:
+        if wanted not in DTYPES:
+            raise ValueError(f"{DTYPE_ENV}={wanted!r}: expected one of {', '.join(DTYPES)}")
+        return wanted
+    import torch
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return "bfloat16" if amx is not None and amx() else "float32"
+
+
 class MiniLMEncoder:
     """Sentence embeddings of a mean-pooled, L2-normalised BERT SentenceTransformer (our
     all-MiniLM-L6-v2), computed by hand for live routing; equal to ``model.encode(texts,
@@ -191,10 +215,12 @@ class MiniLMEncoder:
         e = sum_t m_t x_t / max(sum_t m_t, 1e-9);   e / max(|e|_2, 1e-12)              [B, H]
 
     (no pooler, no dropout). A model of another shape, or not on the CPU, falls back to
-    ``model.encode``.
+    ``model.encode``. ``dtype`` (``float32``, ``bfloat16``; None: :func:`encoder_dtype`) is
+    what the forward pass computes in; pooling and the norm are in float32. In bfloat16 the
+    vectors are within cosine 0.9999 of float32's, not equal to ``model.encode``'s.
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, dtype: str | None = None):
         from tokenizers import Tokenizer
 
         self.model = model
@@ -205,6 +231,9 @@ class MiniLMEncoder:
         self.recent_ids = 1024
         self._recent: OrderedDict[str, list[int]] = OrderedDict()
         self._lock = threading.Lock()
+        self.dtype = encoder_dtype() if dtype is None else dtype
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         self.lean = self._plain_bert_mean_norm(model)
         if self.lean:
             self._take_weights(model[0].auto_model)
@@ -227,7 +256,9 @@ class MiniLMEncoder:
     def _take_weights(self, bert: Any) -> None:
         import torch
 
-        cfg, w = bert.config, {k: v.detach() for k, v in bert.state_dict().items()}
+        dtype = getattr(torch, self.dtype)   # float32: the model's own tensors, not copies
+        cfg = bert.config
+        w = {k: v.detach().to(dtype) for k, v in bert.state_dict().items()}
         self.dim, self.heads, self.eps = cfg.hidden_size, cfg.num_attention_heads, cfg.layer_norm_eps
         self.word = w["embeddings.word_embeddings.weight"]
         self.pos = w["embeddings.position_embeddings.weight"]
@@ -306,6 +337,7 @@ class MiniLMEncoder:
                 x = F.layer_norm(F.linear(a, w_o, b_o) + x, (H,), *ln1, eps=self.eps)
                 x = F.layer_norm(F.linear(F.gelu(F.linear(x, w_1, b_1)), w_2, b_2) + x, (H,), *ln2,
                                  eps=self.eps)
+            x = x.float()
             m = mask.unsqueeze(-1).to(x.dtype)
             e = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
             return F.normalize(e, p=2, dim=1).numpy()
@@ -315,12 +347,14 @@ _ENCODER: MiniLMEncoder | None = None
 
 
 def minilm_encoder() -> MiniLMEncoder:
-    """The lean encoder over :func:`minilm_model`'s weights (shared, not copied), built once."""
+    """The lean encoder over :func:`minilm_model`'s weights (shared in float32, copied in
+    bfloat16), built once per dtype (:func:`encoder_dtype`)."""
     global _ENCODER
     model = minilm_model()
+    dtype = encoder_dtype()
     with _MODEL_LOCK:
-        if _ENCODER is None or _ENCODER.model is not model:
-            _ENCODER = MiniLMEncoder(model)
+        if _ENCODER is None or _ENCODER.model is not model or _ENCODER.dtype != dtype:
+            _ENCODER = MiniLMEncoder(model, dtype)
         return _ENCODER
 
 

@@ -23,6 +23,7 @@ from router_models.featurize import (
     MiniLMEncoder,
     MiniLMFeaturizer,
     TfidfFeaturizer,
+    encoder_dtype,
     length_groups,
     make_featurizer,
     minilm_encoder,
@@ -35,6 +36,12 @@ from router_models.featurize import (
 @pytest.fixture(scope="session")
 def minilm():
     return minilm_model()  # the real offline model, loaded once
+
+
+@pytest.fixture()
+def float32(monkeypatch):
+    """The shared encoder in float32 for this test, whatever the CPU would pick."""
+    monkeypatch.setenv(featurize.DTYPE_ENV, "float32")
 
 
 class CountingMiniLM(MiniLMFeaturizer):
@@ -145,13 +152,13 @@ VARIED = [
 ]
 
 
-def test_lean_encoder_equals_sentence_transformers(minilm):
+def test_lean_encoder_equals_sentence_transformers(minilm, float32):
     """The lean path (fast tokenizer + hand-written forward + mean pooling + L2) gives the
     vectors of ``model.encode(texts, normalize_embeddings=True)`` on the cut text to 1e-5
     per element, batched (padded groups) and one text at a time (no padding)."""
     cut = [query_text(t) for t in VARIED]
     enc = minilm_encoder()
-    assert enc.lean
+    assert enc.lean and enc.dtype == "float32"
     lengths = MiniLMFeaturizer().token_lengths(VARIED)
     assert lengths[1] == 2 and max(lengths) == 256          # the empty text; one cut at 256
     assert sum(n == 256 for n in lengths) == 1 and len(set(lengths)) > 5
@@ -164,7 +171,7 @@ def test_lean_encoder_equals_sentence_transformers(minilm):
     assert len(length_groups(lengths)) > 1                   # the batch really was split and padded
 
 
-def test_lean_encoder_equals_sentence_transformers_on_mixed_batches(minilm):
+def test_lean_encoder_equals_sentence_transformers_on_mixed_batches(minilm, float32):
     """Random mixes of short and long texts: groups are padded differently every time."""
     rng = np.random.default_rng(0)
     words = "the of routing model cheap expert quality prompt 42 Zürich".split()
@@ -175,7 +182,9 @@ def test_lean_encoder_equals_sentence_transformers_on_mixed_batches(minilm):
     assert np.abs(got - ref).max() < 1e-5
 
 
-def test_lean_encoder_is_batch_order_independent(minilm):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_encoder_is_batch_order_independent(minilm, dtype, monkeypatch):
+    monkeypatch.setenv(featurize.DTYPE_ENV, dtype)
     enc = minilm_encoder()
     texts = VARIED + [VARIED[0], "What is 12 plus 31?"]     # a duplicate, a near-duplicate
     base = enc.encode(texts)
@@ -184,6 +193,46 @@ def test_lean_encoder_is_batch_order_independent(minilm):
         np.testing.assert_allclose(enc.encode([texts[i] for i in perm]), base[perm], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(base[0], base[len(VARIED)])   # duplicates: the same vector
     assert np.abs(base[0] - base[-1]).max() > 1e-3            # not the same row twice
+
+
+def test_bfloat16_encoder_stays_close_to_float32(minilm):
+    """The bfloat16 path (chosen on AMX CPUs; it runs, slower, on any CPU) keeps every vector
+    within cosine 0.9995 of the float32 one (0.9999 on average; the empty text is the
+    farthest), so float32 embeddings in a cache or a trained router stay valid; and it
+    really computes in bfloat16 (not the same numbers)."""
+    texts = VARIED + ["What is 12 plus 31?", "Translate 'good morning' into German."]
+    f32 = MiniLMEncoder(minilm, dtype="float32").encode(texts)
+    enc = MiniLMEncoder(minilm, dtype="bfloat16")
+    assert enc.word.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in enc.layers[0][:4])
+    bf16 = enc.encode(texts)
+    assert bf16.dtype == np.float32 and np.allclose(np.linalg.norm(bf16, axis=1), 1, atol=1e-5)
+    cos = (f32 * bf16).sum(1)
+    assert cos.min() > 0.9995 and cos.mean() > 0.9999
+    assert np.abs(f32 - bf16).max() > 1e-5
+
+
+def test_encoder_dtype_from_the_environment_or_the_cpu(monkeypatch):
+    monkeypatch.setenv(featurize.DTYPE_ENV, "BFloat16 ")
+    assert encoder_dtype() == "bfloat16"
+    monkeypatch.setenv(featurize.DTYPE_ENV, "fp8")
+    with pytest.raises(ValueError, match="SWITCHYARD_MINILM_DTYPE='fp8'"):
+        encoder_dtype()
+    monkeypatch.delenv(featurize.DTYPE_ENV)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert encoder_dtype() == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert encoder_dtype() == "float32"
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        MiniLMEncoder(minilm_model(), dtype="int8")
+
+
+def test_shared_encoder_follows_the_dtype_setting(minilm, monkeypatch):
+    monkeypatch.setenv(featurize.DTYPE_ENV, "float32")
+    a = minilm_encoder()
+    assert a.dtype == "float32" and minilm_encoder() is a          # built once per dtype
+    assert a.word.data_ptr() == minilm[0].auto_model.embeddings.word_embeddings.weight.data_ptr()
+    monkeypatch.setenv(featurize.DTYPE_ENV, "bfloat16")
+    assert minilm_encoder().dtype == "bfloat16"
 
 
 def test_fallback_encoder_uses_sentence_transformers(minilm):
