@@ -5,7 +5,8 @@ that a benchmark measures what sits *in front of* it (the Switchyard gateway, a 
 proxy) and not a model. ``benchmarks/gateway_overhead.py`` starts it; it is also handy
 for poking at the gateway by hand::
 
-    python benchmarks/loadtest_upstream.py --port 9001
+    python benchmarks/loadtest_upstream.py --port 9001                 # raw socket server
+    python benchmarks/loadtest_upstream.py --port 9001 --server asgi   # same answers on uvicorn
 
 Endpoints (HTTP/1.1, keep-alive):
 
@@ -20,10 +21,21 @@ Endpoints (HTTP/1.1, keep-alive):
 ``finish_reason`` to ``"length"``; token counts are words, prompt tokens are estimated
 as characters / 4. Malformed requests get an OpenAI error object with status 400.
 
-Why a raw server: it is an ``asyncio.Protocol`` on uvloop with the ``httptools`` parser
-(the pieces uvicorn itself is built from) and no ASGI layer in between. On one core
-it serves 2-3x the requests per second of a minimal ASGI app on uvicorn
-(numbers in ``benchmarks/README.md``), so it stays far from being the bottleneck.
+Two server flavours answer through the same code (:func:`respond`), so their bodies are
+the same but for ids and timestamps:
+
+- ``--server raw`` (default): an ``asyncio.Protocol`` on uvloop with the ``httptools``
+  parser (the pieces uvicorn itself is built from) and no ASGI layer in between. On one
+  core it serves several times the requests per second of the ``asgi`` flavour (numbers
+  in ``benchmarks/README.md``), so it stays far from being the bottleneck and shows
+  what a purpose-built server gets out of a core.
+- ``--server asgi``: the *same-stack upstream*, a minimal raw ASGI app (no framework) on
+  uvicorn with uvloop and httptools, one process, no access log -- the HTTP stack the
+  gateway itself runs on. A gateway does at least twice the HTTP work of the upstream
+  behind it (it serves a request and makes one), so against an upstream of its own
+  class about half the upstream's throughput is the practical ceiling; against the raw
+  flavour the ratio mixes that overhead with the gap between the two HTTP stacks.
+  ``gateway_overhead.py`` measures against both.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import httptools
 import orjson
@@ -169,6 +182,29 @@ _ROUTES = {
 }
 
 
+def respond(method: bytes, path: bytes, raw_body: bytes) -> tuple[int, bytes | list[bytes]]:
+    """The status and the answer to one request: a JSON body (``bytes``) or, for a
+    streamed completion, its SSE events (``list``). Both server flavours answer through
+    this, so they differ only in their HTTP stack."""
+    allowed = _ROUTES.get(path)
+    if allowed is None:
+        return 404, error_body(f"no route {path.decode(errors='replace')}", 404)
+    if method != allowed:
+        return 405, error_body(f"use {allowed.decode()} on this path", 405)
+    if path == b"/health":
+        return 200, _HEALTH
+    if path == b"/v1/models":
+        return 200, _MODELS
+    chat = path == b"/v1/chat/completions"
+    try:
+        body = _parse(raw_body, "messages" if chat else "prompt")
+        if body.get("stream"):
+            return 200, stream_events(body, chat)
+        return 200, orjson.dumps(chat_completion(body) if chat else text_completion(body))
+    except BadRequest as exc:
+        return 400, error_body(str(exc), 400)
+
+
 class UpstreamProtocol(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection, parsed by httptools, answered synchronously."""
 
@@ -209,30 +245,11 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()
-        path = self.url.split(b"?", 1)[0]
-        method = self.parser.get_method()
-        allowed = _ROUTES.get(path)
-        if allowed is None:
-            self._send(404, b"application/json", error_body(f"no route {path.decode(errors='replace')}", 404))
-        elif method != allowed:
-            self._send(405, b"application/json", error_body(f"use {allowed.decode()} on this path", 405))
-        elif path == b"/health":
-            self._send(200, b"application/json", _HEALTH)
-        elif path == b"/v1/models":
-            self._send(200, b"application/json", _MODELS)
+        status, answer = respond(self.parser.get_method(), self.url.split(b"?", 1)[0], b"".join(self.body))
+        if isinstance(answer, list):
+            self._send_stream(answer)
         else:
-            self._complete(chat=path == b"/v1/chat/completions")
-
-    def _complete(self, chat: bool) -> None:
-        try:
-            body = _parse(b"".join(self.body), "messages" if chat else "prompt")
-            if body.get("stream"):
-                self._send_stream(stream_events(body, chat))
-            else:
-                answer = chat_completion(body) if chat else text_completion(body)
-                self._send(200, b"application/json", orjson.dumps(answer))
-        except BadRequest as exc:
-            self._send(400, b"application/json", error_body(str(exc), 400))
+            self._send(status, b"application/json", answer)
 
     def _send(self, status: int, content_type: bytes, payload: bytes, close: bool = False) -> None:
         if self.transport is None:
@@ -269,13 +286,63 @@ async def serve(host: str, port: int, ready: asyncio.Event | None = None) -> Non
         await server.serve_forever()
 
 
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+async def asgi_app(scope: dict, receive: Receive, send: Send) -> None:
+    """The same answers as :class:`UpstreamProtocol` as a raw ASGI app (no framework).
+
+    A streamed answer goes out one ``http.response.body`` message per SSE event, as an
+    ASGI server streaming real tokens would, which uvicorn sends as one HTTP chunk each:
+    the same chunked body as the raw flavour's (uvicorn adds its ``date`` and ``server``
+    headers, as it does to the gateway's answers)."""
+    if scope["type"] != "http":  # served with lifespan="off"; nothing else is expected
+        return
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    status, answer = respond(scope["method"].encode(), scope["path"].encode(), b"".join(chunks))
+    if isinstance(answer, list):
+        await send({"type": "http.response.start", "status": status, "headers": _SSE_HEADERS})
+        for event in answer:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    else:
+        headers = [*_JSON_HEADERS, (b"content-length", b"%d" % len(answer))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+
+def serve_asgi(host: str, port: int, uvloop: bool = True) -> None:
+    """:func:`asgi_app` on uvicorn, configured as ``switchyard serve`` runs the gateway
+    (uvloop, httptools, no access log), in this one process, until interrupted."""
+    import uvicorn
+
+    logger.info("load-test upstream (uvicorn ASGI) listening on http://%s:%d/v1", host, port)
+    uvicorn.run(asgi_app, host=host, port=port, loop="uvloop" if uvloop else "asyncio", http="httptools",
+                lifespan="off", access_log=False, log_level="warning", backlog=2048)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fast OpenAI-shaped load-test upstream (canned answers, not a model).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9001)
+    parser.add_argument("--server", choices=("raw", "asgi"), default="raw",
+                        help="raw: asyncio.Protocol + httptools (default); asgi: the same answers as a "
+                             "raw ASGI app on uvicorn, the gateway's own HTTP stack")
     parser.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio event loop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.server == "asgi":
+        serve_asgi(args.host, args.port, uvloop=not args.no_uvloop)
+        return
     run = asyncio.run
     if not args.no_uvloop:
         import uvloop

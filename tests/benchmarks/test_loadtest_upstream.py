@@ -1,16 +1,19 @@
 """The load-test upstream speaks well-formed OpenAI: checked with the real ``openai`` SDK.
 
-The server runs exactly as the benchmark runs it (``python benchmarks/loadtest_upstream.py
---port P`` in a subprocess) on a free loopback port.
+Both server flavours run exactly as the benchmark runs them (``python
+benchmarks/loadtest_upstream.py --port P --server raw|asgi`` in a subprocess) on free
+loopback ports; every test runs against each, and one compares their answers over HTTP.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "loadtest_upstream.py"
 ANSWER = "This is a canned answer from the load-test upstream."
 MESSAGES = [{"role": "user", "content": "Say hello in exactly one short sentence, please."}]
+SERVERS = ("raw", "asgi")
 
 
 def _free_port() -> int:
@@ -29,29 +33,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
+@contextmanager
+def _serving(server: str) -> Iterator[str]:
+    """``loadtest_upstream.py --server <server>`` on a free port, until healthy; its URL."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--port", str(port), "--server", server],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 15
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"upstream exited: {proc.stdout.read().decode(errors='replace')}")
+                pytest.fail(f"{server} upstream exited: {proc.stdout.read().decode(errors='replace')}")
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 if time.monotonic() > deadline:
-                    pytest.fail("upstream did not become healthy in 15 s")
+                    pytest.fail(f"{server} upstream did not become healthy in 15 s")
                 time.sleep(0.05)
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, str]]:
+    """Both flavours at once, by name."""
+    with ExitStack() as stack:
+        yield {server: stack.enter_context(_serving(server)) for server in SERVERS}
+
+
+@pytest.fixture(params=SERVERS)
+def base_url(request: pytest.FixtureRequest, servers: dict[str, str]) -> str:
+    return servers[request.param]
 
 
 @pytest.fixture()
@@ -138,3 +155,57 @@ def test_keep_alive_serves_many_requests_on_one_connection(base_url: str) -> Non
     with httpx.Client(base_url=base_url, limits=httpx.Limits(max_connections=1)) as c:
         ids = {c.post("/v1/chat/completions", json=body).json()["id"] for _ in range(50)}
     assert len(ids) == 50
+
+
+def _normalized(resp: httpx.Response) -> object:
+    """The answer without what differs between any two answers (ids, timestamps): the
+    JSON body, or each SSE event's JSON (``[DONE]`` kept as is)."""
+    def strip(obj: object) -> object:
+        return {k: v for k, v in obj.items() if k not in ("id", "created")} if isinstance(obj, dict) else obj
+
+    if resp.headers["content-type"].startswith("text/event-stream"):
+        events = [line.removeprefix("data: ") for line in resp.text.split("\n\n") if line]
+        return [e if e == "[DONE]" else strip(json.loads(e)) for e in events]
+    return strip(resp.json())
+
+
+SAME_ANSWERS = {
+    "chat": ("POST", "/v1/chat/completions", {"model": "m", "messages": MESSAGES}, 200),
+    "chat-max-tokens": ("POST", "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "max_tokens": 4}, 200),
+    "completions": ("POST", "/v1/completions", {"model": "m", "prompt": "Once upon a time"}, 200),
+    "chat-stream-usage": ("POST", "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "stream": True,
+                                                           "stream_options": {"include_usage": True}}, 200),
+    "completions-stream-usage": ("POST", "/v1/completions", {"prompt": "x", "stream": True, "max_tokens": 2,
+                                                             "stream_options": {"include_usage": True}}, 200),
+    "models": ("GET", "/v1/models", None, 200),
+    "health": ("GET", "/health", None, 200),
+    "no-messages": ("POST", "/v1/chat/completions", {"model": "m"}, 400),
+    "bad-max-tokens": ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 0}, 400),
+    "not-found": ("GET", "/v1/nothing-here", None, 404),
+    "wrong-method": ("GET", "/v1/completions", None, 405),
+}
+
+
+@pytest.mark.parametrize("case", SAME_ANSWERS)
+def test_asgi_flavour_answers_as_raw(servers: dict[str, str], case: str) -> None:
+    """The same-stack upstream is the raw one on another HTTP stack: same status, content
+    type, framing and bodies (ids and timestamps aside)."""
+    method, path, body, status = SAME_ANSWERS[case]
+    answers = {server: httpx.request(method, f"{url}{path}", json=body) for server, url in servers.items()}
+    raw, asgi = answers["raw"], answers["asgi"]
+    assert raw.status_code == asgi.status_code == status
+    assert raw.headers["content-type"] == asgi.headers["content-type"]
+    assert raw.headers.get("transfer-encoding") == asgi.headers.get("transfer-encoding")
+    assert _normalized(raw) == _normalized(asgi)
+    if body and body.get("stream"):
+        assert asgi.headers["transfer-encoding"] == "chunked"
+        events = _normalized(asgi)
+        assert events[-1] == "[DONE]" and events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] > 0
+    elif status == 200 and path.startswith("/v1/c"):
+        assert _normalized(asgi)["usage"]["completion_tokens"] > 0
+
+
+def test_asgi_flavour_is_uvicorn(servers: dict[str, str]) -> None:
+    """It really is the gateway's stack (uvicorn), not the raw server started twice."""
+    assert httpx.get(f"{servers['asgi']}/health").headers.get("server") == "uvicorn"
+    assert "server" not in httpx.get(f"{servers['raw']}/health").headers
