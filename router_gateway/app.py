@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import time
@@ -123,6 +124,21 @@ class FastPath:
             Trace.leave(token)
 
 
+GC_THRESHOLD = (10_000, 20, 100)   # gen0 allocations, gen0 runs per gen1, gen1 runs per gen2
+
+
+def tune_gc() -> None:
+    """Garbage-collector settings for a server that has finished starting: collect, then
+    freeze every object alive now (modules, the app, clients) so later collections do not
+    scan them, and run young collections every 10,000 net allocations instead of 700. A
+    proxied request allocates a few thousand short-lived objects, nearly all freed by
+    reference counting; at the default threshold the collector ran several times per
+    request and took ~7% of the gateway's CPU at saturation."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 def create_app(settings: Settings | None = None, store: ExpertStore | None = None) -> FastPath:
     settings = settings or Settings()
     configure_logging(settings.log_level)
@@ -163,6 +179,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             if settings.health_interval_s > 0:
                 tasks.append(asyncio.create_task(health_loop(view, client, settings.health_interval_s),
                                                  name="health"))
+            if settings.gc_tuning:
+                tune_gc()
             try:
                 yield
             finally:

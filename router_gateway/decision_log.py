@@ -103,11 +103,8 @@ class DecisionLog:
     async def flush(self) -> None:
         while self._pending:
             batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
-            pipe = self.r.pipeline(transaction=False)
-            for entry in batch:
-                pipe.xadd(self.key, entry, maxlen=self.max_entries, approximate=True)
             try:
-                await pipe.execute()
+                await self._write(batch)
             except Exception as exc:   # Redis down: these entries are lost, the answers went out
                 self.on_drop(len(batch))
                 if not self._failing:
@@ -118,6 +115,48 @@ class DecisionLog:
             if self._failing:
                 log.info("decision log: writing again")
                 self._failing = False
+
+
+    async def _write(self, batch: list[dict[str, str]]) -> None:
+        """One round trip for the batch: its XADDs packed by :func:`pack_xadds` and sent down
+        one pooled connection, then one reply read per entry (an error reply raises). The
+        same commands as a redis-py pipeline, without its per-argument packing, which cost
+        about a tenth of the gateway's CPU per proxied request at saturation."""
+        pool = self.r.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(pack_xadds(self.key, self.max_entries, batch), check_health=False)
+            for _ in batch:
+                await conn.read_response()
+        except BaseException:
+            await conn.disconnect()   # replies may be left unread: never reuse it
+            raise
+        finally:
+            await pool.release(conn)
+
+
+def _bulk(value: str | bytes) -> bytes:
+    data = value.encode("utf-8", "replace") if isinstance(value, str) else value
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def pack_xadds(key: str, max_entries: int, entries: list[dict[str, str]]) -> bytes:
+    """``XADD key MAXLEN ~ max_entries * field value ...`` for each entry, in the Redis
+    protocol (RESP2 arrays of bulk strings), concatenated; text is sent as UTF-8 (a lone
+    surrogate becomes '?')."""
+    head = _bulk("XADD") + _bulk(key) + _bulk("MAXLEN") + _bulk("~") + _bulk(str(max_entries)) + _bulk("*")
+    names: dict[str, bytes] = {}   # field names repeat in every entry: packed once
+    out = []
+    for entry in entries:
+        out.append(b"*%d\r\n" % (6 + 2 * len(entry)))
+        out.append(head)
+        for k, v in entry.items():
+            name = names.get(k)
+            if name is None:
+                name = names[k] = _bulk(k)
+            data = v.encode("utf-8", "replace")
+            out.append(b"%s$%d\r\n%s\r\n" % (name, len(data), data))
+    return b"".join(out)
 
 
 async def add_feedback(aredis: Any, prefix: str, max_entries: int, request_id: str, score: float, key: str,

@@ -28,6 +28,11 @@ from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore, open_redis
 
 
+# Many gateways start and stop in one test process: freezing the heap at each start-up
+# would keep every earlier test's cyclic garbage alive. test_gc_tuning turns it on.
+os.environ.setdefault("SWITCHYARD_GC_TUNING", "false")
+
+
 def _cache_dir() -> Path:
     """Where built demo models are kept between test runs on this machine."""
     return Path(os.environ.get("SWITCHYARD_TEST_CACHE") or "~/.cache/switchyard-tests").expanduser()

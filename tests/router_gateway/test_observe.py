@@ -228,3 +228,60 @@ def test_metrics_need_no_key_and_show_no_secrets(observed):
     r = httpx.get(f"{url}/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert secret not in r.text and ADMIN_KEY not in r.text and CLIENT_KEY not in r.text
+
+
+def test_decision_batches_are_written_as_plain_xadds(store: ExpertStore):
+    """The hand-packed XADDs store exactly the fields given (unicode, empty values, a long
+    prompt, a lone surrogate made '?'), keep the stream's cap, and an error reply fails the
+    batch without leaving a half-read connection in the pool."""
+    import asyncio
+
+    from expert_registry.store import open_async_redis
+    from router_gateway.decision_log import DecisionLog, pack_xadds
+
+    assert pack_xadds("k", 5, [{"a": "é", "b": ""}]) == (
+        b"*10\r\n$4\r\nXADD\r\n$1\r\nk\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$1\r\n5\r\n$1\r\n*\r\n"
+        b"$1\r\na\r\n$2\r\n\xc3\xa9\r\n$1\r\nb\r\n$0\r\n\r\n")
+    entries = [{"rid": f"r{i}", "prompt": "Zürich? " * 2000 if i == 0 else f"q{i}\r\n", "router": ""}
+               for i in range(250)] + [{"rid": "bad", "prompt": "x\ud800y"}]
+
+    async def scenario():
+        r = open_async_redis(store.client, None)
+        dl = DecisionLog(r, store.prefix, max_entries=100)
+        await dl._write(entries)
+        store.client.set(dl.key + "-not-a-stream", "x")
+        wrong = DecisionLog(r, store.prefix, max_entries=100)
+        wrong.key = dl.key + "-not-a-stream"
+        with pytest.raises(Exception, match="WRONGTYPE"):
+            await wrong._write(entries[:3])
+        await dl._write([{"rid": "after"}])       # the pool still works after the error
+        await r.aclose()
+
+    asyncio.run(scenario())
+    got = store.client.xrange(decisions_key(store.prefix))
+    assert 100 <= len(got) < 250                      # MAXLEN ~ applied, on whole nodes
+    last = [fields for _, fields in got[-3:]]
+    assert last[0] == {"rid": "r249", "prompt": "q249\r\n", "router": ""}
+    assert last[1] == {"rid": "bad", "prompt": "x?y"} and last[2] == {"rid": "after"}
+    assert store.client.get(decisions_key(store.prefix) + "-not-a-stream") == "x"   # untouched
+
+
+def test_gc_tuning_freezes_the_startup_heap(store: ExpertStore, data_dir: Path):
+    """With ``gc_tuning`` (the default outside the test suite) a started gateway has frozen
+    its start-up heap and raised the young-generation threshold; without it, neither."""
+    import gc
+
+    from router_gateway.app import GC_THRESHOLD
+
+    before = gc.get_threshold()
+    gc.unfreeze()
+    try:
+        with serve_in_thread(create_app(make_settings(data_dir, gc_tuning=False), store)) as url:
+            assert httpx.get(f"{url}/health").status_code == 200
+            assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+        with serve_in_thread(create_app(make_settings(data_dir, gc_tuning=True), store)) as url:
+            assert httpx.get(f"{url}/health").status_code == 200
+            assert gc.get_freeze_count() > 10_000 and gc.get_threshold() == GC_THRESHOLD
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
