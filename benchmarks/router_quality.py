@@ -6,7 +6,8 @@ every router is fitted on the other folds and predicts quality and cost for the 
 prompts (``complete()``: only prompts that every expert answered). The out-of-fold
 predictions of all folds are pooled and each router's quality-cost curve is read on the
 pooled prompts against one shared ``reference_points`` (weak = cheapest expert, strong =
-best single expert), together with the random, best-single and oracle baselines. The
+best single expert), together with the random, best-single, task-oracle and oracle
+baselines (:func:`task_oracle`: the best routing that knows only each prompt's task). The
 per-fold AIQ (each fold against its own reference points) gives a mean and a spread.
 
 Results: one JSON and one plot per dataset in ``benchmarks/results/`` and one marked
@@ -60,7 +61,7 @@ ROUTER_SPECS = {
     "gnn": ("gnn", {}),
 }
 NEW_ROUTERS = ("symbolic", "gnn")  # their goals: AIQ above kNN's, and one of them above the classifier's
-BASELINES = ("random", "best_single", "oracle")
+BASELINES = ("random", "best_single", "task_oracle", "oracle")
 QUICK_PROMPTS = 300
 TOL = 1e-9  # quality comparisons forgive float noise, as metrics.QUALITY_TOL does
 
@@ -132,6 +133,22 @@ def extra_metrics(points: list[list[float]], ref: dict) -> dict:
             "cost_at_half_best_cost": c_half, "quality_at_best_cost": q_full, "cost_at_best_cost": c_full}
 
 
+def task_oracle(scores: np.ndarray, costs: np.ndarray, tasks: list[str], ref: dict):
+    """The best a router can do knowing only each prompt's task: it is handed every
+    expert's mean score and cost on that task *in these very prompts* and routes through
+    the policy at every knob value. A router above it reads more than the task from the
+    prompt (its difficulty, its kind within the task); logs without task labels make one
+    task, where this is the best fixed expert per knob value."""
+    from router_models.metrics import evaluate_router
+
+    t = np.asarray(tasks, dtype=object)
+    q, c = np.empty_like(scores), np.empty_like(costs)
+    for task in dict.fromkeys(t):
+        rows = t == task
+        q[rows], c[rows] = scores[rows].mean(axis=0), costs[rows].mean(axis=0)
+    return evaluate_router("task_oracle", scores, costs, q, c, ref=ref)
+
+
 def cross_validate(name: str, logs, routers: list[str], args: argparse.Namespace,
                    descriptions: dict[str, str] | None = None) -> dict:
     """Fit and predict every router on every fold; pooled and per-fold curve reports."""
@@ -140,7 +157,7 @@ def cross_validate(name: str, logs, routers: list[str], args: argparse.Namespace
     from router_models.logs import kfold_by_prompt
     from router_models.metrics import baselines, evaluate_router, reference_points
 
-    pooled: dict[str, list] = {"scores": [], "costs": [], **{f"q:{r}": [] for r in routers},
+    pooled: dict[str, list] = {"scores": [], "costs": [], "tasks": [], **{f"q:{r}": [] for r in routers},
                                **{f"c:{r}": [] for r in routers}}
     per_fold: dict[str, list[float]] = {r: [] for r in (*routers, *BASELINES)}
     chosen: dict[str, list[dict]] = {r: [] for r in routers}  # the head each classifier fit picked
@@ -152,6 +169,7 @@ def cross_validate(name: str, logs, routers: list[str], args: argparse.Namespace
         ref = reference_points(test.scores, test.costs)
         pooled["scores"].append(test.scores)
         pooled["costs"].append(test.costs)
+        pooled["tasks"] += test.tasks
         for r in routers:
             bar.set_postfix_str(r)
             t0 = time.perf_counter()
@@ -168,12 +186,14 @@ def cross_validate(name: str, logs, routers: list[str], args: argparse.Namespace
             bar.update(1)
         for b, rep in baselines(test.scores, test.costs, seed=args.seed).items():
             per_fold[b].append(rep.aiq)
+        per_fold["task_oracle"].append(task_oracle(test.scores, test.costs, test.tasks, ref).aiq)
     bar.close()
     S, C = np.vstack(pooled["scores"]), np.vstack(pooled["costs"])
     ref = reference_points(S, C)
     reports = {r: evaluate_router(r, S, C, np.vstack(pooled[f"q:{r}"]), np.vstack(pooled[f"c:{r}"]), ref=ref)
                for r in routers}
     reports |= baselines(S, C, seed=args.seed)
+    reports["task_oracle"] = task_oracle(S, C, pooled["tasks"], ref)
     return {"S": S, "C": C, "ref": ref, "reports": reports, "per_fold": per_fold, "chosen": chosen,
             "fit_s": fit_s, "predict_s": predict_s}
 
@@ -196,6 +216,8 @@ def goals(dataset: str, rows: dict[str, dict], routers: list[str], ref: dict, ex
                                   f"per-fold difference {diff.mean():+.4f} ± {sd:.4f}, "
                                   f"{int((diff > 0).sum())} of {diff.size} folds above"})
         ratio = b["cost_to_best_single"]
+        t = rows["task_oracle"]
+        task_half = fmt_q(t["quality_at_half_best_cost"], t["cost_at_half_best_cost"])
         reached = ", ".join(f"{r} {rows[r]['cost_to_best_single']:.0%}" for r in routers
                             if rows[r]["cost_to_best_single"] is not None) or "none"
         out.append({"goal": f"best router reaches {strong}'s accuracy at <= half its cost",
@@ -204,7 +226,9 @@ def goals(dataset: str, rows: dict[str, dict], routers: list[str], ref: dict, ex
                               f"{strong}'s ${ref['c_strong']:.3g}" if ratio is not None else
                               f"never reaches {ref['q_strong']:.3f} (its best: {b['best_quality']:.3f} at "
                               f"${b['best_quality_cost']:.3g})") + f"; routers that reach it, at share of cost: "
-                              f"{reached}; oracle {fmt_pct(rows['oracle']['cost_to_best_single'])}"})
+                              f"{reached}; oracle {fmt_pct(rows['oracle']['cost_to_best_single'])}; "
+                              f"task oracle {fmt_pct(rows['task_oracle']['cost_to_best_single'])}, its best at "
+                              f"<= half the cost {task_half}"})
     elif dataset == "llmrouter":
         q, c = b["quality_at_best_cost"], b["cost_at_best_cost"]
         met = [r for r in routers if rows[r]["quality_at_best_cost"] is not None

@@ -76,7 +76,8 @@ def test_router_quality_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> Non
         assert report["reference"]["strong_name"] == "large" and report["reference"]["weak_name"] == "small"
         rows = report["rows"]
         assert set(rows) == {"knn", "classifier-minilm", "classifier-tfidf", "symbolic", "gnn", "random",
-                             "best_single", "oracle"}
+                             "best_single", "task_oracle", "oracle"}
+        assert rows["task_oracle"]["aiq"] > rows["random"]["aiq"]   # geo -> small, math -> large
         for key, row in rows.items():
             assert {"aiq", "apgr", "cpt50", "cpt80", "cost_to_best_single", "points", "best_quality",
                     "quality_at_half_best_cost", "aiq_folds"} <= row.keys()
@@ -93,6 +94,24 @@ def test_router_quality_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> Non
         assert "symbolic or graph router's AIQ above the classifier's" in named
         assert report["timing"]["total_s"] > 0 and report["timing"]["embed"]["texts"] == n
         assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_task_oracle_routes_each_task_to_its_best_expert_for_the_price() -> None:
+    """Task A (3 prompts): both experts right; task B (1 prompt): only the dear one. Knowing
+    the task, A goes to the cheap expert and B to the dear one: full quality at 3.25 of the
+    dear expert's 10 per query. Without task labels the best it can do is one expert."""
+    bench = _load("router_quality")
+    from router_models.metrics import reference_points
+
+    S = np.array([[1.0, 1.0]] * 3 + [[0.0, 1.0]])
+    C = np.array([[1.0, 10.0]] * 4)
+    ref = reference_points(S, C)
+    rep = bench.task_oracle(S, C, ["A", "A", "A", "B"], ref)
+    assert rep.cost_to_best_single == pytest.approx(0.325)
+    assert max(q for c, q in rep.points if c <= 5.0) == 1.0
+    blind = bench.task_oracle(S, C, [""] * 4, ref)
+    assert blind.cost_to_best_single == pytest.approx(1.0)
+    assert max(q for c, q in blind.points if c <= 5.0) == 0.75
 
 
 def test_routing_latency_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> None:
