@@ -20,9 +20,11 @@ built by :func:`hetero_graph` holds::
                                the task's visible scored calls of that expert
     (expert, rev_rates, task)  the same edges reversed, same attr
 
-    query   pair [n, m, 4]  two-hop label messages per expert (:func:`pair_features`): the
+    query   pair [n, m, 6]  two-hop label messages per expert (:func:`pair_features`): the
                             neighbours' mean logged score of the expert and the tasks' mean
-                            score, each with its support; the decoder reads them with the states
+                            score, each with its support; and the linear probe's score of the
+                            query for the expert with its support (:class:`Probe`); the decoder
+                            reads them with the states
 
 A query that must look new (a test query, or a training query masked for an epoch) has
 only incoming edges: ``similar`` from its labelled neighbours and ``rev_in`` soft task
@@ -51,7 +53,8 @@ TE = (T, "rates", E)
 ET = (E, "rev_rates", T)
 EDGE_TYPES = (QQ, QE, EQ, QT, TQ, TE, ET)
 EDGE_DIMS = {QQ: 1, QE: 2, EQ: 2, TQ: 1, TE: 3, ET: 3}  # QT carries no attr
-PAIR_DIM = 4  # two-hop label features of a (query, expert) pair, see pair_features
+LABEL_DIM = 4  # two-hop label features of a (query, expert) pair, see pair_features
+PAIR_DIM = LABEL_DIM + 2  # and the probe's score with its support, see Probe
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,7 @@ def task_expert_dense(te: np.ndarray, te_attr: np.ndarray, n_tasks: int, m: int
 def pair_features(qq: np.ndarray, qq_sim: np.ndarray, tq: np.ndarray, tq_w: np.ndarray,
                   scores: np.ndarray, te_mean: np.ndarray, te_size: np.ndarray, n_dst: int,
                   shrink: float = 2.0) -> np.ndarray:
-    """Two-hop label messages into each query node, per expert: ``[n_dst, m, PAIR_DIM]``.
+    """Two-hop label messages into each query node, per expert: ``[n_dst, m, LABEL_DIM]``.
 
     Along ``rev_in`` then ``rates`` (soft task weights ``w_t``), and along ``similar`` then
     ``scored`` (``a_j = max(sim_j, 0) + 1e-6`` over the query's neighbours ``j``), where
@@ -213,7 +216,7 @@ def pair_features(qq: np.ndarray, qq_sim: np.ndarray, tq: np.ndarray, tq_w: np.n
         return num, den, tot
 
     m = scores.shape[1]
-    out = np.zeros((n_dst, m, PAIR_DIM))
+    out = np.zeros((n_dst, m, LABEL_DIM))
     num, den, _ = flow(tq[0], tq[1], tq_w.astype(float), te_mean)
     has_task = den > 0
     out[:, :, 2] = np.where(has_task, num / np.maximum(den, 1e-12), 0.0)
@@ -225,8 +228,68 @@ def pair_features(qq: np.ndarray, qq_sim: np.ndarray, tq: np.ndarray, tq_w: np.n
     return out.astype(np.float32)
 
 
-def hetero_graph(q_x: np.ndarray, t_x: np.ndarray, e_x: np.ndarray, edges: Edges) -> "HeteroData":
-    """The :class:`HeteroData` of the module docstring, reverse edges included."""
+def with_probe(label: np.ndarray, probe: np.ndarray | None) -> np.ndarray:
+    """``[n, m, PAIR_DIM]``: the label features ``[n, m, LABEL_DIM]`` and the probe's
+    ``(score, support)`` from ``probe [n, m]`` (NaN or ``None``: no probe, ``(0, 0)``)."""
+    if probe is None:
+        probe = np.full(label.shape[:2], np.nan)
+    ok = ~np.isnan(probe)
+    return np.concatenate([label, np.stack([np.where(ok, probe, 0.0), ok], axis=-1)],
+                          axis=-1).astype(np.float32)
+
+
+@dataclass
+class Probe:
+    """A ridge regression per expert from a query's embedding to its logged score, the
+    graph's non-graph base predictor (Correct & Smooth's): the decoder combines it with
+    the label messages of the query's neighbours and tasks and with the node states.
+
+    ``w [d + 1, m]`` (last row the intercept; an expert without a probe, too few logged
+    calls or added after fitting, is a NaN column). :meth:`fit` also returns out-of-fold
+    scores of the training queries, so that training sees the probe as a new query does.
+    """
+
+    w: np.ndarray
+
+    MIN_CALLS = 20
+    ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0)
+
+    @classmethod
+    def fit(cls, emb: np.ndarray, Y: np.ndarray, folds: int = 5, seed: int = 0
+            ) -> tuple["Probe", np.ndarray]:
+        """``emb [n, d]``, ``Y [n, m]`` (NaN = not logged) -> ``(probe, out-of-fold [n, m])``:
+        the ridge penalty per expert by efficient leave-one-out (``RidgeCV``), then each
+        fold's rows scored by a ridge fitted on the others."""
+        from sklearn.linear_model import Ridge, RidgeCV
+
+        n, m = Y.shape
+        w = np.full((emb.shape[1] + 1, m), np.nan)
+        oof = np.full((n, m), np.nan)
+        fold = np.random.default_rng(seed).permutation(n) % max(folds, 2)
+        for j in range(m):
+            rows = np.flatnonzero(~np.isnan(Y[:, j]))
+            if rows.size < cls.MIN_CALLS:
+                continue
+            x, y = emb[rows], Y[rows, j]
+            cv = RidgeCV(alphas=cls.ALPHAS).fit(x, y)
+            w[:-1, j], w[-1, j] = cv.coef_, cv.intercept_
+            for f in np.unique(fold[rows]):
+                inside = fold[rows] == f
+                if inside.all():
+                    continue
+                r = Ridge(alpha=cv.alpha_).fit(x[~inside], y[~inside])
+                oof[rows[inside], j] = r.predict(x[inside])
+        return cls(w.astype(np.float32)), np.clip(oof, 0.0, 1.0)
+
+    def __call__(self, emb: np.ndarray) -> np.ndarray:
+        """Scores ``[b, m]`` of queries ``emb [b, d]`` in 0..1 (NaN: no probe)."""
+        return np.clip(emb @ self.w[:-1] + self.w[-1], 0.0, 1.0)
+
+
+def hetero_graph(q_x: np.ndarray, t_x: np.ndarray, e_x: np.ndarray, edges: Edges,
+                 probe: np.ndarray | None = None) -> "HeteroData":
+    """The :class:`HeteroData` of the module docstring, reverse edges included;
+    ``probe [n, m]``: the probe's scores of the query nodes (NaN or ``None``: none)."""
     def t(a, dtype=None):
         return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype or torch.float32)
 
@@ -237,9 +300,10 @@ def hetero_graph(q_x: np.ndarray, t_x: np.ndarray, e_x: np.ndarray, edges: Edges
     data[Q].x, data[T].x, data[E].x = t(q_x), t(t_x), t(e_x)
     te, te_attr = task_expert_stats(edges.q_task[edges.qe[0]], edges.qe[1], edges.qe_attr[:, 0],
                                     edges.qe_attr[:, 1], len(t_x), len(e_x))
-    data[Q].pair = t(pair_features(edges.qq, edges.qq_sim, edges.tq, edges.tq_w,
-                                   score_matrix(edges.qe, edges.qe_attr[:, 0], len(q_x), len(e_x)),
-                                   *task_expert_dense(te, te_attr, len(t_x), len(e_x)), len(q_x)))
+    data[Q].pair = t(with_probe(pair_features(
+        edges.qq, edges.qq_sim, edges.tq, edges.tq_w,
+        score_matrix(edges.qe, edges.qe_attr[:, 0], len(q_x), len(e_x)),
+        *task_expert_dense(te, te_attr, len(t_x), len(e_x)), len(q_x)), probe))
     for et, ei, attr in ((QQ, edges.qq, edges.qq_sim[:, None]),
                          (QE, edges.qe, edges.qe_attr), (EQ, edges.qe[::-1], edges.qe_attr),
                          (QT, edges.qt, None), (TQ, edges.tq, edges.tq_w[:, None]),

@@ -11,9 +11,19 @@ edge carries features (similarity, score and cost, task weight, task-expert mean
 that the attention ``alpha_ij = softmax_j(a^T (W x_j + W_e e_ij))`` can weigh an expert
 by the score it got and a neighbour by its similarity (a plain sum of ``W x_j + W_e e_ij``
 would lose which expert got which score); :class:`~torch_geometric.nn.conv.SAGEConv`
-(mean) for query -> task membership. The decoder scores a (query, expert) pair::
+(mean) for query -> task membership. The decoder scores a (query, expert) pair from the
+states and the pair features ``p_qe`` (:func:`~router_models.graph_data.pair_features` and
+the linear :class:`~router_models.graph_data.Probe`)::
 
-    logit(q, e) = MLP([h_q^L, h_e^L, h_q^L * h_e^L])        # [.., 3H] -> H -> 1
+    logit(q, e) = MLP([h_q^L, h_e^L, h_q^L * h_e^L, p_qe])          # [.., 3H + 6] -> H -> 1
+                + a . [logit(knn), knn_support, logit(task), task_support,
+                       logit(probe), probe_support]                  # the prior
+
+The prior starts at ``a = (1/4, 0, 1/4, 0, 1/2, 0)`` and the MLP's output at 0, so an
+untrained network predicts a blend of the probe and the label messages (Correct &
+Smooth's base predictor and label propagation) and training learns the correction. An
+expert without a probe (one added after fitting) reads its neighbours' score in the
+probe's place.
 
 Shapes: ``x_dict[v] [N_v, F_v]``, ``edge_index_dict[r] [2, E_r]``, ``edge_attr_dict[r]
 [E_r, D_r]``; every state ``[N_v, H]``.
@@ -170,7 +180,7 @@ class HeteroGNN(torch.nn.Module):
         torch.nn.init.zeros_(self.decoder[-1].weight)
         torch.nn.init.zeros_(self.decoder[-1].bias)
         with torch.no_grad():
-            self.prior.weight.copy_(torch.tensor([[0.5, 0.0, 0.5, 0.0]]))
+            self.prior.weight.copy_(torch.tensor([[0.25, 0.0, 0.25, 0.0, 0.5, 0.0]]))
             self.prior.bias.zero_()
 
     def _update(self, layer: int, v: str, h: Tensor, agg: Tensor) -> Tensor:
@@ -213,9 +223,12 @@ class HeteroGNN(torch.nn.Module):
 
     def decode(self, h_q: Tensor, h_e: Tensor, pair: Tensor) -> Tensor:
         """Logits of aligned pairs: ``h_q [P, H], h_e [P, H], pair [P, PAIR_DIM] -> [P]``."""
-        knn, knn_support, task, task_support = pair.unbind(-1)
+        knn, knn_support, task, task_support, probe, probe_support = pair.unbind(-1)
+        # an expert without a probe (added after fitting) reads its neighbours' score there
+        probe = torch.where(probe_support > 0, probe, knn)
         prior = torch.stack([_logit(knn) * (knn_support > 0), knn_support,
-                             _logit(task) * (task_support > 0), task_support], dim=-1)
+                             _logit(task) * (task_support > 0), task_support,
+                             _logit(probe) * ((probe_support > 0) | (knn_support > 0)), probe_support], dim=-1)
         return (self.decoder(torch.cat([h_q, h_e, h_q * h_e, pair], dim=-1))
                 + self.prior(prior)).squeeze(-1)
 
@@ -290,8 +303,12 @@ def train_gnn(router: Any, progress: bool = False) -> dict:
             visible[rng.choice(pool)] = False
         thin = ((int(rng.integers(m)), int(np.exp(rng.uniform(np.log(2), np.log(200)))))
                 if rng.random() < r.fewshot_prob else None)
+        probe = r.probe_oof_
+        if thin is not None and probe is not None:  # a few-shot expert has no probe, as one added after fitting
+            probe = probe.copy()
+            probe[:, thin[0]] = np.nan
         data = hetero_graph(x[Q], x[T], x[E], epoch_edges(visible, cand, cand_sim, r.k, r.q_task_,
-                                                          r.qe_, r.qe_attr_, thin, rng))
+                                                          r.qe_, r.qe_attr_, thin, rng), probe)
         cells = ~visible[r.qe_[0]] & ~is_val[r.qe_[0]]
         opt.zero_grad()
         loss = _bce(model, model(data.x_dict, data.edge_index_dict, data.edge_attr_dict),
@@ -325,7 +342,7 @@ def _validate(model: HeteroGNN, x: dict, visible: np.ndarray, cand: np.ndarray,
     """Loss on the validation queries, inserted as new queries (as at inference)."""
     model.eval()
     data = hetero_graph(x[Q], x[T], x[E], epoch_edges(visible, cand, cand_sim, r.k, r.q_task_,
-                                                      r.qe_, r.qe_attr_))
+                                                      r.qe_, r.qe_attr_), r.probe_oof_)
     states = model(data.x_dict, data.edge_index_dict, data.edge_attr_dict)
     return float(_bce(model, states, data[Q].pair, r.qe_[:, cells], r.qe_attr_[cells, 0]))
 

@@ -28,12 +28,15 @@ from router_models.graph_data import (
     QT,
     TE,
     TQ,
+    PAIR_DIM,
     CostScale,
     Edges,
+    Probe,
     assign_tasks,
     hetero_graph,
     soft_tasks,
     task_expert_stats,
+    with_probe,
 )
 from router_models.graph_model import HeteroGNN
 from router_models.logs import BenchmarkLogs, load_logs, write_logs
@@ -155,11 +158,45 @@ def test_forward_and_decoder_shapes():
     for s in states:
         assert {v: tuple(h.shape) for v, h in s.items()} == {"query": (5, 12), "task": (1, 12),
                                                               "expert": (2, 12)}
-    assert data["query"].pair.shape == (5, 2, 4)
+    assert data["query"].pair.shape == (5, 2, PAIR_DIM)
     assert model.decode_all(states[-1]["query"], states[-1]["expert"], data["query"].pair).shape == (5, 2)
     before = [p.clone() for p in model.parameters()]
     model.reset_parameters()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_probe_learns_a_linear_signal_and_its_training_scores_are_out_of_fold():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(300, 16))
+    Y = np.stack([(emb[:, 0] > 0).astype(float), rng.integers(0, 2, 300).astype(float),
+                  np.full(300, np.nan)], axis=1)
+    Y[:290, 2] = np.nan
+    Y[290:, 2] = 1.0                           # 10 logged calls: too few for a probe
+    probe, oof = Probe.fit(emb, Y, seed=0)
+    assert probe.w.shape == (17, 3) and oof.shape == (300, 3)
+    assert np.isnan(probe.w[:, 2]).all() and np.isnan(oof[:, 2]).all()
+    assert np.isnan(probe(emb[:4])[:, 2]).all()
+    test = rng.normal(size=(200, 16))
+    assert np.mean(np.abs(probe(test)[:, 0] - (test[:, 0] > 0))) < 0.3   # the signal, on new rows
+    assert np.mean(np.abs(oof[:, 0] - Y[:, 0])) < 0.3
+    # noise: fitted on all rows it finds some, out of fold it cannot
+    in_sample = np.mean((probe(emb)[:, 1] - Y[:, 1]) ** 2)
+    assert np.mean((oof[:, 1] - Y[:, 1]) ** 2) > in_sample
+    assert ((0 <= oof[:, :2]) & (oof[:, :2] <= 1)).all()
+
+
+def test_probe_channels_are_zero_without_a_probe():
+    label = np.ones((2, 3, PAIR_DIM - 2), np.float32)
+    pair = with_probe(label, np.array([[0.7, np.nan, 0.1], [np.nan, np.nan, 0.2]]))
+    np.testing.assert_allclose(pair[..., -2:], [[[0.7, 1], [0, 0], [0.1, 1]], [[0, 0], [0, 0], [0.2, 1]]],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(with_probe(label, None)[..., -2:], 0)
+
+
+def test_router_without_probe_learns_from_the_graph_alone(logs):
+    r = GraphRouter(probe=False, **SMALL).fit(logs)
+    assert np.isnan(r.probe_w_).all()
+    assert_learned_the_signal(r)
 
 
 # ---- learning and inference --------------------------------------------------------------
@@ -257,6 +294,10 @@ def test_new_expert_predictions_follow_its_few_examples(router, logs):
     # the old experts keep predicting what they did (states moved a little, not the signal)
     assert np.abs(r.predict_quality(QUERIES)[:, :3] - before).max() < 0.2
     assert r.explain(QUERIES[0])["logged_calls"]["calc"] == 16
+    # a new expert has no probe: its pairs read the graph's label messages only
+    assert np.isnan(r.probe_w_[:, 3:]).all() and not np.isnan(r.probe_w_[:, :3]).any()
+    _, pair = r._new_states(r.featurizer_.transform(QUERIES))
+    assert (pair[:, :3, -1] == 1).all() and (pair[:, 3:, -1] == 0).all()
     np.testing.assert_allclose(r.predict_quality(QUERIES), r._predict_full_graph(QUERIES), atol=1e-5)
 
 
