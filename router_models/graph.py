@@ -389,6 +389,9 @@ class GraphRouter(Router):
         self.n_lab_, self.tasks_ = int(state["n_lab"]), list(state["tasks"])
         self.text_keys_, self.history_ = list(state["text_keys"]), state["history"]
         self.cost_attr_ = CostScale(*state["cost_attr"])
+        if "probe_w" not in arrays:
+            raise ValueError("this graph router was saved before the router had its probe; "
+                             "train it again (switchyard train --router gnn)")
         for name in _ARRAYS:
             setattr(self, name + "_", arrays[name])
         self.model_ = self._make_model()

@@ -371,3 +371,16 @@ def test_save_load_round_trip_is_identical_and_never_unpickles(logs, tmp_path, m
     assert loaded.explain(QUERIES[0]) == r.explain(QUERIES[0])
     loaded.add_expert("bard", POEM_TRAIN, [1.0] * 6, price_per_call=1e-4)  # still extensible
     assert loaded.predict_quality(QUERIES).shape == (len(QUERIES), 5)
+
+
+def test_an_artifact_from_before_the_probe_asks_to_retrain(logs, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from router_models.base import ARRAYS_FILE, ArtifactError
+
+    d = GraphRouter(**SMALL).fit(logs).save(tmp_path / "gnn")
+    arrays = load_file(str(d / ARRAYS_FILE))
+    del arrays["probe_w"]
+    save_file(arrays, str(d / ARRAYS_FILE))
+    with pytest.raises(ArtifactError, match="saved before the router had its probe; train it again"):
+        load_router(d)
