@@ -67,7 +67,7 @@ from router_models.logs import BenchmarkLogs
 log = logging.getLogger(__name__)
 
 _BATCH = 4096  # new queries per cached forward pass
-_ARRAYS = ("q_emb", "q_task", "t_x", "e_x", "qe", "qe_attr", "e_shift", "e_bias", "probe_w")
+_ARRAYS = ("q_emb", "q_task", "t_x", "e_x", "qe", "qe_attr", "e_shift", "e_bias", "probe_w", "probe_n")
 
 
 @contextlib.contextmanager
@@ -157,10 +157,12 @@ class GraphRouter(Router):
         self.qe_attr_ = np.stack([Y[qi, ei], self.cost_attr_(cost)], axis=1).astype(np.float32)
         self.text_keys_ = [text_key(query_text(p)) for p in logs.prompts]
         if self.probe:
-            probe, self.probe_oof_ = Probe.fit(emb, Y, seed=self.seed)
+            probe, oof = Probe.fit(emb, Y, seed=self.seed)
+            self.probe_oof_ = (oof, probe.support)
         else:
-            probe, self.probe_oof_ = Probe(np.full((emb.shape[1] + 1, Y.shape[1]), np.nan, np.float32)), None
-        self.probe_w_ = probe.w
+            probe = Probe(np.full((emb.shape[1] + 1, Y.shape[1]), np.nan, np.float32), np.zeros(Y.shape[1]))
+            self.probe_oof_ = None
+        self.probe_w_, self.probe_n_ = probe.w, probe.n
         self.e_shift_ = np.zeros((len(logs.experts), self.hidden), np.float32)
         self.e_bias_ = np.zeros(len(logs.experts), np.float32)
         progress = self.progress if self.progress is not None else logs.n_prompts > 1000
@@ -248,12 +250,15 @@ class GraphRouter(Router):
         qq = np.stack([nbr.ravel(), np.repeat(np.arange(b), k)])
         tq = np.stack([tasks, rows])
         pair = with_probe(pair_features(qq, sim.ravel(), tq, w, self.labels_, self.te_mean_,
-                                        self.te_size_, b), Probe(self.probe_w_)(emb))
+                                        self.te_size_, b), self._probe()(emb))
         edges = {QQ: _tensor(qq, long=True), TQ: _tensor(tq, long=True),
                  EQ: torch.zeros((2, 0), dtype=torch.long)}
         attrs = {QQ: _tensor(sim.reshape(-1, 1)), TQ: _tensor(w[:, None]), EQ: torch.zeros((0, 2))}
         with torch.no_grad():
             return self.model_.forward_new(_tensor(emb), self.states_, edges, attrs), _tensor(pair)
+
+    def _probe(self) -> Probe:
+        return Probe(self.probe_w_, self.probe_n_)
 
     def _scores(self, h_q: Any, pair: Any) -> np.ndarray:
         import torch
@@ -285,7 +290,8 @@ class GraphRouter(Router):
         e.tq = np.concatenate([e.tq, np.stack([tasks, n + rows])], 1)
         e.tq_w = np.r_[e.tq_w, w]
         e.q_task = np.r_[e.q_task, np.zeros(len(emb), np.int64)]  # unused: no scored edges
-        probe = np.concatenate([np.full((n, len(self.experts_)), np.nan), Probe(self.probe_w_)(emb)])
+        scores, support = self._probe()(emb)
+        probe = np.concatenate([np.full((n, len(self.experts_)), np.nan), scores]), support
         data = hetero_graph(np.concatenate([self.q_emb_, emb]), self.t_x_, self.e_x_, e, probe)
         with torch.no_grad():
             states = self.model_(data.x_dict, data.edge_index_dict, data.edge_attr_dict)
@@ -330,12 +336,13 @@ class GraphRouter(Router):
         desc = self.featurizer_.transform([description or name])
         self.e_x_ = np.concatenate([self.e_x_, expert_features(desc, self.cost_attr_([price]))])
         rows = self._query_rows(prompts)
+        probe = self._probe().with_expert(self.q_emb_[rows], scores)
+        self.probe_w_, self.probe_n_ = probe.w, probe.n
         self.qe_ = np.concatenate([self.qe_, np.stack([rows, np.full(len(rows), j)])], 1)
         self.qe_attr_ = np.concatenate([self.qe_attr_, np.stack(
             [scores, self.cost_attr_(costs)], axis=1).astype(np.float32)])
         self.e_shift_ = np.concatenate([self.e_shift_, np.zeros((1, self.hidden), np.float32)])
         self.e_bias_ = np.r_[self.e_bias_, np.float32(0)]
-        self.probe_w_ = np.concatenate([self.probe_w_, np.full((len(self.probe_w_), 1), np.nan, np.float32)], 1)
         self.experts_.append(name)
         self.competence_ = np.r_[self.competence_, scores.mean() if len(scores) else np.nan]
         self.cost_model_.intercept = np.r_[self.cost_model_.intercept, price]
@@ -389,7 +396,7 @@ class GraphRouter(Router):
         self.n_lab_, self.tasks_ = int(state["n_lab"]), list(state["tasks"])
         self.text_keys_, self.history_ = list(state["text_keys"]), state["history"]
         self.cost_attr_ = CostScale(*state["cost_attr"])
-        if "probe_w" not in arrays:
+        if "probe_w" not in arrays or "probe_n" not in arrays:
             raise ValueError("this graph router was saved before the router had its probe; "
                              "train it again (switchyard train --router gnn)")
         for name in _ARRAYS:

@@ -228,13 +228,16 @@ def pair_features(qq: np.ndarray, qq_sim: np.ndarray, tq: np.ndarray, tq_w: np.n
     return out.astype(np.float32)
 
 
-def with_probe(label: np.ndarray, probe: np.ndarray | None) -> np.ndarray:
+def with_probe(label: np.ndarray, probe: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
     """``[n, m, PAIR_DIM]``: the label features ``[n, m, LABEL_DIM]`` and the probe's
-    ``(score, support)`` from ``probe [n, m]`` (NaN or ``None``: no probe, ``(0, 0)``)."""
+    ``(score, support)`` from ``probe = (scores [n, m], support [m])`` (a NaN score or
+    ``None``: no probe, ``(0, 0)``)."""
     if probe is None:
-        probe = np.full(label.shape[:2], np.nan)
-    ok = ~np.isnan(probe)
-    return np.concatenate([label, np.stack([np.where(ok, probe, 0.0), ok], axis=-1)],
+        scores, support = np.full(label.shape[:2], np.nan), np.zeros(label.shape[1])
+    else:
+        scores, support = probe
+    ok = ~np.isnan(scores)
+    return np.concatenate([label, np.stack([np.where(ok, scores, 0.0), ok * support[None, :]], axis=-1)],
                           axis=-1).astype(np.float32)
 
 
@@ -244,52 +247,84 @@ class Probe:
     graph's non-graph base predictor (Correct & Smooth's): the decoder combines it with
     the label messages of the query's neighbours and tasks and with the node states.
 
-    ``w [d + 1, m]`` (last row the intercept; an expert without a probe, too few logged
-    calls or added after fitting, is a NaN column). :meth:`fit` also returns out-of-fold
-    scores of the training queries, so that training sees the probe as a new query does.
+    ``w [d + 1, m]`` (last row the intercept; an expert with fewer than ``MIN_CALLS``
+    logged calls has no probe: a NaN column) and ``n [m]`` the calls each was fitted on.
+    Its *support* ``n / (n + HALF_CALLS)`` (0 without a probe) tells the decoder how far
+    to trust it over the neighbours' scores: about 1 for an expert of the training logs,
+    0.3 for one added with 20 calls. :meth:`fit` also returns out-of-fold scores of the
+    training queries, so that training sees the probe as a new query does.
     """
 
     w: np.ndarray
+    n: np.ndarray
 
     MIN_CALLS = 20
+    HALF_CALLS = 50
     ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0)
+
+    @classmethod
+    def fit_one(cls, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+        """``x [N, d]``, ``y [N]`` (all logged) -> ``(w [d + 1], ridge penalty)``, the
+        penalty chosen by efficient leave-one-out (``RidgeCV``); a NaN column and NaN
+        when ``N < MIN_CALLS``."""
+        from sklearn.linear_model import RidgeCV
+
+        if len(y) < cls.MIN_CALLS:
+            return np.full(x.shape[1] + 1, np.nan), np.nan
+        cv = RidgeCV(alphas=cls.ALPHAS).fit(x, y)
+        return np.r_[cv.coef_, cv.intercept_], float(cv.alpha_)
 
     @classmethod
     def fit(cls, emb: np.ndarray, Y: np.ndarray, folds: int = 5, seed: int = 0
             ) -> tuple["Probe", np.ndarray]:
         """``emb [n, d]``, ``Y [n, m]`` (NaN = not logged) -> ``(probe, out-of-fold [n, m])``:
-        the ridge penalty per expert by efficient leave-one-out (``RidgeCV``), then each
-        fold's rows scored by a ridge fitted on the others."""
-        from sklearn.linear_model import Ridge, RidgeCV
+        per expert :meth:`fit_one` on all its calls, then each fold's rows scored by a
+        ridge with the same penalty fitted on the other folds."""
+        from sklearn.linear_model import Ridge
 
         n, m = Y.shape
-        w = np.full((emb.shape[1] + 1, m), np.nan)
+        w, calls = np.full((emb.shape[1] + 1, m), np.nan), np.zeros(m)
         oof = np.full((n, m), np.nan)
         fold = np.random.default_rng(seed).permutation(n) % max(folds, 2)
         for j in range(m):
             rows = np.flatnonzero(~np.isnan(Y[:, j]))
-            if rows.size < cls.MIN_CALLS:
-                continue
             x, y = emb[rows], Y[rows, j]
-            cv = RidgeCV(alphas=cls.ALPHAS).fit(x, y)
-            w[:-1, j], w[-1, j] = cv.coef_, cv.intercept_
+            w[:, j], alpha = cls.fit_one(x, y)
+            if np.isnan(alpha):
+                continue
+            calls[j] = len(rows)
             for f in np.unique(fold[rows]):
                 inside = fold[rows] == f
                 if inside.all():
                     continue
-                r = Ridge(alpha=cv.alpha_).fit(x[~inside], y[~inside])
+                r = Ridge(alpha=alpha).fit(x[~inside], y[~inside])
                 oof[rows[inside], j] = r.predict(x[inside])
-        return cls(w.astype(np.float32)), np.clip(oof, 0.0, 1.0)
+        return cls(w.astype(np.float32), calls), np.clip(oof, 0.0, 1.0)
 
-    def __call__(self, emb: np.ndarray) -> np.ndarray:
-        """Scores ``[b, m]`` of queries ``emb [b, d]`` in 0..1 (NaN: no probe)."""
-        return np.clip(emb @ self.w[:-1] + self.w[-1], 0.0, 1.0)
+    @classmethod
+    def support_of(cls, n: np.ndarray) -> np.ndarray:
+        n = np.asarray(n, dtype=float)
+        return n / (n + cls.HALF_CALLS)
+
+    @property
+    def support(self) -> np.ndarray:
+        return self.support_of(self.n)
+
+    def __call__(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores [b, m] in 0..1, NaN without a probe; support [m])`` of ``emb [b, d]``."""
+        return np.clip(emb @ self.w[:-1] + self.w[-1], 0.0, 1.0), self.support
+
+    def with_expert(self, x: np.ndarray, y: np.ndarray) -> "Probe":
+        """This probe and one more expert fitted on its ``N`` calls ``x [N, d]``, ``y [N]``."""
+        col, alpha = self.fit_one(x, y)
+        return Probe(np.concatenate([self.w, col[:, None].astype(np.float32)], axis=1),
+                     np.r_[self.n, 0.0 if np.isnan(alpha) else len(y)])
 
 
 def hetero_graph(q_x: np.ndarray, t_x: np.ndarray, e_x: np.ndarray, edges: Edges,
-                 probe: np.ndarray | None = None) -> "HeteroData":
+                 probe: tuple[np.ndarray, np.ndarray] | None = None) -> "HeteroData":
     """The :class:`HeteroData` of the module docstring, reverse edges included;
-    ``probe [n, m]``: the probe's scores of the query nodes (NaN or ``None``: none)."""
+    ``probe = (scores [n, m], support [m])`` of the query nodes (:func:`with_probe`)."""
     def t(a, dtype=None):
         return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype or torch.float32)
 

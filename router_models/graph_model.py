@@ -21,9 +21,11 @@ the linear :class:`~router_models.graph_data.Probe`)::
 
 The prior starts at ``a = (1/4, 0, 1/4, 0, 1/2, 0)`` and the MLP's output at 0, so an
 untrained network predicts a blend of the probe and the label messages (Correct &
-Smooth's base predictor and label propagation) and training learns the correction. An
-expert without a probe (one added after fitting) reads its neighbours' score in the
-probe's place.
+Smooth's base predictor and label propagation) and training learns the correction. The
+probe's logit enters weighted by its support ``s`` (near 1 for the training experts, lower
+for an expert added with a few calls, 0 without a probe), the neighbours' score making up
+the rest: ``s logit(probe) + (1 - s) logit(knn)``. Training epochs that thin an expert to
+a few calls refit its probe on those calls, so the decoder learns to read a weak probe.
 
 Shapes: ``x_dict[v] [N_v, F_v]``, ``edge_index_dict[r] [2, E_r]``, ``edge_attr_dict[r]
 [E_r, D_r]``; every state ``[N_v, H]``.
@@ -56,6 +58,7 @@ from router_models.graph_data import (
     TE,
     E,
     Edges,
+    Probe,
     Q,
     T,
     hetero_graph,
@@ -224,11 +227,11 @@ class HeteroGNN(torch.nn.Module):
     def decode(self, h_q: Tensor, h_e: Tensor, pair: Tensor) -> Tensor:
         """Logits of aligned pairs: ``h_q [P, H], h_e [P, H], pair [P, PAIR_DIM] -> [P]``."""
         knn, knn_support, task, task_support, probe, probe_support = pair.unbind(-1)
-        # an expert without a probe (added after fitting) reads its neighbours' score there
-        probe = torch.where(probe_support > 0, probe, knn)
+        # the probe as far as its support goes, the neighbours' score for the rest
+        probe = probe_support * _logit(probe) + (1 - probe_support) * _logit(knn)
         prior = torch.stack([_logit(knn) * (knn_support > 0), knn_support,
                              _logit(task) * (task_support > 0), task_support,
-                             _logit(probe) * ((probe_support > 0) | (knn_support > 0)), probe_support], dim=-1)
+                             probe * ((probe_support > 0) | (knn_support > 0)), probe_support], dim=-1)
         return (self.decoder(torch.cat([h_q, h_e, h_q * h_e, pair], dim=-1))
                 + self.prior(prior)).squeeze(-1)
 
@@ -303,12 +306,10 @@ def train_gnn(router: Any, progress: bool = False) -> dict:
             visible[rng.choice(pool)] = False
         thin = ((int(rng.integers(m)), int(np.exp(rng.uniform(np.log(2), np.log(200)))))
                 if rng.random() < r.fewshot_prob else None)
-        probe = r.probe_oof_
-        if thin is not None and probe is not None:  # a few-shot expert has no probe, as one added after fitting
-            probe = probe.copy()
-            probe[:, thin[0]] = np.nan
-        data = hetero_graph(x[Q], x[T], x[E], epoch_edges(visible, cand, cand_sim, r.k, r.q_task_,
-                                                          r.qe_, r.qe_attr_, thin, rng), probe)
+        edges = epoch_edges(visible, cand, cand_sim, r.k, r.q_task_, r.qe_, r.qe_attr_, thin, rng)
+        probe = r.probe_oof_ if thin is None or r.probe_oof_ is None else \
+            _few_shot_probe(r.probe_oof_, r.q_emb_, edges, thin[0])
+        data = hetero_graph(x[Q], x[T], x[E], edges, probe)
         cells = ~visible[r.qe_[0]] & ~is_val[r.qe_[0]]
         opt.zero_grad()
         loss = _bce(model, model(data.x_dict, data.edge_index_dict, data.edge_attr_dict),
@@ -334,6 +335,19 @@ def train_gnn(router: Any, progress: bool = False) -> dict:
     bar.close()
     model.load_state_dict(best if best is not None else ema.state_dict())
     return history
+
+
+def _few_shot_probe(probe: tuple[np.ndarray, np.ndarray], emb: np.ndarray, edges: Edges, j: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The training probe with expert ``j``'s column refitted on its few visible calls
+    in ``edges``, as :meth:`~router_models.graph.GraphRouter.add_expert` fits a new
+    expert's: every query not among those calls sees an out-of-sample score."""
+    scores, support = probe[0].copy(), probe[1].copy()
+    mine = edges.qe[1] == j
+    col, alpha = Probe.fit_one(emb[edges.qe[0][mine]], edges.qe_attr[mine, 0])
+    scores[:, j] = np.clip(emb @ col[:-1] + col[-1], 0.0, 1.0)
+    support[j] = 0.0 if np.isnan(alpha) else Probe.support_of(int(mine.sum()))
+    return scores, support
 
 
 @torch.no_grad()

@@ -170,26 +170,35 @@ def test_probe_learns_a_linear_signal_and_its_training_scores_are_out_of_fold():
     emb = rng.normal(size=(300, 16))
     Y = np.stack([(emb[:, 0] > 0).astype(float), rng.integers(0, 2, 300).astype(float),
                   np.full(300, np.nan)], axis=1)
-    Y[:290, 2] = np.nan
     Y[290:, 2] = 1.0                           # 10 logged calls: too few for a probe
     probe, oof = Probe.fit(emb, Y, seed=0)
     assert probe.w.shape == (17, 3) and oof.shape == (300, 3)
+    np.testing.assert_array_equal(probe.n, [300, 300, 0])
+    np.testing.assert_allclose(probe.support, [300 / 350, 300 / 350, 0])
     assert np.isnan(probe.w[:, 2]).all() and np.isnan(oof[:, 2]).all()
-    assert np.isnan(probe(emb[:4])[:, 2]).all()
     test = rng.normal(size=(200, 16))
-    assert np.mean(np.abs(probe(test)[:, 0] - (test[:, 0] > 0))) < 0.3   # the signal, on new rows
+    scores, support = probe(test)
+    assert np.isnan(scores[:, 2]).all() and support[2] == 0
+    assert np.mean(np.abs(scores[:, 0] - (test[:, 0] > 0))) < 0.3   # the signal, on new rows
     assert np.mean(np.abs(oof[:, 0] - Y[:, 0])) < 0.3
     # noise: fitted on all rows it finds some, out of fold it cannot
-    in_sample = np.mean((probe(emb)[:, 1] - Y[:, 1]) ** 2)
+    in_sample = np.mean((probe(emb)[0][:, 1] - Y[:, 1]) ** 2)
     assert np.mean((oof[:, 1] - Y[:, 1]) ** 2) > in_sample
     assert ((0 <= oof[:, :2]) & (oof[:, :2] <= 1)).all()
+    # one more expert from its own 40 calls: a probe of support 40 / 90
+    more = probe.with_expert(emb[:40], (emb[:40, 1] > 0).astype(float))
+    assert more.w.shape == (17, 4) and more.n[3] == 40
+    assert np.mean(np.abs(more(test)[0][:, 3] - (test[:, 1] > 0))) < 0.4
+    np.testing.assert_array_equal(more.w[:, :3], probe.w)
+    assert probe.with_expert(emb[:5], np.ones(5)).n[3] == 0        # 5 calls: none
 
 
-def test_probe_channels_are_zero_without_a_probe():
+def test_probe_channels_carry_the_support_and_are_zero_without_a_probe():
     label = np.ones((2, 3, PAIR_DIM - 2), np.float32)
-    pair = with_probe(label, np.array([[0.7, np.nan, 0.1], [np.nan, np.nan, 0.2]]))
-    np.testing.assert_allclose(pair[..., -2:], [[[0.7, 1], [0, 0], [0.1, 1]], [[0, 0], [0, 0], [0.2, 1]]],
-                               rtol=1e-6)
+    scores = np.array([[0.7, np.nan, 0.1], [np.nan, np.nan, 0.2]])
+    pair = with_probe(label, (scores, np.array([0.9, 0.0, 0.3])))
+    np.testing.assert_allclose(pair[..., -2:], [[[0.7, 0.9], [0, 0], [0.1, 0.3]],
+                                                [[0, 0], [0, 0], [0.2, 0.3]]], rtol=1e-6)
     np.testing.assert_array_equal(with_probe(label, None)[..., -2:], 0)
 
 
@@ -294,10 +303,14 @@ def test_new_expert_predictions_follow_its_few_examples(router, logs):
     # the old experts keep predicting what they did (states moved a little, not the signal)
     assert np.abs(r.predict_quality(QUERIES)[:, :3] - before).max() < 0.2
     assert r.explain(QUERIES[0])["logged_calls"]["calc"] == 16
-    # a new expert has no probe: its pairs read the graph's label messages only
+    # 16 calls are too few for a probe: the new experts' pairs read the graph's labels only
     assert np.isnan(r.probe_w_[:, 3:]).all() and not np.isnan(r.probe_w_[:, :3]).any()
     _, pair = r._new_states(r.featurizer_.transform(QUERIES))
-    assert (pair[:, :3, -1] == 1).all() and (pair[:, 3:, -1] == 0).all()
+    assert (pair[:, :3, -1] > 0.4).all() and (pair[:, 3:, -1] == 0).all()
+    r.add_expert("sage", prompts + logs.prompts[:20], np.r_[is_math, np.ones(20)], price_per_call=1e-3)
+    assert r.probe_n_[-1] == 36
+    _, pair = r._new_states(r.featurizer_.transform(QUERIES))
+    np.testing.assert_allclose(pair[:, -1, -1], 36 / 86, rtol=1e-6)
     np.testing.assert_allclose(r.predict_quality(QUERIES), r._predict_full_graph(QUERIES), atol=1e-5)
 
 
