@@ -5,8 +5,9 @@ The graph and its features are in :mod:`router_models.graph_data`, the network a
 training in :mod:`router_models.graph_model`. Beside the graph, a ridge probe per expert
 from the query embedding (``probe=True``, the default) gives the decoder a non-graph base
 score to correct; its scores of the training queries are out of fold, as a new query's
-are. On RouterBench it lifts the router's AIQ from about kNN's to about the classifier's. Training masks the logged calls of a random
-share of the training queries each epoch, so that they look like new queries (incoming
+are (on RouterBench it lifts the router's AIQ from kNN's 0.835 to 0.844; the classifier
+router: 0.849). Training masks the logged calls of a random share of the training
+queries each epoch, so that they look like new queries (incoming
 edges only: their labelled kNN neighbours and soft task weights), and learns to predict
 their scores (soft-label cross-entropy; NaN scores skipped)::
 

@@ -344,9 +344,9 @@ def _few_shot_probe(probe: tuple[np.ndarray, np.ndarray], emb: np.ndarray, edges
     expert's: every query not among those calls sees an out-of-sample score."""
     scores, support = probe[0].copy(), probe[1].copy()
     mine = edges.qe[1] == j
-    col, alpha = Probe.fit_one(emb[edges.qe[0][mine]], edges.qe_attr[mine, 0])
-    scores[:, j] = np.clip(emb @ col[:-1] + col[-1], 0.0, 1.0)
-    support[j] = 0.0 if np.isnan(alpha) else Probe.support_of(int(mine.sum()))
+    empty = Probe(np.zeros((emb.shape[1] + 1, 0), np.float32), np.zeros(0))
+    scores[:, j:j + 1], support[j:j + 1] = empty.with_expert(emb[edges.qe[0][mine]],
+                                                             edges.qe_attr[mine, 0])(emb)
     return scores, support
 
 
