@@ -7,7 +7,11 @@ held-out model gets N logged calls, drawn (seeded, the same for both routers) fr
 training prompts, for N in 0, 10, 50, 200:
 
 - gnn: ``GraphRouter.add_expert(name, prompts, scores, costs)``: the trained network is
-  not touched; the expert node and its N edges join the graph.
+  not touched; the expert node and its N edges join the graph (and, from 20 calls, a
+  ridge probe fitted on them).
+- gnn-ft: the same plus ``finetune_steps`` (``--finetune-steps``, default 100; 0 leaves
+  this row out): a shift of the new expert's final state and a logit bias fitted to its
+  N calls, nothing else trained.
 - classifier (MiniLM + logistic regression, no inner CV, for speed): refitted on the
   training logs with the held-out column known only on those N prompts. With N = 0 it
   has nothing to learn from: its prediction for the new expert is the mean of its
@@ -42,6 +46,7 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "routerbench"
 DEFAULT_CACHE = Path("~/.cache/switchyard/embeddings.sqlite")
 HOLDOUTS = ["gpt-3.5-turbo-1106", "zero-one-ai/Yi-34B-Chat", "meta/code-llama-instruct-34b-chat"]
 NS = (0, 10, 50, 200)
+FINETUNE_STEPS = 100
 MARKERS = ("<!-- new-expert:begin -->", "<!-- new-expert:end -->")
 
 
@@ -84,13 +89,17 @@ def one_holdout(logs, name: str, args) -> list[dict]:
         # the graph router: the trained one, plus the new expert (reloaded so each N starts clean)
         from router_models import load_router
 
-        g = load_router(state)
-        t1 = time.perf_counter()
-        g.add_expert(name, [train.prompts[i] for i in rows], train.scores[rows, j], train.costs[rows, j],
-                     price_per_call=price)
-        add_s = time.perf_counter() - t1
-        cols = [g.experts_.index(e) for e in test.experts]
-        results["gnn"] = (g.predict_quality(test.prompts)[:, cols], g.predict_cost(test.prompts)[:, cols], add_s)
+        for router, steps in (("gnn", 0), ("gnn-ft", args.finetune_steps)):
+            if router == "gnn-ft" and not (steps and n):
+                continue
+            g = load_router(state)
+            t1 = time.perf_counter()
+            g.add_expert(name, [train.prompts[i] for i in rows], train.scores[rows, j], train.costs[rows, j],
+                         price_per_call=price, finetune_steps=steps)
+            add_s = time.perf_counter() - t1
+            cols = [g.experts_.index(e) for e in test.experts]
+            results[router] = (g.predict_quality(test.prompts)[:, cols], g.predict_cost(test.prompts)[:, cols],
+                               add_s)
         # the classifier, refitted with the N examples
         t1 = time.perf_counter()
         if n:
@@ -125,10 +134,14 @@ def plot(rows: list[dict], path: Path, ns: list[int]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for router, style in (("gnn", "-o"), ("classifier", "--s")):
+    for router, style in (("gnn", "-o"), ("gnn-ft", ":^"), ("classifier", "--s")):
         for metric, ax in (("mae", axes[0]), ("aiq", axes[1])):
-            ys = [np.mean([r[metric] for r in rows if r["router"] == router and r["n"] == n]) for n in ns]
-            ax.plot([str(n) for n in ns], ys, style, label=router)
+            xs = [n for n in ns if any(r["router"] == router and r["n"] == n for r in rows)]
+            ys = [np.mean([r[metric] for r in rows if r["router"] == router and r["n"] == n]) for n in xs]
+            if xs:
+                ax.plot([ns.index(n) for n in xs], ys, style, label=router)
+    for ax in axes:
+        ax.set_xticks(range(len(ns)), [str(n) for n in ns])
     axes[0].set(title="held-out expert: prediction MAE (lower is better)", xlabel="logged calls N", ylabel="MAE")
     axes[1].set(title="routing AIQ with the new expert", xlabel="logged calls N", ylabel="AIQ")
     for ax in axes:
@@ -140,29 +153,35 @@ def plot(rows: list[dict], path: Path, ns: list[int]) -> None:
 
 def render(rows: list[dict], run: dict, json_path: str, png_path: str, ns: list[int]) -> str:
     m = run["machine"]
+    routers = [r for r in ("gnn", "gnn-ft", "classifier") if any(x["router"] == r for x in rows)]
+
+    def cell(router, n, key, fmt, holdout=None):
+        xs = [r[key] for r in rows if r["router"] == router and r["n"] == n
+              and (holdout is None or r["holdout"] == holdout)]
+        return format(np.mean(xs), fmt) if xs else "-"
+
     lines = [f"Measured {run['date']} on {m['cpu']}, {m['cores']} cores ({m['os']}, Python {m['python']}), "
              f"commit {run['commit']}, with this command:", "", f"    {run['command']}", "",
              f"RouterBench logs, 80/20 split by prompt (seed {run['seed']}); held-out models: "
              f"{', '.join(run['holdouts'])}. Mean over the held-out models; raw results: "
-             f"[`{json_path}`]({json_path}).", "", f"![new expert]({png_path})", "",
-             "| N logged calls | gnn MAE | classifier MAE | gnn Brier | classifier Brier | gnn AIQ | classifier AIQ |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"[`{json_path}`]({json_path}).", "", f"![new expert]({png_path})", ""]
+    metrics = (("MAE", "mae", ".3f"), ("Brier", "brier", ".3f"), ("AIQ", "aiq", ".4f"))
+    head = [f"{r} {label}" for label, _, _ in metrics for r in routers]
+    lines += ["| N logged calls | " + " | ".join(head) + " |", "| --- " * (len(head) + 1) + "|"]
     for n in ns:
-        def mean(router, key):
-            return np.mean([r[key] for r in rows if r["router"] == router and r["n"] == n])
-        lines.append(f"| {n} | {mean('gnn', 'mae'):.3f} | {mean('classifier', 'mae'):.3f} | "
-                     f"{mean('gnn', 'brier'):.3f} | {mean('classifier', 'brier'):.3f} | "
-                     f"{mean('gnn', 'aiq'):.4f} | {mean('classifier', 'aiq'):.4f} |")
-    add = np.mean([r["seconds"] for r in rows if r["router"] == "gnn"])
-    refit = np.mean([r["seconds"] for r in rows if r["router"] == "classifier"])
-    lines += ["", f"Adding the expert to the graph router took {add:.2f} s on average (no training); refitting the "
-              f"classifier took {refit:.1f} s. Per held-out model:", "",
-              "| held-out model | N | gnn MAE | classifier MAE | gnn AIQ | classifier AIQ |", "| --- | --- | --- | --- | --- | --- |"]
+        lines.append(f"| {n} | " + " | ".join(cell(r, n, key, fmt) for _, key, fmt in metrics for r in routers)
+                     + " |")
+    secs = {r: np.mean([x["seconds"] for x in rows if x["router"] == r]) for r in routers}
+    took = f"Adding the expert to the graph router took {secs['gnn']:.2f} s on average (no training)"
+    if "gnn-ft" in secs:
+        took += f", {secs['gnn-ft']:.2f} s with {run.get('finetune_steps')} fine-tuning steps"
+    lines += ["", f"{took}; refitting the classifier took {secs['classifier']:.1f} s. Per held-out model:", ""]
+    head = [f"{r} {label}" for label, key, _ in metrics if key != "brier" for r in routers]
+    lines += ["| held-out model | N | " + " | ".join(head) + " |", "| --- " * (len(head) + 2) + "|"]
     for h in run["holdouts"]:
         for n in ns:
-            g = next(r for r in rows if r["holdout"] == h and r["n"] == n and r["router"] == "gnn")
-            c = next(r for r in rows if r["holdout"] == h and r["n"] == n and r["router"] == "classifier")
-            lines.append(f"| {h} | {n} | {g['mae']:.3f} | {c['mae']:.3f} | {g['aiq']:.4f} | {c['aiq']:.4f} |")
+            lines.append(f"| {h} | {n} | " + " | ".join(cell(r, n, key, fmt, h) for _, key, fmt in metrics
+                                                         if key != "brier" for r in routers) + " |")
     return "\n".join(lines)
 
 
@@ -180,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one held-out model, N in 0 and 10")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS,
+                   help="steps of GraphRouter.add_expert(finetune_steps=) for the gnn-ft row (0: no such row)")
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args(argv)
+    if args.finetune_steps < 0:
+        p.error("--finetune-steps must be >= 0")
     if args.quick:
         args.holdout, args.ns = args.holdout[:1], [0, 10]
     use_cache_file(args.cache.expanduser())
@@ -197,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += one_holdout(logs, h, args)
     run = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_facts(), "commit": git_commit(),
            "command": shlex.join(["python", "benchmarks/new_expert.py", *(sys.argv[1:] if argv is None else argv)]),
-           "seed": args.seed, "holdouts": args.holdout, "ns": args.ns}
+           "seed": args.seed, "holdouts": args.holdout, "ns": args.ns, "finetune_steps": args.finetune_steps}
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     args.results.mkdir(parents=True, exist_ok=True)
     jpath, ppath = args.results / f"new_expert-{stamp}.json", args.results / f"new_expert-{stamp}.png"

@@ -152,8 +152,11 @@ def test_new_expert_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> None:
     report = json.loads(path.read_text())
     assert report["holdouts"] == ["medium"] and report["ns"] == [0, 10]
     rows = report["rows"]
+    # no fine-tuning without examples: gnn-ft only at N=10
     assert sorted((r["n"], r["router"]) for r in rows) == [(0, "classifier"), (0, "gnn"), (10, "classifier"),
-                                                            (10, "gnn")]
+                                                            (10, "gnn"), (10, "gnn-ft")]
+    ten = {r["router"]: r for r in rows if r["n"] == 10}
+    assert ten["gnn-ft"]["mae"] != ten["gnn"]["mae"]        # the fine-tuning moved the new expert
     for r in rows:
         assert 0.0 <= r["mae"] <= 1.0 and 0.0 <= r["brier"] <= r["mae"] + 1e-9 and 0.0 < r["aiq"] <= 1.0
     assert (out / path.name.replace(".json", ".png")).read_bytes()[:4] == b"\x89PNG"
