@@ -7,6 +7,7 @@ this folder on ``sys.path``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import re
@@ -62,3 +63,15 @@ def save_report(report: dict, results: Path, stem: str, when=None) -> Path:
         report["json"] = str(out.resolve().relative_to(HERE))
     out.write_text(json.dumps(report, indent=1) + "\n")
     return out
+
+
+def expert_descriptions(path: Path) -> dict[str, str] | None:
+    """LLMRouter's models.json carries a text description per model (the graph router's
+    expert features); other layouts have none (the model name stands in)."""
+    f = path / "models.json" if path.is_dir() else None
+    if f is None or not f.is_file():
+        return None
+    with contextlib.suppress(ValueError, AttributeError):
+        return {name: str(m.get("description") or m.get("feature") or name)
+                for name, m in json.loads(f.read_text()).items() if isinstance(m, dict)}
+    return None

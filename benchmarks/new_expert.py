@@ -17,12 +17,16 @@ training prompts, for N in 0, 10, 50, 200:
   has nothing to learn from: its prediction for the new expert is the mean of its
   predictions for the others.
 
+Where the logs come with expert descriptions (LLMRouter's models.json) the graph router
+gets them, the held-out expert's included (its node's features at N = 0).
+
 Both get the new expert's price as the mean logged cost of its N calls (with N = 0: its
 mean logged cost on the training prompts, as a registry price would say). Reported on
 the test prompts: the held-out expert's prediction error (MAE and Brier against its
 logged scores) and the routing AIQ with every expert included.
 
     python benchmarks/new_expert.py                         # RouterBench, 3 held-out models
+    python benchmarks/new_expert.py --logs ../shared/data/llmrouter --holdout gemma-2-9b-it ...
     python benchmarks/new_expert.py --quick --no-readme     # 1 model, N in 0, 10
 """
 
@@ -37,7 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import git_commit, machine_facts, rewrite_section
+from _common import expert_descriptions, git_commit, machine_facts, rewrite_section
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -47,7 +51,13 @@ DEFAULT_CACHE = Path("~/.cache/switchyard/embeddings.sqlite")
 HOLDOUTS = ["gpt-3.5-turbo-1106", "zero-one-ai/Yi-34B-Chat", "meta/code-llama-instruct-34b-chat"]
 NS = (0, 10, 50, 200)
 FINETUNE_STEPS = 100
-MARKERS = ("<!-- new-expert:begin -->", "<!-- new-expert:end -->")
+MARKERS = ("<!-- new-expert:begin -->", "<!-- new-expert:end -->")  # RouterBench's section
+
+
+def markers(dataset: str) -> tuple[str, str]:
+    """README markers of a dataset's section (RouterBench's predate the others)."""
+    return MARKERS if dataset == "routerbench" else (f"<!-- new-expert:{dataset}:begin -->",
+                                                     f"<!-- new-expert:{dataset}:end -->")
 
 
 def held_out_logs(logs, name: str, rows: np.ndarray):
@@ -78,7 +88,8 @@ def one_holdout(logs, name: str, args) -> list[dict]:
     order = np.random.default_rng(args.seed).permutation(have)
     full_price = float(np.nanmean(train.costs[:, j]))
     t0 = time.perf_counter()
-    gnn = ROUTERS["gnn"](seed=args.seed, progress=False).fit(train.select_experts(others))
+    gnn = ROUTERS["gnn"](seed=args.seed, progress=False, descriptions=args.descriptions
+                         ).fit(train.select_experts(others))
     gnn_fit = time.perf_counter() - t0
     state = gnn.save(args.tmp / "gnn")
     out = []
@@ -95,7 +106,8 @@ def one_holdout(logs, name: str, args) -> list[dict]:
             g = load_router(state)
             t1 = time.perf_counter()
             g.add_expert(name, [train.prompts[i] for i in rows], train.scores[rows, j], train.costs[rows, j],
-                         price_per_call=price, finetune_steps=steps)
+                         price_per_call=price, finetune_steps=steps,
+                         description=(args.descriptions or {}).get(name))
             add_s = time.perf_counter() - t1
             cols = [g.experts_.index(e) for e in test.experts]
             results[router] = (g.predict_quality(test.prompts)[:, cols], g.predict_cost(test.prompts)[:, cols],
@@ -162,7 +174,7 @@ def render(rows: list[dict], run: dict, json_path: str, png_path: str, ns: list[
 
     lines = [f"Measured {run['date']} on {m['cpu']}, {m['cores']} cores ({m['os']}, Python {m['python']}), "
              f"commit {run['commit']}, with this command:", "", f"    {run['command']}", "",
-             f"RouterBench logs, 80/20 split by prompt (seed {run['seed']}); held-out models: "
+             f"{run['dataset']} logs{run['described']}, 80/20 split by prompt (seed {run['seed']}); held-out models: "
              f"{', '.join(run['holdouts'])}. Mean over the held-out models; raw results: "
              f"[`{json_path}`]({json_path}).", "", f"![new expert]({png_path})", ""]
     metrics = (("MAE", "mae", ".3f"), ("Brier", "brier", ".3f"), ("AIQ", "aiq", ".4f"))
@@ -213,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [h for h in args.holdout if h not in logs.experts]
     if unknown:
         p.error(f"unknown held-out models {unknown}; the logs have {logs.experts}")
+    args.descriptions = expert_descriptions(args.logs)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = Path(tmp)
@@ -220,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += one_holdout(logs, h, args)
     run = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_facts(), "commit": git_commit(),
            "command": shlex.join(["python", "benchmarks/new_expert.py", *(sys.argv[1:] if argv is None else argv)]),
+           "dataset": args.logs.name.split(".")[0],
+           "described": " (expert descriptions from models.json)" if args.descriptions else "",
            "seed": args.seed, "holdouts": args.holdout, "ns": args.ns, "finetune_steps": args.finetune_steps}
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     args.results.mkdir(parents=True, exist_ok=True)
@@ -230,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(rows, run, rel(jpath), rel(ppath), args.ns)
     print(section)
     if not args.no_readme:
-        rewrite_section(README, *MARKERS, section, "## New expert with few examples (graph router)")
+        rewrite_section(README, *markers(run["dataset"]), section, "## New expert with few examples (graph router)")
     return 0
 
 

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import git_commit, machine_facts, rewrite_section
+from _common import expert_descriptions, git_commit, machine_facts, rewrite_section
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -79,18 +79,6 @@ def make_router(name: str, cv: int, seed: int, descriptions: dict[str, str] | No
     if kind == "gnn":
         params = params | {"seed": seed, "descriptions": descriptions, "progress": False}
     return ROUTERS[kind](**params)
-
-
-def expert_descriptions(path: Path) -> dict[str, str] | None:
-    """LLMRouter's models.json carries a text description per model (the graph router's
-    expert features); other layouts have none (the model name stands in)."""
-    f = path / "models.json" if path.is_dir() else None
-    if f is None or not f.is_file():
-        return None
-    with contextlib.suppress(ValueError, AttributeError):
-        return {name: str(m.get("description") or m.get("feature") or name)
-                for name, m in json.loads(f.read_text()).items() if isinstance(m, dict)}
-    return None
 
 
 def load_dataset(name: str, path: Path, max_prompts: int | None, seed: int):

@@ -160,3 +160,43 @@ def test_new_expert_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> None:
     for r in rows:
         assert 0.0 <= r["mae"] <= 1.0 and 0.0 <= r["brier"] <= r["mae"] + 1e-9 and 0.0 < r["aiq"] <= 1.0
     assert (out / path.name.replace(".json", ".png")).read_bytes()[:4] == b"\x89PNG"
+
+
+def _llmrouter_layout(rows: list[dict], d: Path) -> Path:
+    """``rows`` written in LLMRouter's layout: queries, per-prompt scores, models.json with
+    a description and prices per expert."""
+    d.mkdir()
+    prompts = {r["prompt_id"]: r for r in rows}
+    with (d / "queries_train.jsonl").open("w") as f:
+        for r in prompts.values():
+            f.write(json.dumps({"task_name": r["task"], "query": r["prompt"], "ground_truth": "x", "metric": "em"}) + "\n")
+    scores = [{"question": r["prompt"], "scores": {x["model"]: x["score"] for x in rows if x["prompt_id"] == pid}}
+              for pid, r in prompts.items()]
+    (d / "scores_train.json").write_text(json.dumps(scores))
+    (d / "models.json").write_text(json.dumps({m: {"feature": f"The {m} test model.", "input_price": c * 1e4,
+                                                   "output_price": c * 2e4} for m, (c, _, _) in EXPERTS.items()}))
+    return d
+
+
+def test_new_expert_gives_the_graph_router_the_logs_expert_descriptions(tmp_path: Path, monkeypatch) -> None:
+    from router_models.graph import GraphRouter
+
+    monkeypatch.setattr(featurize, "_DEFAULT_CACHE", featurize._DEFAULT_CACHE)
+    bench = _load("new_expert")
+    logs = _llmrouter_layout(_rows(60, 2), tmp_path / "llmrouter")
+    seen: dict[str, object] = {}
+    add_expert = GraphRouter.add_expert
+
+    def spy(self, name, *a, **k):
+        seen["fitted_with"], seen["added"] = dict(self.descriptions or {}), k.get("description")
+        return add_expert(self, name, *a, **k)
+    monkeypatch.setattr(GraphRouter, "add_expert", spy)
+    out = tmp_path / "results"
+    assert bench.main(["--logs", str(logs), "--holdout", "medium", "--ns", "0", "--no-readme", "--results", str(out),
+                       "--cache", str(tmp_path / "emb.sqlite")]) == 0
+    assert seen["added"] == "The medium test model."
+    assert seen["fitted_with"]["small"] == "The small test model."
+    report = json.loads(next(out.glob("new_expert-*.json")).read_text())
+    assert report["dataset"] == "llmrouter" and "descriptions" in report["described"]
+    assert bench.markers("llmrouter") == ("<!-- new-expert:llmrouter:begin -->", "<!-- new-expert:llmrouter:end -->")
+    assert bench.markers("routerbench") == bench.MARKERS
