@@ -19,8 +19,8 @@ import asyncio
 import ssl
 from collections import deque
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import AsyncIterator
+from functools import cached_property, lru_cache
+from typing import Any, AsyncIterator
 from urllib.parse import urlsplit
 
 import httptools
@@ -49,7 +49,7 @@ class Origin:
     port: int
     path_prefix: str
 
-    @property
+    @cached_property   # per request otherwise, and IDNA encoding is not cheap
     def host_header(self) -> bytes:
         default = 443 if self.scheme == "https" else 80
         return (self.host if self.port == default else f"{self.host}:{self.port}").encode("idna")
@@ -72,6 +72,24 @@ def parse_origin(url: str) -> Origin:
 
 
 _SENTINEL = object()
+
+
+async def _wait(fut: asyncio.Future, timeout: float | None) -> Any:
+    """``await fut``, raising ``TimeoutError`` once ``timeout`` seconds have passed: a
+    timer that fails the future, cheaper than ``asyncio.timeout`` (which cancels and
+    un-cancels the task) on a path taken twice per proxied request."""
+    if timeout is None:
+        return await fut
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 class _Conn(asyncio.Protocol):
@@ -168,8 +186,7 @@ class Response:
             if not conn.inbox:
                 conn.waiter = asyncio.get_running_loop().create_future()
                 try:
-                    async with asyncio.timeout(self._read_timeout):  # no task per wait, unlike wait_for
-                        await conn.waiter
+                    await _wait(conn.waiter, self._read_timeout)
                 except TimeoutError:
                     raise ReadTimeout("upstream stopped sending") from None
                 finally:
@@ -186,6 +203,14 @@ class Response:
 
     async def read(self) -> bytes:
         try:
+            inbox = self._conn.inbox
+            if inbox and inbox[-1] is _SENTINEL:   # all here already (a short answer): no waiting
+                inbox.pop()
+                if all(type(c) is bytes for c in inbox):
+                    body = b"".join(inbox)
+                    inbox.clear()
+                    return body
+                inbox.append(_SENTINEL)
             return b"".join([c async for c in self.iter_chunks()])
         finally:
             self.release()
@@ -274,8 +299,7 @@ class HTTP1Client:
         for attempt in (0, 1):
             conn = await pool.get(self.connect_timeout)
             try:
-                async with asyncio.timeout(timeout):
-                    status = await conn.start(raw)
+                status = await _wait(conn.start(raw), timeout)
             except ConnectionBroken:
                 pool.discard(conn)
                 if attempt == 0 and conn.reused and not conn.got_bytes:
