@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Literal, Mapping
 from urllib.parse import parse_qsl
@@ -69,8 +70,16 @@ def _parse_knobs(query: str) -> Mapping[str, float | int]:
 
 
 def parse_model(model: str) -> ModelTarget:
-    """Parse a ``model`` string; raises ``InvalidRequest`` on anything malformed."""
-    if not isinstance(model, str) or not model.strip():
+    """Parse a ``model`` string; raises ``InvalidRequest`` on anything malformed. Targets
+    are immutable, so those of recent strings are cached (clients repeat a few)."""
+    if not isinstance(model, str):
+        raise InvalidRequest("'model' must be a non-empty string", param="model")
+    return _parse(model)
+
+
+@lru_cache(maxsize=1024)
+def _parse(model: str) -> ModelTarget:
+    if not model.strip():
         raise InvalidRequest("'model' must be a non-empty string", param="model")
     if model != model.strip():
         raise InvalidRequest("'model' must not have leading or trailing spaces", param="model")

@@ -31,6 +31,7 @@ PROMETHEUS_MULTIPROC_DIR and any one of them answers a scrape with the sum.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import os
 import re
@@ -56,6 +57,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"
 # Routes named in metric labels; any other path counts as "other" (no label per URL).
 _ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/experts", "/v1/keys", "/v1/routers",
            "/v1/route", "/v1/feedback", "/health", "/metrics"}
+_CHILDREN = 4096   # cached label children per metric (routes x codes x experts x keys)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
@@ -114,6 +116,11 @@ def route_label(path: str) -> str:
     return "other"
 
 
+#: response headers whose values the trace keeps (``x-switchyard-overhead-ms`` in seconds)
+_TRACED_HEADERS = {b"x-switchyard-expert": "expert", b"x-switchyard-router": "router",
+                   b"x-switchyard-fallback-from": "fallback_from", b"x-switchyard-overhead-ms": "overhead_s"}
+
+
 @dataclass(slots=True)
 class Trace:
     """What one HTTP request did, filled in as it goes; read once it ended."""
@@ -139,18 +146,16 @@ class Trace:
     def read_response_headers(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
         for name, value in headers:
-            if name.startswith(b"x-switchyard-"):
-                if name == b"x-switchyard-expert":
-                    self.expert = value.decode("latin-1")
-                elif name == b"x-switchyard-router":
-                    self.router = value.decode("latin-1")
-                elif name == b"x-switchyard-fallback-from":
-                    self.fallback_from = value.decode("latin-1")
-                elif name == b"x-switchyard-overhead-ms":
-                    try:
-                        self.overhead_s = float(value) / 1000
-                    except ValueError:
-                        pass
+            field = _TRACED_HEADERS.get(name)
+            if field is None:
+                continue
+            if field == "overhead_s":
+                try:
+                    self.overhead_s = float(value) / 1000
+                except ValueError:
+                    pass
+            else:
+                setattr(self, field, value.decode("latin-1"))
 
     @property
     def usage(self) -> tuple[int, int] | None:
@@ -249,21 +254,26 @@ class Metrics:
         self.log_dropped = Counter("switchyard_decision_log_dropped", "Decision-log entries lost", registry=reg)
         if reg is not None:
             reg.register(self.fleet)
+        # Label children by value, cached: prometheus_client checks and looks up the label
+        # values on every ``labels()`` call, several times per request.
+        self._requests, self._duration, self._overhead, self._routing, self._tokens, self._spend = (
+            functools.lru_cache(maxsize=_CHILDREN)(m.labels)
+            for m in (self.requests, self.duration, self.overhead, self.routing, self.tokens, self.spend))
 
     def finish(self, t: Trace) -> None:
         """Count one ended request."""
         elapsed = (t.ended or time.perf_counter()) - t.t0
-        self.requests.labels(t.route, str(t.status), t.expert, t.key).inc()
-        self.duration.labels(t.route, t.expert).observe(elapsed)
+        self._requests(t.route, str(t.status), t.expert, t.key).inc()
+        self._duration(t.route, t.expert).observe(elapsed)
         if t.overhead_s is not None:
-            self.overhead.labels(t.route).observe(t.overhead_s)
+            self._overhead(t.route).observe(t.overhead_s)
         if t.route_s is not None:
-            self.routing.labels(t.router).observe(t.route_s)
+            self._routing(t.router).observe(t.route_s)
         for expert, p, c, cost in t.calls or ():
-            self.tokens.labels(expert, t.key, "prompt").inc(p)
-            self.tokens.labels(expert, t.key, "completion").inc(c)
+            self._tokens(expert, t.key, "prompt").inc(p)
+            self._tokens(expert, t.key, "completion").inc(c)
             if cost:
-                self.spend.labels(expert, t.key).inc(cost)
+                self._spend(expert, t.key).inc(cost)
         if t.fallback_from:
             for name in t.fallback_from.split(","):
                 self.fallbacks.labels(name).inc()
