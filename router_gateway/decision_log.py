@@ -140,22 +140,34 @@ def _bulk(value: str | bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
+def _template(head: bytes, names: tuple[str, ...]) -> bytes:
+    """One XADD with a ``$%d\\r\\n%b\\r\\n`` slot (length, bytes) after each field name;
+    ``%`` in the key or the names is escaped."""
+    def literal(b: bytes) -> bytes:
+        return b.replace(b"%", b"%%")
+
+    return literal(b"*%d\r\n" % (6 + 2 * len(names)) + head) + b"".join(
+        literal(_bulk(k)) + b"$%d\r\n%b\r\n" for k in names)
+
+
 def pack_xadds(key: str, max_entries: int, entries: list[dict[str, str]]) -> bytes:
     """``XADD key MAXLEN ~ max_entries * field value ...`` for each entry, in the Redis
     protocol (RESP2 arrays of bulk strings), concatenated; text is sent as UTF-8 (a lone
-    surrogate becomes '?')."""
+    surrogate becomes '?'). Entries with the same fields (all of the decision log's) share
+    one packed template, filled with one ``%`` per entry."""
     head = _bulk("XADD") + _bulk(key) + _bulk("MAXLEN") + _bulk("~") + _bulk(str(max_entries)) + _bulk("*")
-    names: dict[str, bytes] = {}   # field names repeat in every entry: packed once
+    templates: dict[tuple[str, ...], bytes] = {}
     out = []
     for entry in entries:
-        out.append(b"*%d\r\n" % (6 + 2 * len(entry)))
-        out.append(head)
-        for k, v in entry.items():
-            name = names.get(k)
-            if name is None:
-                name = names[k] = _bulk(k)
+        names = tuple(entry)
+        template = templates.get(names)
+        if template is None:
+            template = templates[names] = _template(head, names)
+        values = []
+        for v in entry.values():
             data = v.encode("utf-8", "replace")
-            out.append(b"%s$%d\r\n%s\r\n" % (name, len(data), data))
+            values += (len(data), data)
+        out.append(template % tuple(values))
     return b"".join(out)
 
 
