@@ -8,7 +8,9 @@ upstream untouched. The gateway forwards the client's own JSON object (with only
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from types import NoneType
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
@@ -47,14 +49,76 @@ class CompletionRequest(_SamplingFields):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 
-def validate_body(model_cls: type[BaseModel], body: Any) -> BaseModel:
-    """Validate a decoded JSON body; a pydantic error becomes one clear ``InvalidRequest``."""
+def validate_body(model_cls: type[BaseModel], body: Any) -> None:
+    """Check a decoded JSON body; a pydantic error becomes one clear ``InvalidRequest``.
+    The common shapes of the two OpenAI bodies are accepted by :func:`plainly_valid`
+    without building a model (pydantic's object costs several microseconds per request);
+    anything else, and every error message, comes from pydantic."""
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    if plainly_valid(model_cls, body):
+        return
     try:
-        return model_cls.model_validate(body)
+        model_cls.model_validate(body)
     except ValidationError as exc:
         raise invalid_from_validation(exc) from None
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _int_in(lo: int, hi: float = math.inf) -> Callable[[Any], bool]:
+    return _optional(lambda v: type(v) is int and lo <= v <= hi)
+
+
+def _number_in(lo: float, hi: float) -> Callable[[Any], bool]:
+    return _optional(lambda v: type(v) in (int, float) and lo <= v <= hi)   # NaN fails both
+
+
+def _message(m: Any) -> bool:
+    return type(m) is dict and type(m.get("role")) is str and type(m.get("content")) in (str, list, NoneType)
+
+
+def _prompt(p: Any) -> bool:
+    if type(p) is str:
+        return True
+    return type(p) is list and (all(type(x) is str for x in p) or all(type(x) is int for x in p))
+
+
+_SAMPLING: dict[str, Callable[[Any], bool]] = {
+    "model": lambda v: type(v) is str,
+    "stream": _optional(lambda v: type(v) is bool),
+    "stream_options": _optional(lambda v: type(v) is dict
+                                and type(v.get("include_usage")) in (bool, NoneType)),
+    "max_tokens": _int_in(1), "temperature": _number_in(0.0, 2.0), "top_p": _number_in(0.0, 1.0),
+    "n": _int_in(1, 128),
+}
+#: model -> (required fields, checks of the fields it declares); a subset of what pydantic
+#: accepts, never more (``tests/router_gateway/test_protocol.py`` checks that with hypothesis).
+_PLAIN: dict[type, tuple[tuple[str, ...], dict[str, Callable[[Any], bool]]]] = {
+    ChatCompletionRequest: (("model", "messages"), {
+        **_SAMPLING, "max_completion_tokens": _int_in(1),
+        "messages": lambda v: type(v) is list and len(v) > 0 and all(_message(m) for m in v)}),
+    CompletionRequest: (("model", "prompt"), {**_SAMPLING, "prompt": _prompt}),
+}
+
+
+def plainly_valid(model_cls: type[BaseModel], body: dict) -> bool:
+    """True when ``body`` is surely valid for ``model_cls`` (one of the two request
+    models): its required fields are there and every declared field it has is of a plain
+    accepted type. False means "ask pydantic", not "invalid"."""
+    plain = _PLAIN.get(model_cls)
+    if plain is None:
+        return False
+    required, checks = plain
+    for name in required:
+        if name not in body:
+            return False
+    for name, check in checks.items():
+        if name in body and not check(body[name]):
+            return False
+    return True
 
 
 def invalid_from_validation(exc: ValidationError) -> InvalidRequest:
