@@ -62,6 +62,7 @@ def serve(
 
     import uvicorn
 
+    from router_gateway.http_server import http_protocol
     from router_gateway.observe import configure_logging
 
     settings = Settings()
@@ -94,7 +95,7 @@ def serve(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     try:
         uvicorn.run("router_gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level.lower())
+                    loop="uvloop", http=http_protocol(), access_log=False, log_level=settings.log_level.lower())
     finally:
         if launcher is not None:
             console.print("stopping demo workers ...")

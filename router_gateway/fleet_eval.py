@@ -216,6 +216,7 @@ def local_gateway(settings, store) -> Iterator[str]:
     import uvicorn
 
     from router_gateway.app import create_app
+    from router_gateway.http_server import http_protocol
 
     class _ThreadServer(uvicorn.Server):
         def install_signal_handlers(self) -> None:  # Ctrl-C stays with the main thread
@@ -225,7 +226,8 @@ def local_gateway(settings, store) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = _ThreadServer(uvicorn.Config(create_app(settings, store), host="127.0.0.1", port=port,
-                                          log_level="warning", access_log=False, lifespan="on"))
+                                          log_level="warning", access_log=False, lifespan="on",
+                                          http=http_protocol()))
     thread = threading.Thread(target=server.run, name="fleet-gateway", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -37,10 +37,16 @@ class ThreadServer(uvicorn.Server):
 
 
 @contextlib.contextmanager
-def serve_in_thread(app, port: int | None = None) -> Iterator[str]:
+def serve_in_thread(app, port: int | None = None, http: Any = None) -> Iterator[str]:
+    """``app`` on uvicorn in a thread; ``http``: uvicorn's protocol, by default the one
+    ``switchyard serve`` uses (``router_gateway.http_server.http_protocol()``)."""
+    if http is None:
+        from router_gateway.http_server import http_protocol
+
+        http = http_protocol()
     port = port or free_port()
     server = ThreadServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                         loop="asyncio", lifespan="on"))
+                                         loop="asyncio", lifespan="on", http=http))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

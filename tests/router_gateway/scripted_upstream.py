@@ -86,17 +86,35 @@ async def _serve(request: Request, chat: bool) -> Response:
     chunks = _chunks(model, include_usage, chat)
 
     async def gen():
-        for i, c in enumerate(chunks):
-            if model == "breakstream" and i == 2:
-                raise RuntimeError("upstream dropped the connection on purpose")
-            yield f"data: {json.dumps(c)}\n\n".encode()
-            await asyncio.sleep(0.5 if model == "slowstream" else 0)
-        while model == "slowstream":     # a long answer, for killing the server midway
-            yield f"data: {json.dumps(chunks[1])}\n\n".encode()
-            await asyncio.sleep(0.5)
-        yield b"data: [DONE]\n\n"
+        _streams[0] += 1
+        try:
+            async for piece in _events(model, chunks):
+                yield piece
+        finally:
+            _streams[0] -= 1
 
     return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+_streams = [0]   # streams being sent now (the server runs in a thread of the test process)
+
+
+def open_streams() -> int:
+    """How many streamed answers are being sent right now; one ends when it is done or
+    the gateway hangs up."""
+    return _streams[0]
+
+
+async def _events(model: str, chunks: list[dict]):
+    for i, c in enumerate(chunks):
+        if model == "breakstream" and i == 2:
+            raise RuntimeError("upstream dropped the connection on purpose")
+        yield f"data: {json.dumps(c)}\n\n".encode()
+        await asyncio.sleep(0.5 if model == "slowstream" else 0)
+    while model == "slowstream":     # a long answer, for killing the server midway
+        yield f"data: {json.dumps(chunks[1])}\n\n".encode()
+        await asyncio.sleep(0.5)
+    yield b"data: [DONE]\n\n"
 
 
 async def chat(request: Request) -> Response:

@@ -1,0 +1,200 @@
+"""The gateway's uvicorn protocol (``router_gateway.http_server``): hot routes answered
+without ASGI must behave on the wire exactly like the ASGI path, HTTP/1.1 details
+included. Real gateway, real Redis, real scripted upstream, raw sockets on loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httptools
+import httpx
+import pytest
+
+from expert_registry.spec import ExpertSpec
+from expert_registry.store import ExpertStore
+from router_gateway import http_server
+from router_gateway.app import create_app
+from router_gateway.http_server import GatewayProtocol, http_protocol
+from tests.router_gateway import scripted_upstream
+from tests.router_gateway.conftest import CLIENT_KEY, make_settings, scripted_experts, serve_in_thread
+
+AUTH = f"authorization: Bearer {CLIENT_KEY}\r\n"
+
+
+def chat_request(model: str = "up-echo", extra: str = "", stream: bool = False, http: str = "1.1") -> bytes:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}],
+                       "stream": stream}).encode()
+    return (f"POST /v1/chat/completions HTTP/{http}\r\nhost: t\r\ncontent-type: application/json\r\n{AUTH}"
+            f"content-length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+class Responses:
+    """Parses the HTTP/1.1 responses arriving on one socket (chunked or not)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.done: list[dict] = []
+        self.closed = False
+        self._cur: dict = {}
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        self._cur = {"headers": {}, "body": b""}
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._cur["headers"][name.decode().lower()] = value.decode()
+
+    def on_headers_complete(self) -> None:
+        self._cur["status"] = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self._cur["body"] += body
+
+    def on_message_complete(self) -> None:
+        self.done.append(self._cur)
+
+    def read(self, n: int, timeout: float = 10.0) -> list[dict]:
+        """Until ``n`` responses are complete (or the server closed the connection)."""
+        self.sock.settimeout(timeout)
+        while len(self.done) < n:
+            data = self.sock.recv(65536)
+            if not data:
+                self.closed = True
+                break
+            self.parser.feed_data(data)
+        return self.done
+
+    def server_closed(self, timeout: float = 5.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except (socket.timeout, ConnectionResetError):
+            return False
+
+
+@pytest.fixture(params=["gateway-protocol", "httptools"])
+def served(request, store: ExpertStore, data_dir: Path, scripted_upstream: str) -> Iterator[str]:
+    """The gateway on the protocol ``switchyard serve`` uses, and on uvicorn's own (where the
+    hot routes go through ``FastPath`` as ASGI): every test here must pass on both."""
+    for spec in scripted_experts(scripted_upstream):
+        store.put(spec)
+    store.put(ExpertSpec(name="up-slowstream", backend="openai", base_url=scripted_upstream,
+                         served_model="slowstream"))
+    http = GatewayProtocol if request.param == "gateway-protocol" else "httptools"
+    with serve_in_thread(create_app(make_settings(data_dir), store), http=http) as url:
+        yield url
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def test_serve_uses_the_gateway_protocol_on_this_uvicorn():
+    # If a uvicorn upgrade moved what the protocol needs, serving would silently fall
+    # back to the slower ASGI path: fail here instead.
+    assert http_protocol() is GatewayProtocol
+
+
+def test_missing_uvicorn_internals_fall_back_to_plain_httptools(monkeypatch, caplog):
+    monkeypatch.setattr(http_server, "_MISSING", "uvicorn's HttpToolsProtocol lacks ['flow']")
+    with caplog.at_level(logging.WARNING, logger="router_gateway.http_server"):
+        assert http_protocol() == "httptools"
+    assert "lacks ['flow']" in caplog.text
+
+
+def test_answers_keep_alive_pipelining_and_close(served: str):
+    with connect(served) as sock:
+        wire = Responses(sock)
+        sock.sendall(chat_request() + chat_request(extra="x-request-id: second-one\r\n"))  # pipelined
+        first, second = wire.read(2)
+        for r in (first, second):
+            assert r["status"] == 200
+            assert r["headers"]["content-type"] == "application/json"
+            assert int(r["headers"]["content-length"]) == len(r["body"])
+            assert r["headers"]["x-switchyard-expert"] == "up-echo"
+            assert json.loads(r["body"])["choices"][0]["message"]["content"] == "hello there"
+        assert second["headers"]["x-request-id"] == "second-one"
+        assert first["headers"]["x-request-id"] != "second-one"
+        assert json.loads(second["body"])["received_request_id"] == "second-one"
+        sock.sendall(chat_request(extra="connection: close\r\n"))   # the same connection, kept alive
+        third = wire.read(3)[2]
+        assert third["status"] == 200 and third["headers"]["connection"] == "close"
+        assert wire.server_closed()
+
+
+def test_http10_client_gets_its_answer_and_a_closed_connection(served: str):
+    with connect(served) as sock:
+        wire = Responses(sock)
+        sock.sendall(chat_request(http="1.0"))
+        (r,) = wire.read(1)
+        assert r["status"] == 200 and r["headers"]["connection"] == "close"
+        assert json.loads(r["body"])["model"] == "up-echo"
+        assert wire.server_closed()
+
+
+def test_expect_100_continue_body_sent_after_the_go_ahead(served: str):
+    req = chat_request(extra="expect: 100-continue\r\n")
+    head, body = req.split(b"\r\n\r\n", 1)
+    with connect(served) as sock:
+        sock.sendall(head + b"\r\n\r\n")
+        sock.settimeout(10)
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        wire = Responses(sock)
+        (r,) = wire.read(1)
+        assert r["status"] == 200 and json.loads(r["body"])["received"]["messages"][0]["content"] == "hi"
+
+
+def test_body_in_pieces_and_errors_keep_the_connection(served: str):
+    req = chat_request()
+    with connect(served) as sock:
+        wire = Responses(sock)
+        for i in range(0, len(req), 7):      # the body arrives after the handler started
+            sock.sendall(req[i:i + 7])
+            time.sleep(0.002)
+        bad = b"{not json"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\n" + AUTH.encode()
+                     + b"content-length: %d\r\n\r\n%s" % (len(bad), bad))
+        sock.sendall(chat_request(model="no-such-model"))
+        ok, invalid, unknown = wire.read(3)
+        assert ok["status"] == 200
+        assert invalid["status"] == 400 and "not valid JSON" in json.loads(invalid["body"])["error"]["message"]
+        assert unknown["status"] == 404 and json.loads(unknown["body"])["error"]["param"] == "model"
+        assert not wire.closed
+
+
+def test_stream_is_chunked_and_ends_cleanly(served: str):
+    with connect(served) as sock:
+        wire = Responses(sock)
+        sock.sendall(chat_request(stream=True) + chat_request())
+        stream, plain = wire.read(2)
+        assert stream["status"] == 200 and stream["headers"]["transfer-encoding"] == "chunked"
+        assert stream["headers"]["content-type"].startswith("text/event-stream")
+        events = [e for e in stream["body"].decode().split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        assert text == "hello there"
+        assert plain["status"] == 200      # the connection carries on after the stream
+
+
+def test_client_leaving_a_stream_closes_the_upstream_stream(served: str):
+    with httpx.Client(base_url=served, timeout=10) as client:
+        before = scripted_upstream.open_streams()
+        with client.stream("POST", "/v1/chat/completions", headers={"authorization": f"Bearer {CLIENT_KEY}"},
+                           json={"model": "up-slowstream", "stream": True,
+                                 "messages": [{"role": "user", "content": "go on"}]}) as r:
+            assert r.status_code == 200
+            next(r.iter_bytes())
+            assert scripted_upstream.open_streams() == before + 1
+        # the client hung up: within a chunk or two the gateway must hang up on the expert
+        deadline = time.monotonic() + 5
+        while scripted_upstream.open_streams() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scripted_upstream.open_streams() == before
+        assert client.get("/health").json()["status"] == "ok"
