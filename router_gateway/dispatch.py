@@ -215,7 +215,7 @@ class Dispatcher:
         if meter is not None and status < 400:
             meter(spec, decode_usage(content) or estimate_usage(body, len(answer_text(content))))
         headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
-        return Response(content, status_code=status, media_type="application/json", headers=headers)
+        return JSONAnswer(content, status, headers)
 
     async def _note_failure(self, spec: ExpertSpec, failure: _Failed) -> None:
         """Count the failure in Redis (shared by every gateway process); at the policy's
@@ -403,6 +403,25 @@ def _upstream_message(content: bytes, limit: int = 300) -> str:
     except orjson.JSONDecodeError:
         pass
     return content[:limit].decode("utf-8", "replace") or "(empty body)"
+
+
+class JSONAnswer(Response):
+    """An expert's JSON answer with the gateway's headers (lower-case names): what
+    ``Response(content, status_code=status, media_type="application/json",
+    headers=headers)`` builds, without Starlette's generic header handling, which cost
+    ~4% of the gateway's CPU per proxied request."""
+
+    media_type = "application/json"
+
+    def __init__(self, content: bytes, status_code: int, headers: dict[str, str]):
+        self.status_code = status_code
+        self.background = None
+        self.body = content
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        raw.append((b"content-type", b"application/json"))
+        if status_code >= 200 and status_code not in (204, 304):
+            raw.append((b"content-length", b"%d" % len(content)))
+        self.raw_headers = raw
 
 
 def error_response(err: GatewayError) -> Response:
