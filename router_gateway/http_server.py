@@ -17,14 +17,16 @@ returned straight to the socket:
   address) and none of uvicorn's per-message checks beyond the header-value one.
 
 This leans on uvicorn internals (``HttpToolsProtocol._start_asgi_task`` and the fields
-of its ``RequestResponseCycle``). :func:`http_protocol` checks they are there and
-otherwise falls back to plain ``"httptools"`` with a warning, so a uvicorn release that
-moves them costs speed, not correctness; the gateway tests run through this class.
+of its ``RequestResponseCycle``). :func:`http_protocol` checks they are there and that
+uvicorn is at least ``MIN_UVICORN`` (older releases decide keep-alive differently), and
+otherwise falls back to plain ``"httptools"`` with a warning, so an unsuitable uvicorn
+costs speed, not correctness; the gateway tests run through this class.
 """
 
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
 import time
 from typing import Any, Callable
@@ -33,7 +35,27 @@ from starlette.responses import Response, StreamingResponse
 
 log = logging.getLogger(__name__)
 
+# The oldest uvicorn the protocol is used with: 0.45-0.52 have the same methods but keep a
+# connection alive after a client's "Connection: close"; tests/router_gateway/
+# test_http_server.py passes on 0.53 and 0.55.
+MIN_UVICORN = (0, 53)
+
+
+def too_old(version: str) -> str | None:
+    """Why this uvicorn ``version`` is too old for :class:`GatewayProtocol`, or None."""
+    release = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        release.append(int(digits))
+    if tuple(release) >= MIN_UVICORN:
+        return None
+    return f"uvicorn {version} is older than {'.'.join(map(str, MIN_UVICORN))}"
+
+
 try:
+    import uvicorn
     from uvicorn.protocols.http.flow_control import service_unavailable
     from uvicorn.protocols.http.httptools_impl import (
         HEADER_VALUE_RE,
@@ -52,6 +74,7 @@ else:
                 and f not in RequestResponseCycle.__init__.__code__.co_names]
     _MISSING = (None if hasattr(HttpToolsProtocol, "_start_asgi_task") and not _missing
                 else f"uvicorn's HttpToolsProtocol lacks {_missing or ['_start_asgi_task']}")
+    _MISSING = _MISSING or too_old(uvicorn.__version__)
 
 CHUNK_END = b"0\r\n\r\n"
 
@@ -90,7 +113,7 @@ class GatewayProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
             super()._start_asgi_task(cycle, app)
             return
         coro = self._serve(cycle, handler)
-        if self.config.reset_contextvars:
+        if getattr(self.config, "reset_contextvars", False):   # uvicorn's opt-in, where it has it
             task = self.loop.create_task(coro, context=contextvars.Context())
         else:
             task = self.loop.create_task(coro)

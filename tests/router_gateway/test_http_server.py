@@ -101,6 +101,13 @@ def test_serve_uses_the_gateway_protocol_on_this_uvicorn():
     assert http_protocol() is GatewayProtocol
 
 
+def test_uvicorn_older_than_the_tested_releases_is_refused():
+    assert http_server.too_old("0.52.0") == "uvicorn 0.52.0 is older than 0.53"
+    assert http_server.too_old("0.45.0rc1") is not None
+    for version in ("0.53.0", "0.55.0", "0.60.0.dev1", "1.0"):
+        assert http_server.too_old(version) is None
+
+
 def test_missing_uvicorn_internals_fall_back_to_plain_httptools(monkeypatch, caplog):
     monkeypatch.setattr(http_server, "_MISSING", "uvicorn's HttpToolsProtocol lacks ['flow']")
     with caplog.at_level(logging.WARNING, logger="router_gateway.http_server"):
