@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import fnmatch
+import functools
 import hashlib
 import logging
 import math
@@ -129,31 +130,35 @@ def new_secret() -> str:
 
 
 # -- periods ---------------------------------------------------------------------------------
+def _day(now: float) -> int:
+    """The UTC day (days since the epoch) of unix time ``now``, rounded to the microsecond
+    as ``datetime.fromtimestamp`` rounds it."""
+    return round(now * 1_000_000) // 86_400_000_000
+
+
 def period_key(period: Period, now: float) -> str:
-    t = datetime.fromtimestamp(now, timezone.utc)
-    if period == "day":
-        return t.strftime("%Y-%m-%d")
-    if period == "week":
-        year, week, _ = t.isocalendar()
-        return f"{year}-W{week:02d}"
-    if period == "month":
-        return t.strftime("%Y-%m")
-    return "all"
+    return _period_of_day(period, _day(now))[0]
 
 
 def period_end(period: Period, now: float) -> float | None:
     """When the budget period containing ``now`` ends (None for ``total``)."""
-    t = datetime.fromtimestamp(now, timezone.utc)
-    day = t.replace(hour=0, minute=0, second=0, microsecond=0)
+    return _period_of_day(period, _day(now))[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _period_of_day(period: Period, day: int) -> tuple[str, float | None]:
+    """``(name, end)`` of the budget period holding UTC day ``day`` (days since the epoch;
+    periods are whole UTC days, so the request path computes them once a day)."""
+    t = datetime.fromtimestamp(day * 86400, timezone.utc)
     if period == "day":
-        end = day + timedelta(days=1)
-    elif period == "week":
-        end = day + timedelta(days=7 - t.weekday())
-    elif period == "month":
-        end = day.replace(day=1) + timedelta(days=calendar.monthrange(t.year, t.month)[1])
-    else:
-        return None
-    return end.timestamp()
+        return t.strftime("%Y-%m-%d"), (t + timedelta(days=1)).timestamp()
+    if period == "week":
+        year, week, _ = t.isocalendar()
+        return f"{year}-W{week:02d}", (t + timedelta(days=7 - t.weekday())).timestamp()
+    if period == "month":
+        end = t.replace(day=1) + timedelta(days=calendar.monthrange(t.year, t.month)[1])
+        return t.strftime("%Y-%m"), end.timestamp()
+    return "all", None
 
 
 def cost_nano(input_tokens: int, output_tokens: int, input_per_mtok: float, output_per_mtok: float) -> int:
@@ -256,8 +261,11 @@ class KeyStore:
 
 # -- the limiter (async: the request path) ---------------------------------------------------
 _CHECK = """
--- KEYS: requests prev/cur window, tokens prev/cur window, period spend
--- ARGV: rpm, tpm, budget (nano; < 0: none), seconds into the current window
+-- Checks, in order, of the requests of one batch: for request i (0-based),
+-- KEYS[5i+1..5i+5]: requests prev/cur window, tokens prev/cur window, period spend;
+-- ARGV[4i+1..4i+4]: rpm, tpm, budget (nano; < 0: none), seconds into the current window.
+-- Returns {verdict, wait, verdict, wait, ...}: 0 admitted (and counted), 1 over rpm,
+-- 2 over budget, 3 over tpm; wait = seconds until the window admits it (a string).
 local function wait(prev, cur, limit, elapsed)
   -- seconds until prev * (1 - x/60) + cur <= limit, x = seconds into a window
   if cur <= limit then
@@ -265,33 +273,42 @@ local function wait(prev, cur, limit, elapsed)
   end
   return (60 - elapsed) + 60 * (1 - limit / cur)
 end
-local elapsed = tonumber(ARGV[4])
-local weight = 1 - elapsed / 60
-local budget = tonumber(ARGV[3])
-if budget >= 0 then
-  if tonumber(redis.call('GET', KEYS[5]) or '0') >= budget then return {2, 0} end
-end
-local function over(k_prev, k_cur, limit)
+local function over(k_prev, k_cur, limit, elapsed)
   -- nil when one more fits the window, else the seconds to wait
   local prev = tonumber(redis.call('GET', k_prev) or '0')
   local cur = tonumber(redis.call('GET', k_cur) or '0')
-  if prev * weight + cur + 1 > limit then return tostring(wait(prev, cur + 1, limit, elapsed)) end
+  if prev * (1 - elapsed / 60) + cur + 1 > limit then return tostring(wait(prev, cur + 1, limit, elapsed)) end
   return nil
 end
-local tpm = tonumber(ARGV[2])
-if tpm > 0 then
-  local w = over(KEYS[3], KEYS[4], tpm)
-  if w then return {3, w} end
+local function check(k, a)
+  local elapsed = tonumber(ARGV[a + 4])
+  local budget = tonumber(ARGV[a + 3])
+  if budget >= 0 then
+    if tonumber(redis.call('GET', KEYS[k + 5]) or '0') >= budget then return 2, 0 end
+  end
+  local tpm = tonumber(ARGV[a + 2])
+  if tpm > 0 then
+    local w = over(KEYS[k + 3], KEYS[k + 4], tpm, elapsed)
+    if w then return 3, w end
+  end
+  local rpm = tonumber(ARGV[a + 1])
+  if rpm > 0 then
+    local w = over(KEYS[k + 1], KEYS[k + 2], rpm, elapsed)
+    if w then return 1, w end
+    redis.call('INCR', KEYS[k + 2])
+    redis.call('EXPIRE', KEYS[k + 2], 120)
+  end
+  return 0, 0
 end
-local rpm = tonumber(ARGV[1])
-if rpm > 0 then
-  local w = over(KEYS[1], KEYS[2], rpm)
-  if w then return {1, w} end
-  redis.call('INCR', KEYS[2])
-  redis.call('EXPIRE', KEYS[2], 120)
+local out = {}
+for i = 0, #ARGV / 4 - 1 do
+  local verdict, w = check(5 * i, 4 * i)
+  out[2 * i + 1] = verdict
+  out[2 * i + 2] = w
 end
-return {0, 0}
+return out
 """
+MAX_CHECKS = 256   # requests per check script call (5 keys and 4 arguments each)
 
 
 class Limiter:
@@ -305,6 +322,8 @@ class Limiter:
         self.batch_s = batch_s
         self._batch: list[tuple[KeyRecord, int, int, int, int, float]] = []
         self._flusher: asyncio.Task | None = None
+        self._admits: list[tuple[KeyRecord, float, asyncio.Future]] = []
+        self._checking: set[asyncio.Task] = set()
 
     def _windows(self, key_id: str, now: float) -> tuple[list[str], float]:
         minute = int(now // WINDOW_S)
@@ -312,21 +331,20 @@ class Limiter:
         return keys, now - minute * WINDOW_S
 
     async def admit(self, rec: KeyRecord) -> None:
-        """Raise ``RateLimited`` (429) or ``BudgetExceeded`` (402), else count the request."""
+        """Raise ``RateLimited`` (429) or ``BudgetExceeded`` (402), else count the request.
+
+        The requests that ask during one turn of the event loop are checked together, in
+        the order they asked, by one call of the check script (atomic, one round trip):
+        at saturation that is one Redis call for many requests instead of one each."""
         if not rec.limited:
             return
         now = self.clock()
-        windows, elapsed = self._windows(rec.id, now)
-        budget = -1 if rec.budget_usd is None else round(rec.budget_usd * 1e9)
-        try:
-            verdict, wait = await self._check(keys=[*windows, self.store.spend_key(rec.id, rec.budget_period, now)],
-                                              args=[rec.rpm or 0, rec.tpm or 0, budget, f"{elapsed:.3f}"])
-        except (redis.RedisError, OSError) as exc:
-            # Degraded on purpose: without Redis, limits and budgets cannot be shared, so
-            # they are not enforced; the key itself was checked against the cached keys.
-            log.warning("limits of key %s not checked, the store is unreachable: %s", rec.id, exc)
-            return
-        verdict = int(verdict)
+        loop = asyncio.get_running_loop()
+        verdict = loop.create_future()
+        self._admits.append((rec, now, verdict))
+        if len(self._admits) == 1:
+            loop.call_soon(self._check_admits)
+        verdict, wait = await verdict
         if verdict == 0:
             return
         if verdict == 2:
@@ -340,6 +358,43 @@ class Limiter:
         what = f"{rec.rpm} requests" if verdict == 1 else f"{rec.tpm} tokens"
         raise RateLimited(f"API key '{rec.name}' is over its limit of {what} per minute; retry in {retry} s",
                           code="rate_limit_exceeded", headers={"retry-after": str(retry)})
+
+    def _check_admits(self) -> None:
+        """Send the waiting admissions to Redis, ``MAX_CHECKS`` per script call."""
+        admits, self._admits = self._admits, []
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(admits), MAX_CHECKS):
+            task = loop.create_task(self._check_many(admits[start:start + MAX_CHECKS]))
+            self._checking.add(task)
+            task.add_done_callback(self._checking.discard)
+
+    async def _check_many(self, admits: list[tuple[KeyRecord, float, asyncio.Future]]) -> None:
+        keys: list[str] = []
+        args: list = []
+        for rec, now, _ in admits:
+            windows, elapsed = self._windows(rec.id, now)
+            keys += windows
+            keys.append(self.store.spend_key(rec.id, rec.budget_period, now))
+            args += (rec.rpm or 0, rec.tpm or 0, -1 if rec.budget_usd is None else round(rec.budget_usd * 1e9),
+                     f"{elapsed:.3f}")
+        try:
+            reply = await self._check(keys=keys, args=args)
+        except (redis.RedisError, OSError) as exc:
+            # Degraded on purpose: without Redis, limits and budgets cannot be shared, so
+            # they are not enforced; the key itself was checked against the cached keys.
+            log.warning("limits of %d request(s) not checked, the store is unreachable: %s", len(admits), exc)
+            reply = [0, 0] * len(admits)
+        except BaseException as exc:   # cancelled (shutdown) or a bug: the waiting requests end too
+            for _, _, verdict in admits:
+                if not verdict.done():
+                    if isinstance(exc, Exception):
+                        verdict.set_exception(exc)
+                    else:
+                        verdict.cancel()
+            raise
+        for i, (_, _, verdict) in enumerate(admits):
+            if not verdict.done():   # a request whose client left is no longer waiting
+                verdict.set_result((int(reply[2 * i]), reply[2 * i + 1]))
 
     async def record(self, rec: KeyRecord, input_tokens: int, output_tokens: int, nano: int,
                      requests: int = 1) -> None:

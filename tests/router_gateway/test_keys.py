@@ -149,6 +149,55 @@ def test_tokens_per_minute_and_budget(store: ExpertStore):
                      "period": day.strftime("%Y-%m-%d"), "period_spend_usd": 5e-05}
 
 
+def test_admits_asked_together_are_checked_in_one_script_call_in_order(store: ExpertStore):
+    keys = KeyStore(store.client)
+    _, two = keys.create("two-a-minute", KeyPolicy(rpm=2))
+    _, broke = keys.create("broke", KeyPolicy(budget_usd=0.001, budget_period="total"))
+    _, roomy = keys.create("roomy", KeyPolicy(rpm=100, tpm=10_000))
+    _, free = keys.create("free")
+    clock = Clock(60 * 1000 + 30.0)
+
+    def evalsha_calls() -> int:
+        return store.client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+    async def go():
+        limiter = Limiter(keys, open_async_redis(store.client, None), clock)
+        await limiter.record(broke, 0, 0, 1_000_000)     # $0.001: spent
+        await limiter.admit(roomy)                       # the script is loaded now
+        before = evalsha_calls()
+        asked = [two, two, broke, roomy, two, free, roomy]
+        results = await asyncio.gather(*(limiter.admit(rec) for rec in asked), return_exceptions=True)
+        calls = evalsha_calls() - before
+        await limiter.r.aclose()
+        return results, calls
+
+    results, calls = _run(go())
+    assert calls == 1
+    assert [type(r).__name__ for r in results] == ["NoneType", "NoneType", "BudgetExceeded", "NoneType",
+                                                   "RateLimited", "NoneType", "NoneType"]
+    assert "2 requests per minute" in str(results[4])
+    minute = int(clock.t // 60)
+    assert store.client.get(keys.window_key(two.id, "r", minute)) == "2"
+    assert store.client.get(keys.window_key(roomy.id, "r", minute)) == "3"
+
+
+def test_a_request_that_stops_waiting_leaves_the_others_of_its_batch_answered(store: ExpertStore):
+    keys = KeyStore(store.client)
+    _, rec = keys.create("ten", KeyPolicy(rpm=10))
+
+    async def go():
+        limiter = Limiter(keys, open_async_redis(store.client, None))
+        tasks = [asyncio.ensure_future(limiter.admit(rec)) for _ in range(3)]
+        await asyncio.sleep(0)        # all three wait on the same check now
+        tasks[1].cancel()
+        done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        await limiter.r.aclose()
+        return done
+
+    first, second, third = _run(go())
+    assert first is None and third is None and isinstance(second, asyncio.CancelledError)
+
+
 def test_concurrent_admits_and_bookings_from_two_limiters_lose_nothing(store: ExpertStore):
     # Two limiters with their own connections stand for two gateway processes.
     keys = KeyStore(store.client)
