@@ -17,7 +17,8 @@ dictionary to guess from, and the lookup runs on every request. Spend is kept in
 nano-dollars with ``INCRBY`` (tokens x $ per 1M tokens x 1000), so concurrent requests
 in any number of processes never lose an update and no float drifts.
 
-Limits, checked before a request in one Lua script (atomic, one round trip):
+Limits, checked before a request in one Lua script (atomic, one round trip; the requests
+that ask in the same turn of the event loop share one call, checked in order):
 
 - ``rpm``: a sliding-window counter (this minute's count plus the previous minute's,
   weighted by how much of it still overlaps the last 60 s); an admitted request counts
