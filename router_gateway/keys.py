@@ -341,11 +341,11 @@ class Limiter:
             return
         now = self.clock()
         loop = asyncio.get_running_loop()
-        verdict = loop.create_future()
-        self._admits.append((rec, now, verdict))
+        answer = loop.create_future()
+        self._admits.append((rec, now, answer))
         if len(self._admits) == 1:
             loop.call_soon(self._check_admits)
-        verdict, wait = await verdict
+        verdict, wait = await answer
         if verdict == 0:
             return
         if verdict == 2:
@@ -386,16 +386,16 @@ class Limiter:
             log.warning("limits of %d request(s) not checked, the store is unreachable: %s", len(admits), exc)
             reply = [0, 0] * len(admits)
         except BaseException as exc:   # cancelled (shutdown) or a bug: the waiting requests end too
-            for _, _, verdict in admits:
-                if not verdict.done():
+            for _, _, answer in admits:
+                if not answer.done():
                     if isinstance(exc, Exception):
-                        verdict.set_exception(exc)
+                        answer.set_exception(exc)
                     else:
-                        verdict.cancel()
+                        answer.cancel()
             raise
-        for i, (_, _, verdict) in enumerate(admits):
-            if not verdict.done():   # a request whose client left is no longer waiting
-                verdict.set_result((int(reply[2 * i]), reply[2 * i + 1]))
+        for i, (_, _, answer) in enumerate(admits):
+            if not answer.done():   # a request whose client left is no longer waiting
+                answer.set_result((int(reply[2 * i]), reply[2 * i + 1]))
 
     async def record(self, rec: KeyRecord, input_tokens: int, output_tokens: int, nano: int,
                      requests: int = 1) -> None:
