@@ -86,6 +86,19 @@ def _usage(data_dir: Path, key_id: str) -> dict:
     return json.loads(sy(data_dir, "keys", "show", key_id).stdout)["usage"]
 
 
+def _wait_booked(url: str, data_dir: Path, key_id: str, requests: int) -> None:
+    """Wait until ``requests`` answers are booked on the key (the gateways book in batches
+    after answering; a fixed sleep is too short on a loaded machine)."""
+    admin = {"authorization": f"Bearer {(data_dir / 'admin_key').read_text().strip()}"}
+    deadline = time.monotonic() + 20
+    while True:
+        booked = httpx.get(f"{url}/v1/keys/{key_id}", headers=admin).json()["usage"]["requests"]
+        if booked >= requests or time.monotonic() > deadline:
+            assert booked == requests
+            return
+        time.sleep(0.05)
+
+
 @pytest.mark.timeout(300)
 def test_rate_limit_and_budget_hold_across_two_gateway_processes(tmp_path: Path, scripted_upstream: str):
     d = tmp_path / "data"
@@ -106,7 +119,7 @@ def test_rate_limit_and_budget_hold_across_two_gateway_processes(tmp_path: Path,
             wave = asyncio.run(_fire(urls, budget["key"], 4))
             budget_ok += wave.count(200)
             assert set(wave) <= {200, 402}
-            time.sleep(0.3)                               # let the bookings land
+            _wait_booked(urls[0], d, budget["id"], budget_ok)   # let the bookings land
             if 402 in wave:
                 break
         # 5.5 requests' worth: the 6th is admitted under budget; a wave in flight may overshoot by 3.
