@@ -230,18 +230,21 @@ def test_metrics_need_no_key_and_show_no_secrets(observed):
     assert secret not in r.text and ADMIN_KEY not in r.text and CLIENT_KEY not in r.text
 
 
-def test_decision_batches_are_written_as_plain_xadds(store: ExpertStore):
-    """The hand-packed XADDs store exactly the fields given (unicode, empty values, a long
-    prompt, a lone surrogate made '?'), keep the stream's cap, and an error reply fails the
-    batch without leaving a half-read connection in the pool."""
+def test_decision_batches_are_written_by_one_script_call(store: ExpertStore):
+    """The hand-packed batch stores exactly the fields given (unicode, empty values, a long
+    prompt, a lone surrogate made '?', entries with different fields), keeps the stream's
+    cap, and an error reply fails the batch without leaving a half-read connection in the
+    pool."""
     import asyncio
 
     from expert_registry.store import open_async_redis
-    from router_gateway.decision_log import DecisionLog, pack_xadds
+    from router_gateway.decision_log import XADDS, DecisionLog, pack_batch
 
-    assert pack_xadds("k", 5, [{"a": "é", "b": ""}]) == (
-        b"*10\r\n$4\r\nXADD\r\n$1\r\nk\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$1\r\n5\r\n$1\r\n*\r\n"
-        b"$1\r\na\r\n$2\r\n\xc3\xa9\r\n$1\r\nb\r\n$0\r\n\r\n")
+    script = XADDS.encode()
+    assert pack_batch("k", 5, [{"a": "é", "b": ""}, {"%c": "1"}]) == (
+        b"*13\r\n$4\r\nEVAL\r\n$%d\r\n%b\r\n$1\r\n1\r\n$1\r\nk\r\n$1\r\n5\r\n" % (len(script), script)
+        + b"$1\r\n2\r\n$1\r\na\r\n$2\r\n\xc3\xa9\r\n$1\r\nb\r\n$0\r\n\r\n"
+        + b"$1\r\n1\r\n$2\r\n%c\r\n$1\r\n1\r\n")
     entries = [{"rid": f"r{i}", "prompt": "Zürich? " * 2000 if i == 0 else f"q{i}\r\n", "router": ""}
                for i in range(250)] + [{"rid": "bad", "prompt": "x\ud800y"}]
 
