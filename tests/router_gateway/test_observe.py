@@ -6,6 +6,7 @@ the real OpenAI SDK."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from datetime import datetime, timezone
@@ -288,3 +289,23 @@ def test_gc_tuning_freezes_the_startup_heap(store: ExpertStore, data_dir: Path):
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_new_request_ids_are_random_unique_and_not_shared_with_a_forked_child():
+    """Ids come 128 at a time from one os.urandom read: 32 hex digits, none repeated across
+    refills, and a child forked with ids left in the pool draws its own, not the parent's."""
+    from router_gateway.observe import new_request_id, request_id_from
+
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id_from(b"bad id!")) and request_id_from(b"trace-1") == "trace-1"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: send its next ids to the parent
+        os.write(write, " ".join(new_request_id() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 4096).decode().split()
+    os.waitpid(pid, 0)
+    parent = [new_request_id() for _ in range(3)]
+    assert len(child) == 3 and not set(child) & set(parent)
