@@ -203,7 +203,7 @@ class Dispatcher:
         except UpstreamFailure as exc:
             raise _Failed(UpstreamError(str(exc)), reason="protocol") from exc
         try:
-            content = _answer_or_raise(spec, status, content, rewrite)
+            content, answer = _answer_or_raise(spec, status, content, rewrite)
         except UpstreamError as exc:
             raise _Failed(exc, reason="5xx" if status >= 500 else "bad_answer") from exc
         if status == 429:
@@ -213,7 +213,8 @@ class Dispatcher:
                           response=Response(content, status_code=429, media_type="application/json",
                                             headers=headers))
         if meter is not None and status < 400:
-            meter(spec, decode_usage(content) or estimate_usage(body, len(answer_text(content))))
+            usage = decode_usage(content) if answer is None else usage_from(answer)
+            meter(spec, usage or estimate_usage(body, len(answer_text(content))))
         headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
         return JSONAnswer(content, status, headers)
 
@@ -364,29 +365,32 @@ def _ms(seconds: float) -> str:
     return f"{max(seconds, 0.0) * 1000:.3f}"
 
 
-def _answer_or_raise(spec: ExpertSpec, status: int, content: bytes, rewrite: str | None) -> bytes:
-    """The body to send back: rewritten on success, passed through on 4xx; raises on 5xx/garbage."""
+def _answer_or_raise(spec: ExpertSpec, status: int, content: bytes, rewrite: str | None
+                     ) -> tuple[bytes, Any]:
+    """The body to send back: rewritten on success, passed through on 4xx; raises on
+    5xx/garbage. With it the answer as parsed for the rewrite (None when not parsed), so
+    that its usage is not parsed out of the body a second time."""
     if status >= 500:
         raise UpstreamError(f"expert '{spec.name}' answered HTTP {status}: {_upstream_message(content)}")
     if status >= 400:
         try:
             obj = orjson.loads(content)
             if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-                return content
+                return content, None
         except orjson.JSONDecodeError:
             pass
         return orjson.dumps(error_body(f"expert '{spec.name}': {_upstream_message(content)}",
-                                       "invalid_request_error", None, f"upstream_{status}"))
+                                       "invalid_request_error", None, f"upstream_{status}")), None
     if rewrite is None:
-        return content
+        return content, None
     try:
         obj = orjson.loads(content)
     except orjson.JSONDecodeError:
         raise UpstreamError(f"expert '{spec.name}' answered with invalid JSON") from None
     if isinstance(obj, dict) and "model" in obj:
         obj["model"] = rewrite
-        return orjson.dumps(obj)
-    return content
+        return orjson.dumps(obj), obj
+    return content, obj
 
 
 def _upstream_message(content: bytes, limit: int = 300) -> str:
