@@ -25,14 +25,15 @@ class SSESplitter:
         self._buf = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        self._buf += chunk
-        events = []
-        while True:
-            m = _EVENT_END.search(self._buf)
-            if m is None:
-                break
-            events.append(self._buf[: m.start()])
-            self._buf = self._buf[m.end():]
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\r" not in buf:   # the usual framing: one C split instead of a search per event
+            *events, self._buf = buf.split(b"\n\n")
+            return events
+        events, start = [], 0
+        for m in _EVENT_END.finditer(buf):
+            events.append(buf[start:m.start()])
+            start = m.end()
+        self._buf = buf[start:]
         return events
 
     def flush(self) -> bytes | None:
@@ -43,6 +44,9 @@ class SSESplitter:
 
 def event_data(event: bytes) -> bytes | None:
     """The joined ``data:`` payload of one event, or None when it has no data line."""
+    if event.startswith(b"data:") and b"\n" not in event and b"\r" not in event:   # one line
+        value = event[5:]
+        return value[1:] if value.startswith(b" ") else value
     parts = []
     for line in _LINE_SPLIT.split(event):
         if line.startswith(b"data:"):
@@ -53,6 +57,8 @@ def event_data(event: bytes) -> bytes | None:
 
 def encode_data(payload: bytes) -> bytes:
     """One SSE event carrying ``payload`` (which may span lines)."""
+    if b"\n" not in payload:
+        return b"data: " + payload + b"\n\n"
     return b"".join(b"data: " + line + b"\n" for line in payload.split(b"\n")) + b"\n"
 
 

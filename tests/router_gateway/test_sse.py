@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 from hypothesis import given, strategies as st
 
@@ -71,3 +72,31 @@ def test_comments_and_multiline_data_pass_through():
 def test_an_unterminated_last_event_is_still_delivered():
     out = asyncio.run(_collect([b'data: {"model": "a", "x": 1}\n\ndata: {"model": "b"}'], "z"))
     assert _decode(out) == [{"model": "z", "x": 1}, {"model": "z"}]
+
+
+def _reference_split(data: bytes) -> tuple[list[bytes], bytes]:
+    """Events cut at the leftmost terminator each time, and what is left after the last."""
+    events = []
+    while (m := re.search(rb"\r\n\r\n|\n\n|\r\r", data)) is not None:
+        events.append(data[:m.start()])
+        data = data[m.end():]
+    return events, data
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"data: x"]), max_size=40).map(b"".join),
+       st.lists(st.integers(min_value=0), max_size=8))
+def test_splitter_cuts_any_line_endings_in_any_chunking_like_the_reference(data, cuts):
+    """The splitter's split on plain ``\\n\\n`` streams and its search on ones with
+    carriage returns give the events of one leftmost-terminator search over the whole."""
+    splitter = SSESplitter()
+    events = [e for chunk in _chunked(data, cuts) for e in splitter.feed(chunk)]
+    want, rest = _reference_split(data)
+    assert events == want
+    assert splitter.flush() == (rest if rest.strip() else None)
+    assert all(event_data(e) == _reference_data(e) for e in events)
+
+
+def _reference_data(event: bytes) -> bytes | None:
+    parts = [line[5:][1:] if line[5:].startswith(b" ") else line[5:]
+             for line in re.split(rb"\r\n|\n|\r", event) if line.startswith(b"data:")]
+    return b"\n".join(parts) if parts else None
