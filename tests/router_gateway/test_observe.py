@@ -231,21 +231,18 @@ def test_metrics_need_no_key_and_show_no_secrets(observed):
     assert secret not in r.text and ADMIN_KEY not in r.text and CLIENT_KEY not in r.text
 
 
-def test_decision_batches_are_written_by_one_script_call(store: ExpertStore):
-    """The hand-packed batch stores exactly the fields given (unicode, empty values, a long
-    prompt, a lone surrogate made '?', entries with different fields), keeps the stream's
-    cap, and an error reply fails the batch without leaving a half-read connection in the
-    pool."""
+def test_decision_batches_are_written_as_plain_xadds(store: ExpertStore):
+    """The hand-packed XADDs store exactly the fields given (unicode, empty values, a long
+    prompt, a lone surrogate made '?'), keep the stream's cap, and an error reply fails the
+    batch without leaving a half-read connection in the pool."""
     import asyncio
 
     from expert_registry.store import open_async_redis
-    from router_gateway.decision_log import XADDS, DecisionLog, pack_batch
+    from router_gateway.decision_log import DecisionLog, pack_xadds
 
-    script = XADDS.encode()
-    assert pack_batch("k", 5, [{"a": "é", "b": ""}, {"%c": "1"}]) == (
-        b"*13\r\n$4\r\nEVAL\r\n$%d\r\n%b\r\n$1\r\n1\r\n$1\r\nk\r\n$1\r\n5\r\n" % (len(script), script)
-        + b"$1\r\n2\r\n$1\r\na\r\n$2\r\n\xc3\xa9\r\n$1\r\nb\r\n$0\r\n\r\n"
-        + b"$1\r\n1\r\n$2\r\n%c\r\n$1\r\n1\r\n")
+    assert pack_xadds("k", 5, [{"a": "é", "b": ""}]) == (
+        b"*10\r\n$4\r\nXADD\r\n$1\r\nk\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$1\r\n5\r\n$1\r\n*\r\n"
+        b"$1\r\na\r\n$2\r\n\xc3\xa9\r\n$1\r\nb\r\n$0\r\n\r\n")
     entries = [{"rid": f"r{i}", "prompt": "Zürich? " * 2000 if i == 0 else f"q{i}\r\n", "router": ""}
                for i in range(250)] + [{"rid": "bad", "prompt": "x\ud800y"}]
 
@@ -268,6 +265,36 @@ def test_decision_batches_are_written_by_one_script_call(store: ExpertStore):
     assert last[0] == {"rid": "r249", "prompt": "q249\r\n", "router": ""}
     assert last[1] == {"rid": "bad", "prompt": "x?y"} and last[2] == {"rid": "after"}
     assert store.client.get(decisions_key(store.prefix) + "-not-a-stream") == "x"   # untouched
+
+
+def test_a_decision_batch_gives_up_on_a_redis_that_stops_answering(store: ExpertStore):
+    """The replies of a batch are awaited within one ``socket_timeout`` in all: a server
+    that stops answering mid-way fails the batch in time (dropped, counted, logged by
+    ``flush``) instead of hanging the writer; the log writes again once it answers."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from router_gateway.decision_log import DecisionLog
+
+    async def scenario():
+        r = aredis.Redis(unix_socket_path=store.client.socket_file, socket_timeout=0.5)
+        dl = DecisionLog(r, store.prefix, max_entries=100)
+        await dl._write([{"rid": "before"}])
+        store.client.execute_command("CLIENT", "PAUSE", "2000", "WRITE")   # XADDs wait
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await dl._write([{"rid": f"paused{i}"} for i in range(3)])
+        waited = time.monotonic() - t0
+        store.client.execute_command("CLIENT", "UNPAUSE")
+        await dl._write([{"rid": "after"}])
+        await r.aclose()
+        return waited
+
+    waited = asyncio.run(scenario())
+    assert 0.4 < waited < 1.5
+    rids = [f["rid"] for _, f in store.client.xrange(decisions_key(store.prefix))]
+    assert rids[0] == "before" and rids[-1] == "after"
 
 
 def test_gc_tuning_freezes_the_startup_heap(store: ExpertStore, data_dir: Path):
