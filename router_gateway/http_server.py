@@ -25,6 +25,7 @@ costs speed, not correctness; the gateway tests run through this class.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import itertools
 import logging
@@ -178,8 +179,7 @@ async def send_response(cycle: RequestResponseCycle, response: Response, trace: 
     cycle.waiting_for_100_continue = False
     if isinstance(response, StreamingResponse):
         head.append(b"transfer-encoding: chunked\r\n\r\n")
-        transport.write(b"".join(head))
-        await _stream_body(cycle, response)
+        await _stream_body(cycle, response, b"".join(head))
     else:
         head += (b"\r\n", response.body)
         transport.write(b"".join(head))
@@ -193,9 +193,16 @@ async def send_response(cycle: RequestResponseCycle, response: Response, trace: 
         await response.background()
 
 
-async def _stream_body(cycle: RequestResponseCycle, response: StreamingResponse) -> None:
-    transport, flow = cycle.transport, cycle.flow
+async def _stream_body(cycle: RequestResponseCycle, response: StreamingResponse, head: bytes) -> None:
+    """The head, then each chunk of the body in chunked encoding, then the last chunk.
+    What is written in one turn of the event loop goes out in one system call (see
+    :class:`_Corked`): the head with the first events (already read when the answer
+    starts), the last events with the terminating chunk."""
+    flow = cycle.flow
+    out = _Corked(cycle.transport)
+    out.write(head)
     body = response.body_iterator
+    ended = False
     try:
         async for chunk in body:
             if not isinstance(chunk, (bytes, memoryview)):
@@ -203,14 +210,45 @@ async def _stream_body(cycle: RequestResponseCycle, response: StreamingResponse)
             if not chunk:
                 continue
             if flow.write_paused and not cycle.disconnected:
+                out.flush()
                 await flow.drain()
             if cycle.disconnected:
                 return
-            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            out.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        ended = True
     finally:
         await _close(body)
-    if not cycle.disconnected:
-        transport.write(CHUNK_END)
+        if ended and not cycle.disconnected:   # a body that failed leaves the answer cut off
+            out.write(CHUNK_END)
+        out.flush()
+
+
+class _Corked:
+    """A transport's writes held until the writer's task waits or calls :meth:`flush`.
+
+    Writing a chunk to a socket costs one system call and, on loopback, the work of
+    waking its reader; a stream's pieces that are ready together (the head and the first
+    events, the last events and the terminating chunk) go out together. A piece waits at
+    most until the current task next suspends: the flush is scheduled with ``call_soon``.
+    """
+
+    __slots__ = ("transport", "parts")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self.parts:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.parts.append(data)
+
+    def flush(self) -> None:
+        if self.parts:
+            data = b"".join(self.parts)
+            self.parts.clear()
+            if not self.transport.is_closing():
+                self.transport.write(data)
 
 
 async def _close(body: Any) -> None:

@@ -205,3 +205,78 @@ def test_client_leaving_a_stream_closes_the_upstream_stream(served: str):
             time.sleep(0.05)
         assert scripted_upstream.open_streams() == before
         assert client.get("/health").json()["status"] == "ok"
+
+
+# ---- how a stream is written: an in-memory transport stands in for the client's socket ----
+class _Wire:
+    """Records each ``write`` (one system call on a real socket) with the time it came."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[float, bytes]] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append((time.monotonic(), bytes(data)))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def _write_stream(pieces: list, pause_s: float = 0.0) -> tuple[list[tuple[float, bytes]], BaseException | None]:
+    """``send_response`` of a StreamingResponse whose body yields ``pieces`` (an exception
+    is raised where one stands), waiting ``pause_s`` before the second one."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from starlette.responses import StreamingResponse
+
+    from router_gateway.http_server import send_response
+
+    async def body():
+        for i, piece in enumerate(pieces):
+            if i == 1 and pause_s:
+                await asyncio.sleep(pause_s)
+            if isinstance(piece, BaseException):
+                raise piece
+            yield piece
+
+    wire = _Wire()
+    cycle = SimpleNamespace(transport=wire, flow=SimpleNamespace(write_paused=False), disconnected=False,
+                            default_headers=[], keep_alive=True, response_started=False,
+                            waiting_for_100_continue=False, response_complete=False,
+                            message_event=asyncio.Event(), on_response=lambda: None)
+    trace = SimpleNamespace(rid="r1", ended=None, read_response_headers=lambda status, headers: None)
+    error = None
+
+    async def run():
+        nonlocal error
+        cycle.message_event = asyncio.Event()
+        try:
+            await send_response(cycle, StreamingResponse(body(), media_type="text/event-stream"), trace)
+        except RuntimeError as exc:
+            error = exc
+        await asyncio.sleep(0.01)   # a flush still scheduled would land here
+
+    asyncio.run(run())
+    return wire.writes, error
+
+
+def test_a_stream_goes_out_in_as_few_writes_as_its_timing_allows():
+    # Ready together: head, both chunks and the terminator in one write.
+    writes, _ = _write_stream([b"data: 1\n\n", b"data: 2\n\n"])
+    assert len(writes) == 1
+    head, _, body = writes[0][1].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head
+    assert body == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
+    # A chunk that comes later: the head and the first chunk leave at once, before it.
+    writes, _ = _write_stream([b"data: 1\n\n", b"data: 2\n\n"], pause_s=0.2)
+    assert len(writes) == 2 and writes[1][0] - writes[0][0] >= 0.15
+    assert writes[0][1].endswith(b"9\r\ndata: 1\n\n\r\n") and writes[1][1] == b"9\r\ndata: 2\n\n\r\n0\r\n\r\n"
+
+
+def test_a_stream_whose_body_fails_is_left_cut_off():
+    """No terminating chunk after a failure: the client must not take a broken answer
+    for a whole one (the caller then closes the connection)."""
+    writes, error = _write_stream([b"data: 1\n\n", RuntimeError("boom")], pause_s=0.05)
+    assert isinstance(error, RuntimeError)
+    sent = b"".join(w for _, w in writes)
+    assert sent.endswith(b"9\r\ndata: 1\n\n\r\n") and b"0\r\n\r\n" not in sent
