@@ -25,7 +25,7 @@ class SSESplitter:
         self._buf = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buf = self._buf + chunk if self._buf else chunk
+        buf = self._buf + chunk if self._buf else bytes(chunk)
         if b"\r" not in buf:   # the usual framing: one C split instead of a search per event
             *events, self._buf = buf.split(b"\n\n")
             return events
