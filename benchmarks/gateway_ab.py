@@ -53,28 +53,6 @@ def redis_server_of(data_dir: Path) -> int | None:
     return None
 
 
-def start_build(fleet: go.Fleet, name: str, source: Path, upstream: str) -> tuple[str, int, Path]:
-    """A gateway running the code in ``source`` (``python -m router_gateway.cli`` from
-    there, so that its packages win over the installed ones) in front of ``upstream``."""
-    data = fleet.workdir / f"{name}-data"
-    env = {k: v for k, v in os.environ.items() if k not in ("SWITCHYARD_REDIS_URL", "SWITCHYARD_API_KEYS")}
-    env |= {"SWITCHYARD_DATA_DIR": str(data), "SWITCHYARD_LOG_LEVEL": "warning", "PYTHONPATH": str(source)}
-    cli = [sys.executable, "-m", "router_gateway.cli"]
-    add = [*cli, "experts", "add", go.EXPERT, "--backend", "openai", "--base-url", upstream,
-           "--served-model", go.EXPERT]
-    done = subprocess.run(add, env=env, cwd=source, capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise go.BenchError(f"{name}: experts add failed:\n{done.stdout}{done.stderr}")
-    port = go.free_port()
-    log = fleet.workdir / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([*cli, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=source,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    fleet.callback(go.Fleet._stop, proc)
-    go.wait_http(f"http://127.0.0.1:{port}/health", proc, 90, log)
-    return f"http://127.0.0.1:{port}/v1", proc.pid, data
-
-
 def one_run(args: argparse.Namespace, base: str, pid: int, redis_pid: int | None, lua: Path) -> dict:
     url = f"{base}/chat/completions"
     go.run_wrk(args.wrk, url, lua, args.concurrency, args.warmup)
@@ -91,8 +69,9 @@ def one_run(args: argparse.Namespace, base: str, pid: int, redis_pid: int | None
 def summarize(runs: list[dict]) -> dict:
     out = {}
     for mode in ("plain", "stream"):
-        pairs = [(a, b) for a, b in zip(*(([r for r in runs if r["mode"] == mode and r["build"] == x])
-                                          for x in ("this", "base")))]
+        this_runs = [r for r in runs if r["mode"] == mode and r["build"] == "this"]
+        base_runs = [r for r in runs if r["mode"] == mode and r["build"] == "base"]
+        pairs = list(zip(this_runs, base_runs))   # runs are listed round by round
         if not pairs:
             continue
         row: dict = {"pairs": len(pairs)}
@@ -149,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         upstream, _ = go.start_upstream(fleet, "asgi")
         builds = {}
         for name, source in (("base", tree), ("this", REPO)):
-            base_url, pid, data = start_build(fleet, name, source, upstream)
+            base_url, pid = go.start_gateway(fleet, upstream, name=name, source=source)
             go.check_target(name, base_url, {})
-            builds[name] = (base_url, pid, redis_server_of(data))
+            builds[name] = (base_url, pid, redis_server_of(fleet.workdir / f"{name}-data"))
         runs = []
         for mode in args.modes:
             lua = Path(tmp) / f"{mode}.lua"

@@ -138,10 +138,12 @@ class Fleet(contextlib.ExitStack):
         super().__init__()
         self.workdir = workdir
 
-    def spawn(self, name: str, argv: list[str], env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    def spawn(self, name: str, argv: list[str], env: dict | None = None,
+              cwd: Path | None = None) -> tuple[subprocess.Popen, Path]:
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                    start_new_session=True)
         self.callback(self._stop, proc)
         return proc, log
 
@@ -179,21 +181,30 @@ def start_upstream(fleet: Fleet, server: str = "raw") -> tuple[str, int]:
     return f"http://127.0.0.1:{port}/v1", proc.pid
 
 
-def start_gateway(fleet: Fleet, upstream: str, workers: int = 1, name: str = "gateway") -> tuple[str, int]:
+def start_gateway(fleet: Fleet, upstream: str, workers: int = 1, name: str = "gateway",
+                  source: Path | None = None) -> tuple[str, int]:
     """Embedded-Redis gateway in a temp data dir, the upstream registered via the CLI;
-    ``name`` names its log and data dir, so that several can run side by side."""
-    exe = shutil.which("switchyard", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    if exe is None:
-        raise BenchError("the `switchyard` command is not installed (pip install -e .)")
+    ``name`` names its log and data dir, so that several can run side by side. With
+    ``source`` (a checkout of the project), the code in that tree instead of the installed
+    ``switchyard``: ``python -m router_gateway.cli`` run from there, so its packages win."""
+    if source is None:
+        exe = shutil.which("switchyard", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        if exe is None:
+            raise BenchError("the `switchyard` command is not installed (pip install -e .)")
+        cli = [exe]
+    else:
+        cli = [sys.executable, "-m", "router_gateway.cli"]
     env = {k: v for k, v in os.environ.items() if k not in ("SWITCHYARD_REDIS_URL", "SWITCHYARD_API_KEYS")}
     env |= {"SWITCHYARD_DATA_DIR": str(fleet.workdir / f"{name}-data"), "SWITCHYARD_LOG_LEVEL": "warning"}
-    add = [exe, "experts", "add", EXPERT, "--backend", "openai", "--base-url", upstream, "--served-model", EXPERT]
-    done = subprocess.run(add, env=env, capture_output=True, text=True, timeout=60)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    add = [*cli, "experts", "add", EXPERT, "--backend", "openai", "--base-url", upstream, "--served-model", EXPERT]
+    done = subprocess.run(add, env=env, cwd=source, capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise BenchError(f"switchyard experts add failed:\n{done.stdout}{done.stderr}")
     port = free_port()
-    proc, log = fleet.spawn(name, [exe, "serve", "--host", "127.0.0.1", "--port", str(port),
-                                 "--workers", str(workers)], env)
+    proc, log = fleet.spawn(name, [*cli, "serve", "--host", "127.0.0.1", "--port", str(port),
+                                   "--workers", str(workers)], env, cwd=source)
     wait_http(f"http://127.0.0.1:{port}/health", proc, 60, log)
     return f"http://127.0.0.1:{port}/v1", proc.pid
 
