@@ -134,7 +134,12 @@ class FastPath:
                 await self.app(scope, receive, send_traced)
                 return
             response = await self.answer(handler, scope, receive)
-            await response(scope, receive, send_traced)
+            try:
+                await response(scope, receive, send_traced)
+            finally:   # a client gone before a stream began leaves its body never iterated
+                body = getattr(response, "body_iterator", None)
+                if body is not None and hasattr(body, "aclose"):
+                    await body.aclose()
         finally:
             self.finish(trace)
             Trace.leave(token)

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import anyio
 import orjson
@@ -190,7 +190,8 @@ class Dispatcher:
                 if stream.status == 200:
                     await _first_events(spec, stream)
                     headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
-                    return StreamingResponse(self._relay(stream, rewrite, spec, meter, hide_usage, body),
+                    relay = self._relay(stream, rewrite, spec, meter, hide_usage, body)
+                    return StreamingResponse(_RelayBody(relay, lambda: _end_relay(stream, spec, meter, None, body, 0)),
                                              media_type="text/event-stream", headers=headers)
                 status, content, retry_after = stream.status, await stream.read_all(), stream.retry_after
             else:
@@ -261,9 +262,43 @@ class Dispatcher:
             err = UpstreamTimeout(str(exc)) if isinstance(exc, UpstreamTimedOut) else UpstreamError(str(exc))
             yield sse_error_frame(err)
         finally:
-            await stream.aclose()
-            if meter is not None:
-                meter(spec, seen[-1] if seen else estimate_usage(body or {}, chars))
+            await _end_relay(stream, spec, meter, seen[-1] if seen else None, body, chars)
+
+
+async def _end_relay(stream: UpstreamStream, spec: ExpertSpec, meter: Meter | None,
+                     usage: tuple[int, int] | None, body: dict | None, chars: int) -> None:
+    """A relayed stream is over: its upstream connection goes back, its usage is booked
+    (the upstream's own count, else an estimate from the prompt and ``chars`` streamed)."""
+    await stream.aclose()
+    if meter is not None:
+        meter(spec, usage if usage is not None else estimate_usage(body or {}, chars))
+
+
+class _RelayBody:
+    """A relayed stream's body (``StreamingResponse.body_iterator``): iterates
+    ``Dispatcher._relay``, and ``aclose`` also ends a relay that never started. An async
+    generator closed before its first ``__anext__`` runs none of its code, ``finally``
+    included: a client that hung up while its streamed answer was starting (the body is
+    then closed unread) kept one of the upstream pool's connections for good, and once the
+    pool was used up every later request to that upstream waited forever."""
+
+    __slots__ = ("_gen", "_end", "_started")
+
+    def __init__(self, gen: AsyncIterator[bytes], end: Callable[[], Awaitable[None]]):
+        self._gen, self._end, self._started = gen, end, False
+
+    def __aiter__(self) -> _RelayBody:
+        return self
+
+    def __anext__(self) -> Awaitable[bytes]:
+        self._started = True
+        return self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+        if not self._started:
+            self._started = True
+            await self._end()
 
 
 _SSE_STARTS = (b"data:", b"event:", b"id:", b"retry:", b":")

@@ -168,6 +168,8 @@ async def send_response(cycle: RequestResponseCycle, response: Response, trace: 
         return
     if HEADER_VALUE_RE.search(b"\t".join([v for _, v in headers])):   # tab is allowed
         bad = next(n for n, v in headers if HEADER_VALUE_RE.search(v))
+        if isinstance(response, StreamingResponse):
+            await _close(response.body_iterator)   # its upstream connection goes back
         raise RuntimeError(f"invalid value for response header {bad!r}")
     head = [STATUS_LINE[response.status_code]]
     for name, value in (*cycle.default_headers, *headers):

@@ -11,6 +11,7 @@ The behaviour is chosen by the ``served_model`` the gateway forwards:
   slow         waits 5 s before answering (for timeouts)
   breakstream  streams two chunks then drops the connection
   slowstream   streams a chunk every 0.5 s, without end (for killing the server midway)
+  slowstart    streams like echo, but only after 0.5 s (for clients that leave first)
   nousage      answers like echo, but never reports usage (not even when a stream asks)
   garbage      HTTP 200 with a body that is not JSON
   busy         HTTP 429 with ``Retry-After: 2`` and an OpenAI error body
@@ -75,6 +76,8 @@ async def _serve(request: Request, chat: bool) -> Response:
                             status_code=429, headers={"retry-after": "2"})
     if model == "slow":
         await asyncio.sleep(5)
+    if model == "slowstart" and body.get("stream"):
+        await asyncio.sleep(0.5)
     if model == "garbage":
         return Response(b"<html>not json</html>", media_type="text/html")
     if not body.get("stream"):

@@ -280,3 +280,34 @@ def test_a_stream_whose_body_fails_is_left_cut_off():
     assert isinstance(error, RuntimeError)
     sent = b"".join(w for _, w in writes)
     assert sent.endswith(b"9\r\ndata: 1\n\n\r\n") and b"0\r\n\r\n" not in sent
+
+
+@pytest.mark.parametrize("http", ["gateway-protocol", "httptools"])
+def test_clients_that_leave_before_their_stream_starts_give_its_upstream_connection_back(
+        http, store: ExpertStore, data_dir: Path, scripted_upstream: str):
+    from tests.router_gateway.scripted_upstream import open_streams
+
+    """A client that hangs up while its streamed answer is still starting must not keep the
+    upstream connection: with a pool of 2, after 4 such clients the next request is still
+    answered (each used to keep its slot for good, and the fifth waited forever)."""
+    from tests.router_gateway.scripted_upstream import open_streams
+
+    for name in ("slowstart", "echo"):
+        store.put(ExpertSpec(name=f"up-{name}", backend="openai", base_url=scripted_upstream, served_model=name))
+    settings = make_settings(data_dir, upstream_max_connections=2, upstream_connect_timeout_s=2.0)
+    with serve_in_thread(create_app(settings, store), http=GatewayProtocol if http == "gateway-protocol"
+                         else "httptools") as url:
+        for _ in range(4):
+            with connect(url) as sock:
+                sock.sendall(chat_request("up-slowstart", stream=True))
+                time.sleep(0.1)        # gone 0.4 s before the upstream starts answering
+        time.sleep(0.5)
+        body = {"model": "up-echo", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10,
+                       headers={"authorization": f"Bearer {CLIENT_KEY}"})
+        assert r.status_code == 200, r.text
+        assert r.text.rstrip().endswith("data: [DONE]")
+        deadline = time.monotonic() + 5
+        while open_streams() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert open_streams() == 0
