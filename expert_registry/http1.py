@@ -225,11 +225,19 @@ class _OriginPool:
     def __init__(self, origin: Origin, limit: int, ssl_ctx: ssl.SSLContext | None):
         self.origin = origin
         self.idle: deque[_Conn] = deque()
+        self.limit = limit
         self.slots = asyncio.Semaphore(limit)
         self.ssl_ctx = ssl_ctx
 
     async def get(self, connect_timeout: float | None) -> _Conn:
-        await self.slots.acquire()
+        if not self.slots.locked():
+            await self.slots.acquire()
+        else:   # every connection is in use: wait for one as long as for a connect
+            try:
+                await asyncio.wait_for(self.slots.acquire(), connect_timeout)
+            except asyncio.TimeoutError:
+                raise ConnectFailed(f"all {self.limit} connections to {self.origin.host}:{self.origin.port} "
+                                    f"stayed in use for {connect_timeout} s") from None
         while self.idle:
             conn = self.idle.pop()
             if not conn.closed and not conn.transport.is_closing():

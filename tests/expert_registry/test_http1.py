@@ -150,6 +150,30 @@ def test_connection_limit_queues_requests(upstream):
     assert statuses == [200] * 10 and idle <= 2
 
 
+def test_waiting_for_a_free_connection_gives_up_after_the_connect_timeout(upstream):
+    """With every connection busy, a request waits for one as long as it would for a connect,
+    then fails naming the pool; the connection, once back, serves the next request."""
+    async def go():
+        client = HTTP1Client(max_connections_per_origin=1, connect_timeout=0.3)
+        url = upstream + "/v1/chat/completions"
+        try:
+            busy = await client.request("POST", url, chat("slowstream", stream=True), {"content-type": "application/json"})
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(ConnectFailed, match="all 1 connections to 127.0.0.1:.* stayed in use for 0.3 s"):
+                await client.request("POST", url, chat("echo"), {"content-type": "application/json"})
+            waited = loop.time() - t0
+            busy.release()   # closes it (the body was not read to the end): the slot is free again
+            resp = await client.request("POST", url, chat("echo"), {"content-type": "application/json"})
+            await resp.read()
+            return waited, resp.status
+        finally:
+            await client.aclose()
+
+    waited, status = run(go())
+    assert 0.25 < waited < 2 and status == 200
+
+
 def test_origin_parsing():
     o = parse_origin("https://api.example.com/v1")
     assert (o.scheme, o.host, o.port, o.path_prefix, o.host_header) == ("https", "api.example.com", 443, "/v1",
