@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from expert_registry.spec import ExpertSpec
@@ -24,6 +26,7 @@ from router_gateway.cli_common import console
 from router_gateway.cli_logs import parse_when
 from router_gateway.decision_log import decisions_key, export_rows, feedback_key
 from router_gateway.keys import KeyPolicy, KeyStore, cost_nano
+from router_gateway.observe import Trace
 from router_gateway.app import create_app
 from router_models.logs import load_logs
 from tests.router_gateway.conftest import ADMIN_KEY, CLIENT_KEY, make_settings, scripted_experts, serve_in_thread
@@ -246,16 +249,17 @@ def test_decision_batches_are_written_as_plain_xadds(store: ExpertStore):
     entries = [{"rid": f"r{i}", "prompt": "Zürich? " * 2000 if i == 0 else f"q{i}\r\n", "router": ""}
                for i in range(250)] + [{"rid": "bad", "prompt": "x\ud800y"}]
 
+    def packed(key: str, batch: list[dict]) -> list[bytes]:
+        return [pack_xadds(key, 100, [e]) for e in batch]
+
     async def scenario():
         r = open_async_redis(store.client, None)
         dl = DecisionLog(r, store.prefix, max_entries=100)
-        await dl._write(entries)
+        await dl._write(packed(dl.key, entries))
         store.client.set(dl.key + "-not-a-stream", "x")
-        wrong = DecisionLog(r, store.prefix, max_entries=100)
-        wrong.key = dl.key + "-not-a-stream"
         with pytest.raises(Exception, match="WRONGTYPE"):
-            await wrong._write(entries[:3])
-        await dl._write([{"rid": "after"}])       # the pool still works after the error
+            await dl._write(packed(dl.key + "-not-a-stream", entries[:3]))
+        await dl._write(packed(dl.key, [{"rid": "after"}]))   # the pool still works after the error
         await r.aclose()
 
     asyncio.run(scenario())
@@ -267,6 +271,28 @@ def test_decision_batches_are_written_as_plain_xadds(store: ExpertStore):
     assert store.client.get(decisions_key(store.prefix) + "-not-a-stream") == "x"   # untouched
 
 
+_text = st.text(max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.builds(
+    Trace, rid=_text, t0=st.floats(0, 1e6), wall=st.floats(0, 2e9), route=_text,
+    status=st.integers(0, 599), key=_text, endpoint=_text, model=_text, router=_text, expert=_text,
+    fallback_from=_text, route_s=st.none() | st.floats(0, 10), scores=st.none() | _text,
+    prompt=st.none() | st.text(max_size=300),
+    calls=st.none() | st.lists(st.tuples(_text, st.integers(0, 10**6), st.integers(0, 10**6),
+                                         st.floats(-1, 1)), max_size=3),
+    ended=st.floats(0, 1e6)),
+    st.sampled_from(["sy:", "", "zürich:", "100%:"]), st.booleans())
+def test_a_decision_entry_is_packed_as_pack_xadds_packs_its_fields(trace, prefix, with_prompts):
+    """The decision log's one-string packing of an entry (ASCII values) gives the bytes of
+    ``pack_xadds`` over ``entry_of``'s fields, the reference; anything else takes that path."""
+    from router_gateway.decision_log import DecisionLog, entry_of, pack_xadds
+
+    dl = DecisionLog(None, prefix, max_entries=1000, with_prompts=with_prompts)
+    assert dl.packed(trace) == pack_xadds(dl.key, 1000, [entry_of(trace, with_prompts)])
+
+
 def test_a_decision_batch_gives_up_on_a_redis_that_stops_answering(store: ExpertStore):
     """The replies of a batch are awaited within one ``socket_timeout`` in all: a server
     that stops answering mid-way fails the batch in time (dropped, counted, logged by
@@ -275,19 +301,23 @@ def test_a_decision_batch_gives_up_on_a_redis_that_stops_answering(store: Expert
 
     import redis.asyncio as aredis
 
-    from router_gateway.decision_log import DecisionLog
+    from router_gateway.decision_log import DecisionLog, pack_xadds
 
     async def scenario():
         r = aredis.Redis(unix_socket_path=store.client.socket_file, socket_timeout=0.5)
         dl = DecisionLog(r, store.prefix, max_entries=100)
-        await dl._write([{"rid": "before"}])
+
+        def packed(*rids: str) -> list[bytes]:
+            return [pack_xadds(dl.key, 100, [{"rid": rid}]) for rid in rids]
+
+        await dl._write(packed("before"))
         store.client.execute_command("CLIENT", "PAUSE", "2000", "WRITE")   # XADDs wait
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
-            await dl._write([{"rid": f"paused{i}"} for i in range(3)])
+            await dl._write(packed("paused0", "paused1", "paused2"))
         waited = time.monotonic() - t0
         store.client.execute_command("CLIENT", "UNPAUSE")
-        await dl._write([{"rid": "after"}])
+        await dl._write(packed("after"))
         await r.aclose()
         return waited
 
