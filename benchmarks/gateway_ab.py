@@ -61,7 +61,7 @@ def one_run(args: argparse.Namespace, base: str, pid: int, redis_pid: int | None
     res = go.run_wrk(args.wrk, url, lua, args.concurrency, args.duration)
     cpu, rcpu = go.cpu_seconds(pid) - cpu0, (go.cpu_seconds(redis_pid) - r0 if redis_pid else None)
     n = res["requests"]
-    return {"requests": n, "errors": res["errors"], "rps": n / (res["duration_us"] / 1e6),
+    return {"requests": n, "errors": res["errors"], "rps": n / (res["duration_us"] / 1e6) if n else None,
             "p50_ms": res["p50_us"] / 1e3, "gateway_cpu_us_per_req": 1e6 * cpu / n if n else None,
             "redis_cpu_us_per_req": 1e6 * rcpu / n if n and rcpu is not None else None}
 
@@ -101,6 +101,10 @@ def render(result: dict) -> str:
                 continue
             lines.append(f"| {mode} | {label} | {s['base']:,.1f} | {s['this']:,.1f} | {s['ratio_of_means']:.3f} "
                          f"| {s['pairs_better']} of {len(s['pair_ratios'])} |")
+    for r in result["runs"]:
+        if not r["requests"] or r["errors"]:
+            lines.append(f"\n{r['mode']} round {r['round']}, {r['build']}: {r['requests']} answers, {r['errors']} errors"
+                         + (" (left out of its measures)" if not r["requests"] else ""))
     return "\n".join(lines)
 
 
@@ -139,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name in ("this", "base") if i % 2 == 0 else ("base", "this"):
                     run = {"mode": mode, "round": i, "build": name, **one_run(args, *builds[name], lua)}
                     runs.append(run)
-                    print(f"{mode:6} round {i} {name:4}  {run['rps']:8.0f} req/s  gateway "
-                          f"{run['gateway_cpu_us_per_req']:7.1f} us/req  redis "
-                          f"{run['redis_cpu_us_per_req'] or float('nan'):6.1f} us/req", flush=True)
+                    print(f"{mode:6} round {i} {name:4}  {run['rps'] or 0:8.0f} req/s  gateway "
+                          f"{run['gateway_cpu_us_per_req'] or float('nan'):7.1f} us/req  redis "
+                          f"{run['redis_cpu_us_per_req'] or float('nan'):6.1f} us/req  errors "
+                          f"{run['errors']}", flush=True)
     now = dt.datetime.now(dt.timezone.utc)
     result = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "machine": {**facts, "loadavg_at_end": os.getloadavg()},
               "command": "python benchmarks/gateway_ab.py " + " ".join(sys.argv[1:] if argv is None else argv),

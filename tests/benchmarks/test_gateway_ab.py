@@ -44,12 +44,26 @@ def test_the_table_names_both_builds_and_skips_missing_measures():
     runs = [_run("stream", 0, "this", 500, 2000, redis=None), _run("stream", 0, "base", 600, 1500, redis=None)]
     result = {"date": "2026-12-03 12:00 UTC", "machine": {"cpu": "Test CPU", "cores": 2}, "base": "abc1234",
               "this": "def5678", "settings": {"concurrency": 64, "duration_s": 10, "rounds": 1},
-              "summary": ab.summarize(runs)}
+              "runs": runs, "summary": ab.summarize(runs)}
     text = ab.render(result)
     assert "base abc1234 vs this def5678" in text and "c=64" in text
     assert "| stream | gateway CPU us/req | 600.0 | 500.0 | 0.833 | 1 of 1 |" in text
     assert "| stream | req/s | 1,500.0 | 2,000.0 | 1.333 | 1 of 1 |" in text
-    assert "Redis" not in text
+    assert "Redis" not in text and "answers" not in text
+
+
+def test_a_run_without_answers_is_named_and_left_out_of_the_ratios():
+    stalled = {**_run("plain", 1, "base", 0, 0), "requests": 0, "rps": None, "gateway_cpu_us_per_req": None}
+    runs = [_run("plain", 0, "this", 300, 3000), _run("plain", 0, "base", 400, 2500),
+            stalled, _run("plain", 1, "this", 310, 2900)]
+    summary = ab.summarize(runs)
+    cpu = summary["plain"]["gateway_cpu_us_per_req"]
+    assert cpu["base"] == 400 and cpu["pair_ratios"] == pytest.approx([0.75])
+    assert summary["plain"]["rps"]["base"] == 2500
+    result = {"date": "2026-12-03 12:00 UTC", "machine": {"cpu": "Test CPU", "cores": 2}, "base": "abc1234",
+              "this": "def5678", "settings": {"concurrency": 64, "duration_s": 10, "rounds": 2},
+              "runs": runs, "summary": summary}
+    assert "plain round 1, base: 0 answers, 0 errors (left out of its measures)" in ab.render(result)
 
 
 def test_no_redis_server_is_found_for_a_directory_none_works_in(tmp_path: Path):
