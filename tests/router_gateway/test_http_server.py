@@ -285,8 +285,6 @@ def test_a_stream_whose_body_fails_is_left_cut_off():
 @pytest.mark.parametrize("http", ["gateway-protocol", "httptools"])
 def test_clients_that_leave_before_their_stream_starts_give_its_upstream_connection_back(
         http, store: ExpertStore, data_dir: Path, scripted_upstream: str):
-    from tests.router_gateway.scripted_upstream import open_streams
-
     """A client that hangs up while its streamed answer is still starting must not keep the
     upstream connection: with a pool of 2, after 4 such clients the next request is still
     answered (each used to keep its slot for good, and the fifth waited forever)."""
