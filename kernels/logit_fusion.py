@@ -15,8 +15,11 @@ threshold are kept, so a filter may keep more than k tokens; top-k and top-p are
 jointly (both against the unfiltered distribution). Equal maxima in the argmax go to the
 lowest index. Returned logprob: ``log softmax(s)[token]`` renormalised over ``kept``.
 
-Layout: ``logit_fusion_reference`` (torch), ``_logit_fusion_kernel`` (Triton, one program
-per row), ``logit_fusion`` (validating wrapper). Triton is imported on first use only.
+Layout: ``logit_fusion_reference`` (torch); ``_logit_partial_kernel`` (Triton, the first
+pass over a row split across several programs, so that a small batch still fills a big GPU)
+and ``_logit_fusion_kernel`` (one program per row: merges the splits' partial results, or
+makes the first pass itself, then the threshold search and the sample); ``logit_fusion``
+(validating wrapper). Triton is imported on first use only.
 """
 
 from __future__ import annotations
@@ -30,19 +33,13 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_V = 1024       # vocabulary tile per loop step
 N_PIVOTS = 16        # threshold candidates tested per pass: <= 8 passes for 2^32 fp32 keys
+PROGRAMS_PER_SM = 4  # first-pass programs per SM when rows are split (see _splits)
 
 
 class LogitFusionOutput(NamedTuple):
     tokens: torch.Tensor        # [B] int64
     logprobs: torch.Tensor      # [B] fp32, under the filtered tempered distribution
     logsoftmax: torch.Tensor | None  # [B, V] fp32 tempered, unfiltered; when asked
-
-
-def _scale_and_greedy(temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row multiplier 1/T (1 for greedy rows) and the greedy mask; shared by the
-    reference and the kernel wrapper so both scale by bit-identical factors."""
-    greedy = temperature == 0
-    return torch.where(greedy, torch.ones_like(temperature), 1.0 / temperature), greedy
 
 
 # Memory traffic of the eager reference, per row of V logits (bf16 inputs, E experts):
@@ -62,7 +59,9 @@ def logit_fusion_reference(expert_logits, choice, bias, temperature, top_k, top_
         z = z + bias.float()
     if weak is not None:
         z = z - beta.float()[:, None] * expert_logits[weak, rows].float()
-    scale, greedy = _scale_and_greedy(temperature.float())
+    temperature = temperature.float()
+    greedy = temperature == 0   # T == 0: greedy, scaled by 1 (the kernel: the same IEEE 1/T)
+    scale = torch.where(greedy, torch.ones_like(temperature), 1.0 / temperature)
     s = z * scale[:, None]
     # Thresholds on the sorted row: t_k = k-th largest, t_p = first value whose cumulative mass >= p.
     sv = s.sort(dim=-1, descending=True).values
@@ -86,7 +85,7 @@ def logit_fusion_reference(expert_logits, choice, bias, temperature, top_k, top_
 # ---------------------------------------------------------------------------------------
 # Triton. The functions below are plain Python until _compiled() binds `tl` and jits them.
 tl = None
-_tempered = _to_key = _from_key = _noise = None
+_tempered = _to_key = _from_key = _noise = _setup = _scan = None
 
 
 def _tempered_block(strong, weak, bias, offs, mask, w, beta, scale,
@@ -123,38 +122,40 @@ def _key_to_float(key):
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
 
 
-def _logit_fusion_kernel(
-    logits, stride_le, stride_lb, choice_ptr, weight_ptr, bias_ptr, stride_bias, weak_ptr, beta_ptr,
-    scale_ptr, greedy_ptr, top_k_ptr, top_p_ptr, noise_ptr, stride_noise, seed_ptr,
-    tokens_ptr, logprobs_ptr, row_ptr, stride_row, V,
-    HAS_BIAS: tl.constexpr, HAS_WEAK: tl.constexpr, NOISE: tl.constexpr,
-    WRITE_ROW: tl.constexpr, BLOCK: tl.constexpr, PIVOTS: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
+def _row_setup(logits, stride_le, stride_lb, choice_ptr, weight_ptr, bias_ptr, stride_bias, weak_ptr,
+               beta_ptr, temp_ptr, noise_ptr, stride_noise, seed_ptr, b, HAS_WEAK: tl.constexpr):
+    """Row ``b``'s pointers and scalars: chosen (and weak) expert rows, bias and noise rows,
+    Philox key, weight, contrast weight, 1/T (1 for a greedy row, T == 0) and greediness."""
     strong = logits + tl.load(choice_ptr + b) * stride_le + b * stride_lb
+    w = tl.load(weight_ptr + b)
     weak = strong
-    beta = tl.load(weight_ptr + b) * 0.0
+    beta = w * 0.0
     if HAS_WEAK:
         weak = logits + tl.load(weak_ptr + b) * stride_le + b * stride_lb
         beta = tl.load(beta_ptr + b)
-    bias = bias_ptr + b * stride_bias
-    noise = noise_ptr + b * stride_noise
+    t = tl.load(temp_ptr + b)
+    greedy = t == 0.0
+    scale = tl.where(greedy, 1.0, tl.div_rn(1.0, tl.where(greedy, 1.0, t)))   # IEEE, as torch's 1.0 / T
     seed = tl.load(seed_ptr) + b * 4294967296  # Philox key: (seed, row)
-    w = tl.load(weight_ptr + b)
-    scale = tl.load(scale_ptr + b)
-    greedy = tl.load(greedy_ptr + b) != 0
+    return (strong, weak, bias_ptr + b * stride_bias, noise_ptr + b * stride_noise, seed, w, beta, scale,
+            greedy)
 
-    # Pass 1: online max / sum-exp, row minimum, and the unfiltered Gumbel-max candidate.
+
+def _scan_block(strong, weak, bias, noise, seed, w, beta, scale, greedy, lo_off, hi_off, b,
+                HAS_BIAS: tl.constexpr, HAS_WEAK: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over columns [lo_off, hi_off) of a row: running max and sum-exp (online
+    softmax), the minimum, and the unfiltered Gumbel-max candidate (lowest index among
+    equal maxima) with its tempered logit."""
+    cols = tl.arange(0, BLOCK)
     m = scale * 0.0 - 3.0e38
     sumexp = scale * 0.0
     lo_val = scale * 0.0 + float("inf")
     best = scale * 0.0 + float("-inf")
     cand = b * 0
     cand_s = m
-    for start in range(0, V, BLOCK):
+    for start in range(lo_off, hi_off, BLOCK):
         offs = start + cols
-        mask = offs < V
+        mask = offs < hi_off
         s = _tempered(strong, weak, bias, offs, mask, w, beta, scale, HAS_BIAS, HAS_WEAK)
         m_new = tl.maximum(m, tl.max(s, 0))
         sumexp = sumexp * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
@@ -167,6 +168,74 @@ def _logit_fusion_kernel(
         best = tl.where(take, blk_best, best)
         cand = tl.where(take, start + blk_idx, cand)
         cand_s = tl.where(take, tl.max(tl.where(cols == blk_idx, s, float("-inf")), 0), cand_s)
+    return m, sumexp, lo_val, best, cand, cand_s
+
+
+def _logit_partial_kernel(
+    logits, stride_le, stride_lb, choice_ptr, weight_ptr, bias_ptr, stride_bias, weak_ptr, beta_ptr,
+    temp_ptr, noise_ptr, stride_noise, seed_ptr, part_f_ptr, part_i_ptr, V, CHUNK,
+    HAS_BIAS: tl.constexpr, HAS_WEAK: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program (row b, split j): the first pass over the row's columns [j*CHUNK, (j+1)*CHUNK),
+    written as 5 floats (max, sum-exp, min, best, candidate's logit) and the candidate."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    strong, weak, bias, noise, seed, w, beta, scale, greedy = _setup(
+        logits, stride_le, stride_lb, choice_ptr, weight_ptr, bias_ptr, stride_bias, weak_ptr, beta_ptr,
+        temp_ptr, noise_ptr, stride_noise, seed_ptr, b, HAS_WEAK)
+    lo_off = j * CHUNK
+    m, sumexp, lo_val, best, cand, cand_s = _scan(
+        strong, weak, bias, noise, seed, w, beta, scale, greedy, lo_off, tl.minimum(lo_off + CHUNK, V), b,
+        HAS_BIAS, HAS_WEAK, NOISE, BLOCK)
+    slot = b * n_splits + j
+    tl.store(part_f_ptr + slot * 5 + 0, m)
+    tl.store(part_f_ptr + slot * 5 + 1, sumexp)
+    tl.store(part_f_ptr + slot * 5 + 2, lo_val)
+    tl.store(part_f_ptr + slot * 5 + 3, best)
+    tl.store(part_f_ptr + slot * 5 + 4, cand_s)
+    tl.store(part_i_ptr + slot, cand)
+
+
+def _logit_fusion_kernel(
+    logits, stride_le, stride_lb, choice_ptr, weight_ptr, bias_ptr, stride_bias, weak_ptr, beta_ptr,
+    temp_ptr, top_k_ptr, top_p_ptr, noise_ptr, stride_noise, seed_ptr,
+    part_f_ptr, part_i_ptr, n_splits,
+    tokens_ptr, logprobs_ptr, row_ptr, stride_row, V,
+    HAS_BIAS: tl.constexpr, HAS_WEAK: tl.constexpr, NOISE: tl.constexpr,
+    WRITE_ROW: tl.constexpr, BLOCK: tl.constexpr, PIVOTS: tl.constexpr, PARTIALS: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    strong, weak, bias, noise, seed, w, beta, scale, greedy = _setup(
+        logits, stride_le, stride_lb, choice_ptr, weight_ptr, bias_ptr, stride_bias, weak_ptr, beta_ptr,
+        temp_ptr, noise_ptr, stride_noise, seed_ptr, b, HAS_WEAK)
+
+    # Pass 1: online max / sum-exp, row minimum, and the unfiltered Gumbel-max candidate;
+    # with PARTIALS, merged from the per-split passes of _logit_partial_kernel (in split
+    # order, strict comparison: the lowest index still wins among equal maxima).
+    if PARTIALS:
+        m = scale * 0.0 - 3.0e38
+        sumexp = scale * 0.0
+        lo_val = scale * 0.0 + float("inf")
+        best = scale * 0.0 + float("-inf")
+        cand = b * 0
+        cand_s = m
+        for split in range(0, n_splits):
+            slot = b * n_splits + split
+            m_j = tl.load(part_f_ptr + slot * 5 + 0)
+            m_new = tl.maximum(m, m_j)
+            sumexp = sumexp * tl.exp(m - m_new) + tl.load(part_f_ptr + slot * 5 + 1) * tl.exp(m_j - m_new)
+            m = m_new
+            lo_val = tl.minimum(lo_val, tl.load(part_f_ptr + slot * 5 + 2))
+            best_j = tl.load(part_f_ptr + slot * 5 + 3)
+            take = best_j > best
+            best = tl.where(take, best_j, best)
+            cand = tl.where(take, tl.load(part_i_ptr + slot), cand)
+            cand_s = tl.where(take, tl.load(part_f_ptr + slot * 5 + 4), cand_s)
+    else:
+        m, sumexp, lo_val, best, cand, cand_s = _scan(
+            strong, weak, bias, noise, seed, w, beta, scale, greedy, 0, V, b, HAS_BIAS, HAS_WEAK, NOISE, BLOCK)
 
     # Threshold: the largest fp32 t with count(s >= t) >= k or mass(s >= t) >= p, found
     # exactly by multi-section over the order-preserving integer keys of fp32 (no sort).
@@ -226,14 +295,15 @@ def _logit_fusion_kernel(
 @functools.cache
 def _compiled():
     """Import triton, bind `tl` and jit the kernel and its helpers (once per process)."""
-    global tl, _tempered, _to_key, _from_key, _noise
+    global tl, _tempered, _to_key, _from_key, _noise, _setup, _scan
     import triton
     import triton.language as language
 
     tl = language
     _tempered, _noise = triton.jit(_tempered_block), triton.jit(_noise_block)
     _to_key, _from_key = triton.jit(_float_to_key), triton.jit(_key_to_float)
-    return triton.jit(_logit_fusion_kernel)
+    _setup, _scan = triton.jit(_row_setup), triton.jit(_scan_block)
+    return triton.jit(_logit_fusion_kernel), triton.jit(_logit_partial_kernel)
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -272,7 +342,7 @@ def logit_fusion(expert_logits: torch.Tensor, choice: torch.Tensor, bias: torch.
                  weak: torch.Tensor | None = None, beta: torch.Tensor | float | None = None,
                  gumbel: torch.Tensor | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, return_logsoftmax: bool = False,
-                 check_values: bool = True) -> LogitFusionOutput:
+                 check_values: bool = True, splits: int | None = None) -> LogitFusionOutput:
     """Fuse the chosen expert's logits with the router's, temper, filter and sample.
 
     ``z[b] = weight[b]*L[choice[b], b] + bias[b] - beta[b]*L[weak[b], b]``, then
@@ -291,6 +361,8 @@ def logit_fusion(expert_logits: torch.Tensor, choice: torch.Tensor, bias: torch.
             ``generator`` / torch's default generator (the reference path draws torch noise).
         return_logsoftmax: also return ``log_softmax(s)`` as ``[B, V]`` fp32.
         check_values: check index ranges and parameter values (reads them: a device sync).
+        splits: programs sharing each row's first pass over the vocabulary (kernel path
+            only); None: enough to give every SM of the GPU two programs (1 on CPU).
 
     Returns:
         ``LogitFusionOutput(tokens [B] int64, logprobs [B] fp32, logsoftmax [B, V] | None)``.
@@ -314,6 +386,8 @@ def logit_fusion(expert_logits: torch.Tensor, choice: torch.Tensor, bias: torch.
         raise ValueError("pass either gumbel noise or seed/generator, not both")
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive integer or None, got {splits!r}")
     temperature = _per_row(temperature, B, dev, torch.float32, "temperature")
     top_k = _per_row(top_k, B, dev, torch.int64, "top_k")
     top_p = _per_row(top_p, B, dev, torch.float32, "top_p")
@@ -340,7 +414,7 @@ def logit_fusion(expert_logits: torch.Tensor, choice: torch.Tensor, bias: torch.
         return logit_fusion_reference(expert_logits, choice, bias, temperature, top_k, top_p, weight=weight,
                                       weak=weak, beta=beta, gumbel=gumbel, return_logsoftmax=return_logsoftmax)
     return _launch(expert_logits, choice, bias, temperature, top_k, top_p, weight, weak, beta, gumbel,
-                   _seed_tensor(seed, generator, dev), return_logsoftmax)
+                   _seed_tensor(seed, generator, dev), return_logsoftmax, splits)
 
 
 def _cpu_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
@@ -356,31 +430,57 @@ def _cpu_generator(seed: int | None, generator: torch.Generator | None) -> torch
 def _seed_tensor(seed: int | None, generator: torch.Generator | None, dev: torch.device) -> torch.Tensor:
     """The Philox seed as a 1-element int64 tensor (read in the kernel: no recompile, no sync)."""
     if seed is not None:
-        return torch.tensor([seed & 0xFFFFFFFF], dtype=torch.int64, device=dev)
+        return torch.full((1,), seed & 0xFFFFFFFF, dtype=torch.int64, device=dev)  # no host sync
     gen_dev = generator.device if generator is not None else "cpu"
     return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=gen_dev, dtype=torch.int64).to(dev)
 
 
 def _launch(logits, choice, bias, temperature, top_k, top_p, weight, weak, beta, gumbel, seed,
-            return_logsoftmax) -> LogitFusionOutput:
+            return_logsoftmax, splits=None) -> LogitFusionOutput:
     E, B, V = logits.shape
-    kernel = _compiled()
-    scale, greedy = _scale_and_greedy(temperature)
+    kernel, partial_kernel = _compiled()
+    block = min(BLOCK_V, _next_pow2(V))
+    n_splits = _splits(B, V, block, logits.device) if splits is None else max(1, min(int(splits), -(-V // block)))
+    chunk = -(-V // n_splits)
+    chunk = -(-chunk // block) * block          # whole tiles per split
+    n_splits = -(-V // chunk)                   # no empty split
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
     row = torch.empty((B, V), dtype=torch.float32, device=logits.device) if return_logsoftmax else logprobs
     bias_t = logits[0] if bias is None else (bias if bias.stride(-1) == 1 else bias.contiguous())
     noise = logits[0] if gumbel is None else gumbel.float().contiguous()
+    row_args = (logits, logits.stride(0), logits.stride(1), choice, weight, bias_t, bias_t.stride(0),
+                choice if weak is None else weak, weight if beta is None else beta, temperature)
+    flags = {"HAS_BIAS": bias is not None, "HAS_WEAK": weak is not None, "NOISE": 1 if gumbel is not None else 2}
+    part_f, part_i = logprobs, tokens           # unused unless split
+    if n_splits > 1:
+        part_f = torch.empty((B, n_splits, 5), dtype=torch.float32, device=logits.device)
+        part_i = torch.empty((B, n_splits), dtype=torch.int64, device=logits.device)
+        partial_kernel[(B, n_splits)](*row_args, noise, noise.stride(0), seed, part_f, part_i, V, chunk,
+                                      **flags, BLOCK=block, num_warps=8, enable_fp_fusion=False)
     kernel[(B,)](
-        logits, logits.stride(0), logits.stride(1), choice, weight, bias_t, bias_t.stride(0),
-        choice if weak is None else weak, weight if beta is None else beta,
-        scale, greedy.to(torch.int32), top_k, top_p, noise, noise.stride(0), seed,
-        tokens, logprobs, row, row.stride(0), V,
-        HAS_BIAS=bias is not None, HAS_WEAK=weak is not None, NOISE=1 if gumbel is not None else 2,
-        WRITE_ROW=return_logsoftmax, BLOCK=min(BLOCK_V, _next_pow2(V)),
-        PIVOTS=N_PIVOTS, num_warps=8, enable_fp_fusion=False,
+        *row_args, top_k, top_p, noise, noise.stride(0), seed, part_f, part_i, n_splits,
+        tokens, logprobs, row, row.stride(0), V, **flags,
+        WRITE_ROW=return_logsoftmax, BLOCK=block, PIVOTS=N_PIVOTS, PARTIALS=n_splits > 1,
+        num_warps=8, enable_fp_fusion=False,
     )
     return LogitFusionOutput(tokens, logprobs, row if return_logsoftmax else None)
+
+
+def _splits(B: int, V: int, block: int, device: torch.device) -> int:
+    """How many programs share a row's first pass: enough that the B rows give every SM
+    about four programs, none with less than 8 tiles of work. One program per row leaves
+    most of a big GPU idle at small B, and one program alone keeps too few loads in flight
+    to draw its SM's share of the memory bandwidth. 1 (no split) off CUDA."""
+    if device.type != "cuda":
+        return 1
+    want = -(-PROGRAMS_PER_SM * _sm_count(device.index) // B)
+    return max(1, min(want, V // (8 * block)))
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(torch.device("cuda", index or 0)).multi_processor_count
 
 
 def _next_pow2(n: int) -> int:

@@ -46,6 +46,10 @@ INTERPRETER_GROUPS = {  # a few small cases: the interpreter runs each program i
     "topp-both-greedy": ["fp16-V4099-B3-E3-topp", "fp32-V1000-B7-E3-both-greedy"],
     "contrastive-49152": ["bf16-V49152-B1-E3-contrastive"],
 }
+# Rows whose first pass is split across programs (merged by the row's program): V = 4099
+# in 1024-wide tiles, 3 splits = 2048 + 2048 + 3 columns, 5 splits = one tile each.
+SPLIT_CASES = [("bf16-V4099-B7-E3-topk", 3), ("fp16-V4099-B3-E3-topp", 5),
+               ("bf16-V49152-B1-E3-contrastive", 7)]
 
 
 def make_inputs(name: str, device: str, seed: int = 0) -> dict:
@@ -69,10 +73,10 @@ def make_inputs(name: str, device: str, seed: int = 0) -> dict:
     return {k: v.to(device) for k, v in kw.items()}
 
 
-def check_case(name: str, device: str) -> None:
+def check_case(name: str, device: str, splits: int | None = None) -> None:
     """Kernel (through the wrapper) against the reference: same tokens, close logprobs."""
     kw = make_inputs(name, device)
-    out = logit_fusion(**kw, return_logsoftmax=True)
+    out = logit_fusion(**kw, return_logsoftmax=True, splits=splits)
     ref = logit_fusion_reference(**kw, return_logsoftmax=True)
     assert out.tokens.dtype == torch.int64 and out.logprobs.dtype == torch.float32
     assert torch.equal(out.tokens.cpu(), ref.tokens.cpu()), f"{name}: {out.tokens} != {ref.tokens}"
@@ -98,6 +102,19 @@ def tiny_row_probs(logits: list[float], temperature: float, top_k: int, top_p: f
 
 
 STAT_ROW = ([2.0, 1.6, 1.2, 0.9, 0.2, -1.0], 1.3, 5, 0.85)  # logits, T, k, p: top-p cuts at 4 tokens
+
+
+def check_split_sampling_matches_unsplit(device: str) -> None:
+    """Seeded (Philox) sampling draws the same tokens however a row's first pass is split:
+    the noise is keyed by (seed, row, column), and the merge keeps the lowest index among
+    equal maxima as one pass does."""
+    kw = make_inputs("bf16-V4099-B7-E3-topk", device)
+    del kw["gumbel"]
+    one = logit_fusion(**kw, seed=5, splits=1)
+    for splits in (2, 5):
+        split = logit_fusion(**kw, seed=5, splits=splits)
+        assert torch.equal(split.tokens.cpu(), one.tokens.cpu()), f"splits={splits}: {split.tokens} != {one.tokens}"
+        torch.testing.assert_close(split.logprobs.cpu(), one.logprobs.cpu(), atol=ATOL, rtol=RTOL)
 
 
 def check_sampling_statistics(device: str, draws: int) -> None:
@@ -129,8 +146,11 @@ def run_under_interpreter(body: str) -> None:
     """Run ``body`` in a fresh Python with TRITON_INTERPRET=1 and check it used the kernel."""
     code = "\n".join([
         "import sys", f"sys.path.insert(0, {str(ROOT)!r})", "import kernels.logit_fusion as lf",
-        "from tests.kernels.test_logit_fusion import check_case, check_sampling_statistics", body,
-        "assert lf._compiled.cache_info().currsize == 1, 'the Triton kernel never ran'"])
+        "from tests.kernels.test_logit_fusion import check_case, check_sampling_statistics, "
+        "check_split_sampling_matches_unsplit", "calls = []", "kernel, partial = lf._compiled()",
+        "class Spy:", "    def __getitem__(self, grid):", "        calls.append(grid)", "        return partial[grid]",
+        "lf._compiled = lambda: (kernel, Spy())", body,
+        f"assert bool(calls) == {'splits=' in body}, f'split first passes: {{calls}}'"])
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
@@ -233,6 +253,9 @@ def _valid() -> dict:
     ({"weak": torch.tensor([0, 0, 5]), "beta": 0.5}, ValueError, r"weak values must lie in \[0, E\)"),
     ({"gumbel": torch.randn(3, 10), "seed": 1}, ValueError, "either gumbel noise or seed"),
     ({"gumbel": torch.randn(3, 9)}, ValueError, r"gumbel must have shape \[B, V\]"),
+    ({"splits": 0}, ValueError, "splits must be a positive integer or None"),
+    ({"splits": True}, ValueError, "splits must be a positive integer or None"),
+    ({"splits": 2.0}, ValueError, "splits must be a positive integer or None"),
 ])
 def test_wrapper_rejects_bad_inputs_with_clear_errors(change, error, message):
     logit_fusion(**_valid())  # the unchanged call is fine
@@ -247,14 +270,25 @@ def test_kernel_matches_reference_under_triton_interpreter(group):
     run_under_interpreter("\n".join(f"check_case({n!r}, 'cpu')" for n in INTERPRETER_GROUPS[group]))
 
 
+def test_kernel_with_split_rows_matches_reference_under_triton_interpreter():
+    run_under_interpreter("\n".join([*(f"check_case({n!r}, 'cpu', splits={k})" for n, k in SPLIT_CASES),
+                                      "check_split_sampling_matches_unsplit('cpu')  # splits=2, 5"]))
+
+
 def test_kernel_sampling_statistics_under_triton_interpreter():
     run_under_interpreter("check_sampling_statistics('cpu', draws=150)")
 
 
 @needs_cuda
+@pytest.mark.parametrize("splits", [None, 1, 3])   # None: as many as fill the GPU
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_kernel_matches_reference_on_cuda(name):
-    check_case(name, "cuda")
+def test_kernel_matches_reference_on_cuda(name, splits):
+    check_case(name, "cuda", splits)
+
+
+@needs_cuda
+def test_split_sampling_matches_unsplit_on_cuda():
+    check_split_sampling_matches_unsplit("cuda")
 
 
 @needs_cuda
