@@ -32,6 +32,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_V = 1024       # vocabulary tile per loop step
+SPLIT_BLOCK_V = 2048  # ... in the split first pass: 16-byte loads of 16-bit logits on 8 warps
 N_PIVOTS = 16        # threshold candidates tested per pass: <= 8 passes for 2^32 fp32 keys
 PROGRAMS_PER_SM = 4  # first-pass programs per SM when rows are split (see _splits)
 
@@ -440,9 +441,11 @@ def _launch(logits, choice, bias, temperature, top_k, top_p, weight, weak, beta,
     E, B, V = logits.shape
     kernel, partial_kernel = _compiled()
     block = min(BLOCK_V, _next_pow2(V))
-    n_splits = _splits(B, V, block, logits.device) if splits is None else max(1, min(int(splits), -(-V // block)))
+    split_block = min(SPLIT_BLOCK_V, _next_pow2(V))
+    n_splits = (_splits(B, V, split_block, logits.device) if splits is None
+                else max(1, min(int(splits), -(-V // split_block))))
     chunk = -(-V // n_splits)
-    chunk = -(-chunk // block) * block          # whole tiles per split
+    chunk = -(-chunk // split_block) * split_block   # whole tiles per split
     n_splits = -(-V // chunk)                   # no empty split
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
@@ -457,7 +460,7 @@ def _launch(logits, choice, bias, temperature, top_k, top_p, weight, weak, beta,
         part_f = torch.empty((B, n_splits, 5), dtype=torch.float32, device=logits.device)
         part_i = torch.empty((B, n_splits), dtype=torch.int64, device=logits.device)
         partial_kernel[(B, n_splits)](*row_args, noise, noise.stride(0), seed, part_f, part_i, V, chunk,
-                                      **flags, BLOCK=block, num_warps=8, enable_fp_fusion=False)
+                                      **flags, BLOCK=split_block, num_warps=8, enable_fp_fusion=False)
     kernel[(B,)](
         *row_args, top_k, top_p, noise, noise.stride(0), seed, part_f, part_i, n_splits,
         tokens, logprobs, row, row.stride(0), V, **flags,

@@ -49,7 +49,8 @@ def test_logit_fusion_split_rows_build_without_spills(arch, contrastive):
     for name, (kernel, _, args, kwargs) in by_name.items():
         r = cuda_build.build(kernel, args, kwargs, arch)
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{name} spills registers: {r}"
-        assert r["vector_loads"] >= 8, f"{name}: {r}"
+        # The split pass streams the rows: 8 bf16 values per load and thread.
+        assert r["vector_loads"] == (16 if name == "_logit_partial_kernel" else 8), f"{name}: {r}"
 
 
 def test_logit_fusion_one_program_per_row_builds_without_spills():
