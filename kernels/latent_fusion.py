@@ -173,14 +173,14 @@ def _interpreting() -> bool:
 def _block_sizes(d: int, dtype: torch.dtype, interpret: bool,
                  capability: tuple[int, int] = (9, 0)) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): FA2-style tiles, not autotuned, chosen so
-    that ptxas spills no registers for 16-bit inputs on sm_80 and sm_90 (checked on CPU by
+    that ptxas spills no registers on sm_80 and sm_90 (checked on CPU by
     ``kernels.cuda_build`` in tests/kernels/test_cuda_build.py); small tiles under the
     interpreter so short T still spans several blocks. fp32 tiles are twice the bytes and
     get smaller tiles. ``capability``: the GPU's (major, minor)."""
     if interpret:
         return 16, 16, 1, 1
     if dtype == torch.float32:
-        return (64, 32, 4, 2) if d <= 128 else (32, 16, 4, 1)
+        return (64, 32, 8, 2) if d <= 64 else (64, 16, 4, 2) if d <= 128 else (32, 16, 4, 1)
     if d <= 64:
         return 128, 64, 8, 3
     if d <= 128:   # Hopper's warp-group MMA leaves room for the wider key tile

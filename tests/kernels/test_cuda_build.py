@@ -40,6 +40,15 @@ def test_latent_fusion_builds_on_tensor_cores_without_spills(arch, dtype, head_d
     assert r["shared"] <= (227 if arch >= 90 else 163) * 1024, r   # fits the SM's shared memory
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_latent_fusion_fp32_builds_without_spills(head_dim):
+    (call,) = cuda_build.latent_fusion_launch(torch.float32, head_dim, 90)
+    kernel, _, args, kwargs = call
+    assert kwargs["IEEE"] is True   # fp32 products, no TF32 rounding: no tensor cores
+    r = cuda_build.build(kernel, args, kwargs, 90)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"registers spill: {r}"
+
+
 @pytest.mark.parametrize("arch, contrastive", [(90, False), (90, True), (80, False)])
 def test_logit_fusion_split_rows_build_without_spills(arch, contrastive):
     calls = cuda_build.logit_fusion_launches(torch.bfloat16, B=64, contrastive=contrastive, splits=8)
