@@ -259,7 +259,7 @@ def _logit_fusion_kernel(
             offs = start + cols
             s = _tempered(strong, weak, bias, offs, offs < V, w, beta, scale, HAS_BIAS, HAS_WEAK)
             ge = s[:, None] >= piv[None, :]
-            cnt += tl.sum(ge.to(tl.int64), 0)
+            cnt += tl.sum(ge.to(tl.int32), 0).to(tl.int64)   # a tile counts < 2^31
             mass += tl.sum(tl.where(ge, tl.exp(s - m)[:, None], 0.0), 0)
         ok = (cnt >= k_need) | (mass >= p_need)
         new_lo = tl.max(tl.where(ok, piv_key, lo), 0)
