@@ -33,7 +33,12 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_V = 1024       # vocabulary tile per loop step
 SPLIT_BLOCK_V = 2048  # ... in the split first pass: 16-byte loads of 16-bit logits on 8 warps
-N_PIVOTS = 16        # threshold candidates tested per pass: <= 8 passes for 2^32 fp32 keys
+# Threshold candidates per search pass. The search costs passes * pivots comparisons per
+# logit, passes = log_{pivots+1}(2^32 keys): 4 pivots, 14 passes, 56 per logit; 16 pivots,
+# 8 passes, 128 per logit. A pass re-reads the rows (mostly from L2), the comparisons are
+# ALU work on one program per row: fewer pivots should be the cheaper trade on a GPU
+# (bench_logit_fusion.py --pivots compares; not yet measured on one).
+N_PIVOTS = 4
 PROGRAMS_PER_SM = 4  # first-pass programs per SM when rows are split (see _splits)
 
 
