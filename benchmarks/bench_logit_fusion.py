@@ -122,7 +122,8 @@ def render(r: dict) -> str:
     m = r["machine"]
     lines = [f"Measured {r['date']} on {r['gpu']} (host {m['cpu']}, {m['cores']} cores), commit {r['commit']}, "
              f"`{r['command']}`. V = {r['vocab']}, E = {r['experts']}, {r['dtype']}"
-             f"{', contrastive (3 rows read)' if r['contrastive'] else ''}. *Call*: one Python call each "
+             f"{', contrastive (3 rows read)' if r['contrastive'] else ''}, {r.get('pivots', 16)} pivots per "
+             f"threshold search pass. *Call*: one Python call each "
              f"(`do_bench`), Python's per-call work included; *graph*: the same replayed from a CUDA graph "
              f"(`do_bench_cudagraph`), the GPU's time alone; *one per row*: the fused kernel with one program "
              f"per row (`splits=1`) instead of the row split across programs. GB/s = B*V*itemsize*rows read / "
@@ -147,9 +148,19 @@ def main() -> None:
     ap.add_argument("--contrastive", action="store_true", help="also subtract a weak expert's row")
     ap.add_argument("--peak-gbps", type=float, default=None,
                     help="device peak memory bandwidth in GB/s (default: by GPU name, H100 3350, H200 4800)")
+    ap.add_argument("--pivots", type=int, default=None,
+                    help="threshold candidates per search pass of the filtered config (default: the kernel's)")
     ap.add_argument("--no-readme", action="store_true")
     args = ap.parse_args()
     import torch
+
+    import kernels.logit_fusion as lf
+
+    if args.pivots is not None:
+        if args.pivots < 1 or args.pivots & (args.pivots - 1):
+            raise SystemExit("--pivots must be a power of two")
+        lf.N_PIVOTS = args.pivots
+    args.pivots = lf.N_PIVOTS
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_logit_fusion: no CUDA device; this benchmark measures the Triton kernel on a GPU "
@@ -160,7 +171,7 @@ def main() -> None:
     rows = [row for B in args.batch for row in measure(B, args)]
     result = {"date": dt.date.today().isoformat(), "commit": git_commit(), "machine": machine,
               "gpu": torch.cuda.get_device_name(), "vocab": args.vocab, "experts": args.experts, "dtype": args.dtype,
-              "contrastive": args.contrastive, "peak_gbps": args.peak_gbps,
+              "contrastive": args.contrastive, "peak_gbps": args.peak_gbps, "pivots": args.pivots,
               "command": "python benchmarks/bench_logit_fusion.py " + " ".join(sys.argv[1:]), "rows": rows}
     out = save_report(result, RESULTS, "logit_fusion")
     section = render(result)
