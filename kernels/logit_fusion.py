@@ -91,7 +91,7 @@ def logit_fusion_reference(expert_logits, choice, bias, temperature, top_k, top_
 # ---------------------------------------------------------------------------------------
 # Triton. The functions below are plain Python until _compiled() binds `tl` and jits them.
 tl = None
-_tempered = _to_key = _from_key = _noise = _setup = _scan = None
+_tempered = _to_key = _from_key = _noise = _setup = _scan = _start = None
 
 
 def _tempered_block(strong, weak, bias, offs, mask, w, beta, scale,
@@ -147,18 +147,20 @@ def _row_setup(logits, stride_le, stride_lb, choice_ptr, weight_ptr, bias_ptr, s
             greedy)
 
 
+def _pass_start(scale, b):
+    """The state of a first pass before any column: (max, sum-exp, minimum, best noisy
+    logit, candidate, candidate's logit), typed like the row's scalars."""
+    m = scale * 0.0 - 3.0e38
+    return m, scale * 0.0, scale * 0.0 + float("inf"), scale * 0.0 + float("-inf"), b * 0, m
+
+
 def _scan_block(strong, weak, bias, noise, seed, w, beta, scale, greedy, lo_off, hi_off, b,
                 HAS_BIAS: tl.constexpr, HAS_WEAK: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr):
     """One pass over columns [lo_off, hi_off) of a row: running max and sum-exp (online
     softmax), the minimum, and the unfiltered Gumbel-max candidate (lowest index among
     equal maxima) with its tempered logit."""
     cols = tl.arange(0, BLOCK)
-    m = scale * 0.0 - 3.0e38
-    sumexp = scale * 0.0
-    lo_val = scale * 0.0 + float("inf")
-    best = scale * 0.0 + float("-inf")
-    cand = b * 0
-    cand_s = m
+    m, sumexp, lo_val, best, cand, cand_s = _start(scale, b)
     for start in range(lo_off, hi_off, BLOCK):
         offs = start + cols
         mask = offs < hi_off
@@ -221,12 +223,7 @@ def _logit_fusion_kernel(
     # with PARTIALS, merged from the per-split passes of _logit_partial_kernel (in split
     # order, strict comparison: the lowest index still wins among equal maxima).
     if PARTIALS:
-        m = scale * 0.0 - 3.0e38
-        sumexp = scale * 0.0
-        lo_val = scale * 0.0 + float("inf")
-        best = scale * 0.0 + float("-inf")
-        cand = b * 0
-        cand_s = m
+        m, sumexp, lo_val, best, cand, cand_s = _start(scale, b)
         for split in range(0, n_splits):
             slot = b * n_splits + split
             m_j = tl.load(part_f_ptr + slot * 5 + 0)
@@ -301,14 +298,14 @@ def _logit_fusion_kernel(
 @functools.cache
 def _compiled():
     """Import triton, bind `tl` and jit the kernel and its helpers (once per process)."""
-    global tl, _tempered, _to_key, _from_key, _noise, _setup, _scan
+    global tl, _tempered, _to_key, _from_key, _noise, _setup, _scan, _start
     import triton
     import triton.language as language
 
     tl = language
     _tempered, _noise = triton.jit(_tempered_block), triton.jit(_noise_block)
     _to_key, _from_key = triton.jit(_float_to_key), triton.jit(_key_to_float)
-    _setup, _scan = triton.jit(_row_setup), triton.jit(_scan_block)
+    _setup, _scan, _start = triton.jit(_row_setup), triton.jit(_scan_block), triton.jit(_pass_start)
     return triton.jit(_logit_fusion_kernel), triton.jit(_logit_partial_kernel)
 
 
