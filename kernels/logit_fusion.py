@@ -365,7 +365,7 @@ def logit_fusion(expert_logits: torch.Tensor, choice: torch.Tensor, bias: torch.
         return_logsoftmax: also return ``log_softmax(s)`` as ``[B, V]`` fp32.
         check_values: check index ranges and parameter values (reads them: a device sync).
         splits: programs sharing each row's first pass over the vocabulary (kernel path
-            only); None: enough to give every SM of the GPU two programs (1 on CPU).
+            only); None: enough to give every SM of the GPU about four programs (1 on CPU).
 
     Returns:
         ``LogitFusionOutput(tokens [B] int64, logprobs [B] fp32, logsoftmax [B, V] | None)``.
@@ -479,13 +479,14 @@ def _splits(B: int, V: int, block: int, device: torch.device) -> int:
     to draw its SM's share of the memory bandwidth. 1 (no split) off CUDA."""
     if device.type != "cuda":
         return 1
-    want = -(-PROGRAMS_PER_SM * _sm_count(device.index) // B)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    want = -(-PROGRAMS_PER_SM * _sm_count(index) // B)
     return max(1, min(want, V // (8 * block)))
 
 
 @functools.cache
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(torch.device("cuda", index or 0)).multi_processor_count
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _next_pow2(n: int) -> int:
