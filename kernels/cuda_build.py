@@ -28,10 +28,11 @@ import torch
 
 
 class Launch:
-    """Stands in for a jitted kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+    """Stands in for a jitted kernel: ``kernel[grid](*args, **kwargs)`` appends the call
+    to ``calls``."""
 
-    def __init__(self, kernel: Any) -> None:
-        self.kernel, self.calls = kernel, []
+    def __init__(self, kernel: Any, calls: list) -> None:
+        self.kernel, self.calls = kernel, calls
 
     def __getitem__(self, grid: Any):
         def record(*args: Any, **kwargs: Any) -> None:
@@ -41,21 +42,20 @@ class Launch:
 
 @contextlib.contextmanager
 def captured(module: Any, builder: str) -> Iterator[list]:
-    """Within the block, the kernels that ``module.<builder>()`` returns are recorded instead
-    of launched; yields the list of ``(kernel, grid, args, kwargs)`` calls."""
+    """Within the block, the jitted kernels that ``module.<builder>()`` returns (alone or in
+    a tuple) are recorded instead of launched; yields the ``(kernel, grid, args, kwargs)``
+    calls in launch order."""
+    from triton.runtime.jit import JITFunction
+
     calls: list = []
     built = getattr(module, builder)()
-    triton_like = (built[0],) if builder == "_build_kernel" else ()
-    kernels = built[1:] if triton_like else (built if isinstance(built, tuple) else (built,))
-    stand_ins = tuple(Launch(k) for k in kernels)
 
-    def fake() -> Any:
-        return (*triton_like, *stand_ins) if triton_like or len(stand_ins) > 1 else stand_ins[0]
+    def swap(x: Any) -> Any:
+        return Launch(x, calls) if isinstance(x, JITFunction) else x
 
-    with mock.patch.object(module, builder, fake):
+    stand_in = tuple(map(swap, built)) if isinstance(built, tuple) else swap(built)
+    with mock.patch.object(module, builder, lambda: stand_in):
         yield calls
-    for s in stand_ins:
-        calls.extend(s.calls)
 
 
 def ptxas_path(arch: int) -> str:
