@@ -7,6 +7,9 @@ with every prompt the fleet router was trained on removed), greedy answers of:
 - each fleet member alone (the generalist and the three domain experts),
 - ``logit``: the group with the trained logit-addition router (``collab train logit``),
 - ``latent``: the group with the trained latent-fusion head (``collab train latent``),
+- ``logit-contrastive-B`` for each ``--contrastive-beta B``: the logit router's contrastive
+  variant (after SCMoE), ``z_strong - B * z_weak``, the weak expert being the one the
+  router scores lowest (no training of its own),
 
 scored by each domain's checker (``expert_registry.fleet.domains.score``). Derived from
 the single experts' answers on the same prompts:
@@ -19,9 +22,13 @@ the single experts' answers on the same prompts:
 Everything decodes in this process through ``router_models.collab`` (the collaboration
 worker's code path, the same numerics for every system), so the comparison is of the
 methods, not of two engines. Goals (the collaboration issue): both modes beat the best
-single expert; at least one beats routing.
+single expert; at least one beats routing. Each collaboration system is also compared with
+routing and with the best single expert prompt by prompt (higher / lower / same, the mean
+difference with a bootstrap 95% interval, a sign test), since a few prompts either way
+decide the goal on a set this size.
 
-    python benchmarks/collab_quality.py --data-dir DIR [--per-domain 30] [--resume STAMP]
+    python benchmarks/collab_quality.py --data-dir DIR [--per-domain 30] [--contrastive-beta 0.5]
+                                        [--resume STAMP]
 
 Rows go to ``results/collab_quality-STAMP.jsonl`` as they are scored (``--resume``
 continues a run); the report, the table and a bar chart to ``results/`` and the
@@ -63,8 +70,13 @@ def tasks(per_domain: int, seed: int) -> list:
     return out
 
 
-def systems(data_dir: Path, group, quick: bool) -> dict:
-    """name -> function(prompt_ids, params) -> iterator of decode steps."""
+def contrastive_name(beta: float) -> str:
+    return f"logit-contrastive-{beta:g}"
+
+
+def systems(data_dir: Path, group, quick: bool, betas: tuple[float, ...] = ()) -> dict:
+    """name -> function(prompt_ids, params) -> iterator of decode steps. Each beta in
+    ``betas`` adds the logit router's contrastive variant (``z_strong - beta * z_weak``)."""
     from expert_registry.fleet.collab_groups import HEAD_SUBDIR, collab_dir
     from router_models.collab.decode import generate
 
@@ -76,6 +88,10 @@ def systems(data_dir: Path, group, quick: bool) -> dict:
 
         router = LogitRouter.load(logit_dir, group)
         out["logit"] = lambda ids, p: generate(group, ids, p, router)
+        for beta in betas:
+            variant = LogitRouter.load(logit_dir, group)
+            variant.contrastive_beta = beta
+            out[contrastive_name(beta)] = (lambda r: lambda ids, p: generate(group, ids, p, r))(variant)
     else:
         print(f"no logit-addition router at {logit_dir}; run `switchyard collab train logit`", file=sys.stderr)
     if latent_dir.exists():
@@ -106,6 +122,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the quick fleet and its groups")
     ap.add_argument("--per-domain", type=int, default=30)
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--contrastive-beta", type=float, nargs="+", default=[], metavar="B",
+                    help="also decode the logit router's contrastive variant with these betas")
     ap.add_argument("--resume", metavar="STAMP", help="continue results/collab_quality-STAMP.jsonl")
     ap.add_argument("--no-readme", action="store_true")
     args = ap.parse_args()
@@ -122,7 +140,9 @@ def main() -> None:
     rows_path = RESULTS / f"collab_quality-{stamp}.jsonl"
     machine = machine_facts()
     group = ExpertGroup.load(fleet_members(args.data_dir, quick=args.quick))
-    run = systems(args.data_dir, group, args.quick)
+    if any(b < 0 for b in args.contrastive_beta):
+        ap.error("--contrastive-beta: betas must be >= 0")
+    run = systems(args.data_dir, group, args.quick, tuple(args.contrastive_beta))
     todo = tasks(args.per_domain, args.seed)
     done = {}
     if rows_path.exists():
@@ -191,17 +211,39 @@ def summarise(todo, done, members: list[str], ran: list[str], picks: list[str]) 
     tokens = {name: _mean([done[(t.task_id, name)]["tokens"] for t in todo]) for name in ran}
     best_single = max(members, key=lambda m: table[m]["overall"])
     shares = {}
-    for mode in ("logit", "latent"):
-        if mode in ran:
-            used = {}
-            for t in todo:
-                for e, n in done[(t.task_id, mode)]["experts"].items():
-                    used.setdefault(t.domain, {}).setdefault(e, 0)
-                    used[t.domain][e] += n
-            shares[mode] = {d: {e: round(n / sum(u.values()), 3) for e, n in u.items()} for d, u in used.items()}
+    modes = [name for name in ran if name not in members]
+    for mode in modes:
+        used = {}
+        for t in todo:
+            for e, n in done[(t.task_id, mode)]["experts"].items():
+                used.setdefault(t.domain, {}).setdefault(e, 0)
+                used[t.domain][e] += n
+        shares[mode] = {d: {e: round(n / sum(u.values()), 3) for e, n in u.items()} for d, u in used.items()}
     router_agree = _mean([float(p == OWN[t.domain]) for t, p in zip(todo, picks)])
+    versus = {mode: {other: paired([s for _, s in per[mode]], [s for _, s in per[other]])
+                     for other in ("router:fleet", best_single)} for mode in modes}
     return {"systems": table, "seconds_per_answer": seconds, "tokens_per_answer": tokens,
-            "best_single": best_single, "expert_token_shares": shares, "router_picks_domain_expert": router_agree}
+            "best_single": best_single, "expert_token_shares": shares, "router_picks_domain_expert": router_agree,
+            "paired": versus}
+
+
+def paired(a: list[float], b: list[float], rounds: int = 10_000, seed: int = 0) -> dict:
+    """System A against system B on the same prompts: prompts where A scored higher, lower,
+    the same; the mean difference A - B with a 95% interval from a seeded bootstrap over
+    prompts; and the two-sided sign-test p-value over the prompts that differ."""
+    import numpy as np
+    from scipy.stats import binomtest
+
+    if len(a) != len(b) or not a:
+        raise ValueError("paired: two score lists of one non-zero length expected")
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(rounds, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
+    return {"wins": wins, "losses": losses, "ties": int((d == 0).sum()), "mean": float(d.mean()),
+            "ci95": [float(lo), float(hi)], "sign_p": float(p)}
 
 
 def _mean(xs: list[float]) -> float:
@@ -252,17 +294,27 @@ def render(r: dict, rows_name: str, png_name: str) -> str:
               f"domain expert for {r['router_picks_domain_expert']:.0%} of prompts.", "",
               "| goal | measured | met |", "| --- | --- | --- |"]
     routing = table["router:fleet"]["overall"]
+    modes = [name for name in table if name in r.get("paired", {})]
     beats_routing = []
-    for mode in ("logit", "latent"):
-        if mode in table:
-            s = table[mode]["overall"]
-            lines.append(f"| {mode} beats the best single expert | {s:.3f} vs {b:.3f} ({s - b:+.3f}) | "
-                         f"{'yes' if s > b else 'no'} |")
-            beats_routing.append((mode, s - routing))
+    for mode in modes:
+        s = table[mode]["overall"]
+        lines.append(f"| {mode} beats the best single expert | {s:.3f} vs {b:.3f} ({s - b:+.3f}) | "
+                     f"{'yes' if s > b else 'no'} |")
+        beats_routing.append((mode, s - routing))
     if beats_routing:
         mode, gap = max(beats_routing, key=lambda x: x[1])
         lines.append(f"| at least one mode beats routing (router:fleet {routing:.3f}) | best: {mode} {gap:+.3f} | "
                      f"{'yes' if gap > 0 else 'no'} |")
+    if modes:
+        lines += ["", "Paired, prompt by prompt (the same prompts; a bootstrap over prompts for the interval, a "
+                  "sign test over the prompts that differ):", "",
+                  "| system | against | higher / lower / same | mean difference [95% interval] | sign-test p |",
+                  "| --- | --- | --- | --- | --- |"]
+        for mode in modes:
+            for other, c in r["paired"][mode].items():
+                lo, hi = c["ci95"]
+                lines.append(f"| {mode} | {other} | {c['wins']} / {c['losses']} / {c['ties']} | "
+                             f"{c['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {c['sign_p']:.2g} |")
     for mode, shares in r["expert_token_shares"].items():
         parts = "; ".join(f"{d}: " + ", ".join(f"{e} {v:.0%}" for e, v in sorted(s.items(), key=lambda x: -x[1]))
                           for d, s in shares.items())
