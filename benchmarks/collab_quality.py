@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--resume", metavar="STAMP", help="continue results/collab_quality-STAMP.jsonl")
     ap.add_argument("--no-readme", action="store_true")
     args = ap.parse_args()
+    if any(b < 0 for b in args.contrastive_beta):
+        ap.error("--contrastive-beta: betas must be >= 0")
     import torch
     from tqdm.auto import tqdm
 
@@ -140,8 +142,6 @@ def main() -> None:
     rows_path = RESULTS / f"collab_quality-{stamp}.jsonl"
     machine = machine_facts()
     group = ExpertGroup.load(fleet_members(args.data_dir, quick=args.quick))
-    if any(b < 0 for b in args.contrastive_beta):
-        ap.error("--contrastive-beta: betas must be >= 0")
     run = systems(args.data_dir, group, args.quick, tuple(args.contrastive_beta))
     todo = tasks(args.per_domain, args.seed)
     done = {}
