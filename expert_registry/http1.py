@@ -228,6 +228,7 @@ class _OriginPool:
         self.limit = limit
         self.slots = asyncio.Semaphore(limit)
         self.ssl_ctx = ssl_ctx
+        self.in_use = 0   # connections handed out and not yet put back or discarded
 
     async def get(self, connect_timeout: float | None) -> _Conn:
         if not self.slots.locked():
@@ -242,6 +243,7 @@ class _OriginPool:
             conn = self.idle.pop()
             if not conn.closed and not conn.transport.is_closing():
                 conn.reused = True
+                self.in_use += 1
                 return conn
         try:
             loop = asyncio.get_running_loop()
@@ -255,6 +257,7 @@ class _OriginPool:
         except BaseException:
             self.slots.release()
             raise
+        self.in_use += 1
         return conn
 
     def put(self, conn: _Conn) -> None:
@@ -262,11 +265,13 @@ class _OriginPool:
             self.idle.append(conn)
         elif conn.transport is not None:
             conn.transport.close()
+        self.in_use -= 1
         self.slots.release()
 
     def discard(self, conn: _Conn) -> None:
         if conn.transport is not None:
             conn.transport.close()
+        self.in_use -= 1
         self.slots.release()
 
     def close(self) -> None:
@@ -321,6 +326,14 @@ class HTTP1Client:
                 raise
             return Response(status, conn.headers, conn, pool, timeout)
         raise AssertionError("unreachable")
+
+    def connection_counts(self) -> list[tuple[str, int, int, int]]:
+        """``(origin, in use, idle, limit)`` per origin this client has called, the
+        origin as ``scheme://host:port``. A connection in use that never comes back
+        (an answer nobody read to the end or released) shows here as a lasting in-use
+        count; once all ``limit`` are, calls to that origin fail with ``ConnectFailed``."""
+        return [(f"{scheme}://{host}:{port}", pool.in_use, len(pool.idle), pool.limit)
+                for (scheme, host, port), pool in self._pools.items()]
 
     async def aclose(self) -> None:
         for pool in self._pools.values():

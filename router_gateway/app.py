@@ -186,6 +186,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         try:
             app.state.store = st
             app.state.view = view
+            app.state.upstream_client = client
             app.state.routing = routing
             app.state.key_store, app.state.limiter = key_store, limiter
             app.state.decisions, app.state.aredis = decisions, aredis
@@ -222,7 +223,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     app = FastAPI(title="Switchyard", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible multi-LLM routing gateway")
     app.state.settings = settings
-    app.state.metrics = metrics = Metrics(lambda: getattr(app.state, "view", None))
+    app.state.metrics = metrics = Metrics(lambda: getattr(app.state, "view", None),
+                                          lambda: getattr(app.state, "upstream_client", None))
     _install_error_handlers(app)
 
     async def _proxy(request: Request, endpoint: str, wire: type) -> Response:

@@ -44,6 +44,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from expert_registry.http1 import HTTP1Client
     from expert_registry.spec import ExpertSpec
     from router_gateway.registry_view import RegistryView
 
@@ -218,10 +219,14 @@ class Trace:
 
 # --- metrics --------------------------------------------------------------------------
 class _FleetCollector(Collector):
-    """Gauges read from the registry view at scrape time (every process has the same)."""
+    """Gauges read at scrape time: from the registry view (every process has the same)
+    and from the upstream client's connection pools (those of the process that answers
+    the scrape)."""
 
-    def __init__(self, view_of: Callable[[], "RegistryView | None"]):
+    def __init__(self, view_of: Callable[[], "RegistryView | None"],
+                 client_of: Callable[[], "HTTP1Client | None"] = lambda: None):
         self.view_of = view_of
+        self.client_of = client_of
 
     def collect(self):
         view = self.view_of()
@@ -242,6 +247,15 @@ class _FleetCollector(Collector):
         yield up
         yield cool
         yield store
+        conns = GaugeMetricFamily("switchyard_upstream_connections",
+                                  "Upstream connections of this process by state (in_use, idle, limit)",
+                                  labels=["origin", "state"])
+        client = self.client_of()
+        for origin, in_use, idle, limit in client.connection_counts() if client is not None else ():
+            conns.add_metric([origin, "in_use"], in_use)
+            conns.add_metric([origin, "idle"], idle)
+            conns.add_metric([origin, "limit"], limit)
+        yield conns
 
 
 class Metrics:
@@ -249,11 +263,12 @@ class Metrics:
     with PROMETHEUS_MULTIPROC_DIR set (``serve --workers N``), samples go to files there
     and a scrape sums every process's."""
 
-    def __init__(self, view_of: Callable[[], "RegistryView | None"] = lambda: None):
+    def __init__(self, view_of: Callable[[], "RegistryView | None"] = lambda: None,
+                 client_of: Callable[[], "HTTP1Client | None"] = lambda: None):
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         reg = None if self.multiprocess else CollectorRegistry(auto_describe=True)
         self.registry = reg
-        self.fleet = _FleetCollector(view_of)
+        self.fleet = _FleetCollector(view_of, client_of)
         self.requests = Counter("switchyard_requests", "HTTP requests by route, status code, expert and key",
                                 ["route", "code", "expert", "key"], registry=reg)
         self.duration = Histogram("switchyard_request_duration_seconds",

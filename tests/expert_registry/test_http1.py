@@ -181,3 +181,39 @@ def test_origin_parsing():
     assert parse_origin("http://127.0.0.1:8101/v1").host_header == b"127.0.0.1:8101"
     with pytest.raises(ValueError):
         parse_origin("ftp://x")
+
+
+def test_connection_counts_follow_every_way_a_connection_comes_back(upstream):
+    """In use while an answer is held; back to 0 in use after a read answer (kept idle), a
+    released unread stream (closed), a timeout and a cancelled request (both discarded)."""
+    async def go():
+        client = HTTP1Client(read_timeout=0.3)
+        url = upstream + "/v1/chat/completions"
+        origin = "http://" + upstream.split("://", 1)[1]
+        counts = lambda: {o: (u, i) for o, u, i, _ in client.connection_counts()}[origin]  # noqa: E731
+        seen = []
+        try:
+            held = await client.request("POST", url, chat("slowstream", stream=True), {"content-type": "application/json"})
+            second = await client.request("POST", url, chat("echo"), {"content-type": "application/json"})
+            seen.append(counts())                       # both handed out
+            await second.read()
+            seen.append(counts())                       # one back, kept for reuse
+            held.release()                              # unread stream: closed, not kept
+            seen.append(counts())
+            with pytest.raises(ReadTimeout):
+                await client.request("POST", url, chat("slow"), {"content-type": "application/json"})
+            seen.append(counts())
+            task = asyncio.ensure_future(client.request("POST", url, chat("slow"), {"content-type": "application/json"}))
+            await asyncio.sleep(0.1)
+            seen.append(counts())                       # waiting for its answer
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            seen.append(counts())
+            return seen, client.connection_counts()[0][3]
+        finally:
+            await client.aclose()
+
+    seen, limit = run(go())
+    assert seen == [(2, 0), (1, 1), (0, 1), (0, 0), (1, 0), (0, 0)]
+    assert limit == 512

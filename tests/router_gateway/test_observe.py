@@ -93,7 +93,7 @@ def test_every_response_carries_a_request_id_that_reaches_the_upstream_and_the_l
     assert line.request_id == "trace-broken"
 
 
-def test_metrics_count_requests_tokens_spend_errors_and_failures(observed):
+def test_metrics_count_requests_tokens_spend_errors_and_failures(observed, scripted_upstream: str):
     url, _, (secret, key_id), _, _ = observed
     sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
     for _ in range(3):
@@ -120,6 +120,11 @@ def test_metrics_count_requests_tokens_spend_errors_and_failures(observed):
     assert _sample(text, "switchyard_expert_up", expert="down") == 1     # no probe has failed it (yet)
     assert _sample(text, "switchyard_store_up") == 1
     assert "switchyard_gateway_overhead_seconds_bucket" in text
+    # Every upstream connection of these answers is back in the pool (the 5xx one included).
+    origin = "http://" + scripted_upstream.split("://", 1)[1].split("/", 1)[0]
+    assert _sample(text, "switchyard_upstream_connections", origin=origin, state="in_use") == 0
+    assert _sample(text, "switchyard_upstream_connections", origin=origin, state="idle") >= 1
+    assert _sample(text, "switchyard_upstream_connections", origin=origin, state="limit") == 512
 
 
 def test_the_decision_log_records_each_request_and_keeps_its_cap(store: ExpertStore, data_dir: Path,
