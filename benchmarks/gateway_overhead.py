@@ -182,11 +182,16 @@ def start_upstream(fleet: Fleet, server: str = "raw") -> tuple[str, int]:
 
 
 def start_gateway(fleet: Fleet, upstream: str, workers: int = 1, name: str = "gateway",
-                  source: Path | None = None) -> tuple[str, int]:
+                  source: Path | None = None, env_extra: dict[str, str] | None = None,
+                  more_experts: dict[str, str] | None = None, add_args: list[str] | None = None
+                  ) -> tuple[str, int]:
     """Embedded-Redis gateway in a temp data dir, the upstream registered via the CLI;
     ``name`` names its log and data dir, so that several can run side by side. With
     ``source`` (a checkout of the project), the code in that tree instead of the installed
-    ``switchyard``: ``python -m router_gateway.cli`` run from there, so its packages win."""
+    ``switchyard``: ``python -m router_gateway.cli`` run from there, so its packages win.
+    ``env_extra`` adds settings (``SWITCHYARD_*``) to its environment; ``more_experts``
+    registers further experts, name -> base URL, besides ``loadtest``; ``add_args`` are
+    appended to each ``experts add`` (prices, for example)."""
     if source is None:
         exe = shutil.which("switchyard", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         if exe is None:
@@ -196,12 +201,15 @@ def start_gateway(fleet: Fleet, upstream: str, workers: int = 1, name: str = "ga
         cli = [sys.executable, "-m", "router_gateway.cli"]
     env = {k: v for k, v in os.environ.items() if k not in ("SWITCHYARD_REDIS_URL", "SWITCHYARD_API_KEYS")}
     env |= {"SWITCHYARD_DATA_DIR": str(fleet.workdir / f"{name}-data"), "SWITCHYARD_LOG_LEVEL": "warning"}
+    env |= env_extra or {}
     if source is not None:
         env["PYTHONPATH"] = str(source)
-    add = [*cli, "experts", "add", EXPERT, "--backend", "openai", "--base-url", upstream, "--served-model", EXPERT]
-    done = subprocess.run(add, env=env, cwd=source, capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise BenchError(f"switchyard experts add failed:\n{done.stdout}{done.stderr}")
+    for expert, url in {EXPERT: upstream, **(more_experts or {})}.items():
+        add = [*cli, "experts", "add", expert, "--backend", "openai", "--base-url", url, "--served-model", expert,
+               *(add_args or ())]
+        done = subprocess.run(add, env=env, cwd=source, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise BenchError(f"switchyard experts add {expert} failed:\n{done.stdout}{done.stderr}")
     port = free_port()
     proc, log = fleet.spawn(name, [*cli, "serve", "--host", "127.0.0.1", "--port", str(port),
                                    "--workers", str(workers)], env, cwd=source)
