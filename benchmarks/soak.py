@@ -642,17 +642,20 @@ def plot(report: dict, out: Path) -> None:
 
     s = report["run"]["samples"]
     t = [x["t"] / 60 for x in s]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     axes[0].plot(t, [x["gateway_rss_mb"] for x in s], label="gateway")
     axes[0].plot(t, [x["redis_rss_mb"] for x in s], label="embedded Redis")
     axes[0].set_ylabel("resident memory, MB")
     axes[0].legend()
-    axes[1].plot(t, [x["gateway_fds"] for x in s], label="gateway open descriptors")
+    axes[1].plot(t, [x["gateway_fds"] for x in s], label="gateway open descriptors, all", color="black")
+    for kind, label in (("clients", "client connections"), ("upstream", "upstream connections"),
+                        ("unix", "Redis connections"), ("other", "other descriptors")):
+        axes[1].plot(t, [(x.get("gateway_conns") or {}).get(kind) for x in s], label=label, linewidth=1)
     axes[1].plot(t, [x["stuck_open"] for x in s], label="open connections to the stuck upstream")
     axes[1].plot(t, [sum(p.get("in_use", 0) for p in (x["pools"] or {}).values()) for x in s],
                  label="upstream connections in use (pool)")
     axes[1].set_ylabel("count")
-    axes[1].legend()
+    axes[1].legend(fontsize="small", ncol=2)
     rate = [0.0] + [(b["requests"] - a["requests"]) / max(1e-9, b["t"] - a["t"]) for a, b in zip(s, s[1:])]
     axes[2].plot(t, rate, label="requests/s (all behaviours)")
     axes[2].set_ylabel("requests/s")
