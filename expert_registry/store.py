@@ -51,19 +51,29 @@ def open_redis(redis_url: str | None, data_dir: Path) -> redis.Redis:
     )
 
 
-def open_async_redis(client: redis.Redis, redis_url: str | None):
+def open_async_redis(client: redis.Redis, redis_url: str | None, max_connections: int = 64,
+                     wait_s: float = 5.0):
     """A ``redis.asyncio`` client to the same server as ``client`` (for the request path,
-    where a thread hop per Redis call would cost more than the call)."""
+    where a thread hop per Redis call would cost more than the call), on a pool of at
+    most ``max_connections``: a command waits up to ``wait_s`` for a free one, then fails
+    with ``redis.ConnectionError``. Unbounded, the pool opened one connection per command
+    in flight and kept them all, so a burst of clients cost as many descriptors again."""
     import redis.asyncio as aredis
 
     if redis_url:
-        return aredis.Redis.from_url(redis_url, decode_responses=True)
+        pool = aredis.BlockingConnectionPool.from_url(redis_url, max_connections=max_connections, timeout=wait_s,
+                                                      decode_responses=True)
+        return aredis.Redis.from_pool(pool)
     socket = getattr(client, "socket_file", None)
     if socket:
-        return aredis.Redis(unix_socket_path=socket, decode_responses=True)
-    kw = client.connection_pool.connection_kwargs
-    return aredis.Redis(host=kw.get("host", "localhost"), port=kw.get("port", 6379), db=kw.get("db", 0),
-                        password=kw.get("password"), decode_responses=True)
+        where = {"connection_class": aredis.UnixDomainSocketConnection, "path": socket}
+    else:
+        kw = client.connection_pool.connection_kwargs
+        where = {"host": kw.get("host", "localhost"), "port": kw.get("port", 6379), "db": kw.get("db", 0),
+                 "password": kw.get("password")}
+    pool = aredis.BlockingConnectionPool(max_connections=max_connections, timeout=wait_s, decode_responses=True,
+                                         **where)
+    return aredis.Redis.from_pool(pool)
 
 
 def close_redis(client: redis.Redis) -> None:

@@ -177,7 +177,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         key_store = KeyStore(st.client, st.prefix)
         keys = KeyCache(key_store, settings.registry_refresh_s)
         await keys.refresh()
-        aredis = open_async_redis(st.client, settings.redis_url)
+        aredis = open_async_redis(st.client, settings.redis_url, settings.redis_max_connections)
         limiter = Limiter(key_store, aredis)
         decisions = DecisionLog(aredis, st.prefix, settings.decision_log_max_entries, settings.decision_log_prompts,
                                 on_drop=metrics.log_dropped.inc)

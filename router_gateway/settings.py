@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     upstream_connect_timeout_s: float = 5.0
     upstream_timeout_s: float = 120.0
     upstream_max_connections: int = 512
+    redis_max_connections: int = Field(default=64, ge=1, description="Connections each gateway process keeps "
+                                       "to Redis for the request path; a command waits up to 5 s for a free one")
     registry_refresh_s: float = 1.0
     health_interval_s: float = Field(default=5.0, description="Seconds between upstream probes; <= 0 disables")
     cooldown_failures: int = Field(default=3, ge=1, description="Failed calls to an expert within cooldown_window_s "
