@@ -10,12 +10,15 @@ connection limits, and a retry on a fresh connection when a *reused* connection 
 out to be closed before any byte of the answer arrived (the usual keep-alive race).
 
 Errors: ``ConnectFailed`` (could not connect), ``ReadTimeout`` (no answer in time),
-``ConnectionBroken`` (the connection died mid-answer or the answer was not HTTP).
+``ConnectionBroken`` (the connection died mid-answer or the answer was not HTTP), and
+``LocalResourcesExhausted`` (this process or host could not open a socket at all: out of
+file descriptors, buffers or local ports; the upstream was never tried).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,6 +43,14 @@ class ReadTimeout(HTTPClientError):
 
 class ConnectionBroken(HTTPClientError):
     pass
+
+
+class LocalResourcesExhausted(HTTPClientError):
+    """A socket could not be opened on this side (EMFILE, ENFILE, ENOBUFS, ENOMEM,
+    EADDRNOTAVAIL): a fault of the caller's host, not of the upstream."""
+
+
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
 
 
 @dataclass(frozen=True)
@@ -252,6 +263,9 @@ class _OriginPool:
                 connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             self.slots.release()
+            if getattr(exc, "errno", None) in _LOCAL_ERRNOS:
+                raise LocalResourcesExhausted(f"cannot open a connection to {self.origin.host}:{self.origin.port} "
+                                              f"here: {exc.strerror or exc}") from exc
             raise ConnectFailed(f"cannot connect to {self.origin.host}:{self.origin.port} "
                                 f"({type(exc).__name__}: {exc})") from exc
         except BaseException:

@@ -9,7 +9,9 @@ Two kinds, one interface (``send`` for a whole answer, ``open_stream`` for SSE):
 
 Failures the caller must map (the gateway maps them to 502/504):
 ``UpstreamUnreachable`` (connect error), ``UpstreamTimedOut``, ``UpstreamProtocolError``
-(the upstream broke the connection or spoke garbage). A non-2xx answer is *not* an
+(the upstream broke the connection or spoke garbage), ``UpstreamNotTried`` (this process
+could not open a connection at all, out of file descriptors or ports: no fault of the
+upstream's). A non-2xx answer is *not* an
 exception: it comes back as ``(status, body)`` so 4xx errors reach the client as sent.
 """
 
@@ -22,7 +24,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 
-from expert_registry.http1 import ConnectFailed, HTTP1Client, HTTPClientError, ReadTimeout
+from expert_registry.http1 import ConnectFailed, HTTP1Client, HTTPClientError, LocalResourcesExhausted, ReadTimeout
 from expert_registry.spec import ExpertSpec
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,10 @@ class UpstreamProtocolError(UpstreamFailure):
     pass
 
 
+class UpstreamNotTried(UpstreamFailure):
+    """No connection could be opened on this side; the upstream may be fine."""
+
+
 @dataclass
 class UpstreamStream:
     """An open streamed answer: status, then bytes; ``aclose`` releases the connection."""
@@ -64,6 +70,8 @@ class UpstreamStream:
 
 def _http_failure(exc: HTTPClientError, spec: ExpertSpec) -> UpstreamFailure:
     where = f"expert '{spec.name}' at {spec.base_url}"
+    if isinstance(exc, LocalResourcesExhausted):
+        return UpstreamNotTried(f"{where} was not tried: {exc}")
     if isinstance(exc, ConnectFailed):
         return UpstreamUnreachable(f"{where} is unreachable ({exc})")
     if isinstance(exc, ReadTimeout):

@@ -44,6 +44,30 @@ cli_train.register(app)
 
 _store = open_store
 
+OPEN_FILES_WANTED = 65536
+OPEN_FILES_LOW = 4096
+
+
+def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED) -> tuple[int, int]:
+    """Raise this process's soft limit on open files to ``wanted`` (at most the hard
+    limit; worker processes inherit it); returns the limit before and after. Each request
+    in flight holds a client socket and often a new upstream one, so the usual default
+    soft limit of 1,024 stops a gateway at a few hundred concurrent clients: accepts and
+    upstream connects then fail (EMFILE)."""
+    try:
+        import resource
+    except ImportError:   # not on this platform
+        return 0, 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target
+        except (ValueError, OSError):
+            pass
+    return soft, soft
+
 
 @app.command()
 def serve(
@@ -69,6 +93,13 @@ def serve(
     host = host or settings.host
     port = port or settings.port
     configure_logging(settings.log_level)
+    before, files = raise_open_files_limit()
+    if 0 < files < OPEN_FILES_LOW:
+        console.print(f"[yellow]warning:[/yellow] this process may open only {files} files (its hard limit), "
+                      f"so past about {max(0, files - 200) // 2} concurrent clients it runs out of descriptors "
+                      f"(requests that need a new upstream connection are then answered 503); raise it (`ulimit -Hn`, systemd's LimitNOFILE, docker's --ulimit nofile)")
+    elif files > before:
+        console.print(f"open files limit raised from {before} to {files}", style="dim")
     launcher = None
     if demo:
         from router_gateway.demo import start_demo

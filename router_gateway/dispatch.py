@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, NoReturn
 
 import anyio
 import orjson
@@ -23,6 +23,7 @@ from expert_registry.upstream import (
     HTTPUpstream,
     LiteLLMUpstream,
     UpstreamFailure,
+    UpstreamNotTried,
     UpstreamProtocolError,
     UpstreamStream,
     UpstreamTimedOut,
@@ -32,6 +33,7 @@ from router_gateway.aggregate import Aggregation, answer_text
 from router_gateway.errors import (
     ExpertUnavailable,
     GatewayError,
+    GatewayOverloaded,
     ModelNotFound,
     UpstreamError,
     UpstreamTimeout,
@@ -197,6 +199,8 @@ class Dispatcher:
             else:
                 status, content, retry_after = await upstream.answer(spec, endpoint, body, request_id, timeout_s)
                 up_s = time.perf_counter() - t_up
+        except UpstreamNotTried as exc:   # our side is out of sockets: no other expert would fare better
+            _overloaded(exc)
         except UpstreamTimedOut as exc:
             raise _Failed(UpstreamTimeout(str(exc)), reason="timeout") from exc
         except UpstreamUnreachable as exc:
@@ -272,6 +276,22 @@ async def _end_relay(stream: UpstreamStream, spec: ExpertSpec, meter: Meter | No
     await stream.aclose()
     if meter is not None:
         meter(spec, usage if usage is not None else estimate_usage(body or {}, chars))
+
+
+_overload_logged = 0.0
+
+
+def _overloaded(exc: UpstreamNotTried) -> NoReturn:
+    """This process could not open a socket (out of file descriptors or local ports):
+    the client gets a 503 to retry, and no expert is blamed, failed over from or cooled
+    down for it. Logged at most once a minute, as it comes in bursts."""
+    global _overload_logged
+    now = time.monotonic()
+    if now - _overload_logged > 60:
+        _overload_logged = now
+        log.warning("gateway out of sockets, answering 503 (raise the open files limit, `ulimit -n`): %s", exc)
+    raise GatewayOverloaded(f"the gateway is overloaded and could not reach the expert; retry shortly ({exc})",
+                            headers={"retry-after": "1"}) from exc
 
 
 class _RelayBody:

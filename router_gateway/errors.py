@@ -12,6 +12,7 @@
     ├── BudgetExceeded                402  a key's budget for the period is spent
     ├── ExpertUnavailable             503  the expert is known to be down, or in cooldown (Retry-After)
     ├── StoreUnavailable              503  Redis is unreachable and the answer needs it
+    ├── GatewayOverloaded             503  the gateway could not open a connection (out of descriptors; Retry-After)
     ├── UpstreamError                 502  connect error / 5xx / garbage from the upstream
     └── UpstreamTimeout               504  the upstream did not answer in time
 
@@ -101,6 +102,12 @@ class StoreUnavailable(GatewayError):
     status_code = 503
     error_type = "service_unavailable"
     code = "store_unavailable"
+
+
+class GatewayOverloaded(GatewayError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "gateway_overloaded"
 
 
 class UpstreamError(GatewayError):

@@ -14,7 +14,7 @@ import time
 
 import anyio
 
-from expert_registry.http1 import HTTP1Client, HTTPClientError
+from expert_registry.http1 import HTTP1Client, HTTPClientError, LocalResourcesExhausted
 from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore, HealthRecord
 
@@ -82,7 +82,9 @@ def health_url(spec: ExpertSpec) -> str | None:
     return None  # litellm providers: no cheap probe; judged by their answers
 
 
-async def probe(client: HTTP1Client, spec: ExpertSpec, timeout_s: float = 3.0) -> tuple[bool, str | None]:
+async def probe(client: HTTP1Client, spec: ExpertSpec, timeout_s: float = 3.0) -> tuple[bool, str | None] | None:
+    """(healthy, why not); None when this process could not even open a socket (out of
+    descriptors): that says nothing about the expert."""
     url = health_url(spec)
     if url is None:
         return True, None
@@ -90,6 +92,8 @@ async def probe(client: HTTP1Client, spec: ExpertSpec, timeout_s: float = 3.0) -
     try:
         resp = await client.request("GET", url, headers=headers, read_timeout=timeout_s)
         await resp.read()
+    except LocalResourcesExhausted:
+        return None
     except HTTPClientError as exc:
         return False, f"{type(exc).__name__} from {url}: {exc}"
     if resp.status >= 400:
@@ -100,7 +104,7 @@ async def probe(client: HTTP1Client, spec: ExpertSpec, timeout_s: float = 3.0) -
 async def probe_all(view: RegistryView, client: HTTP1Client) -> dict[str, tuple[bool, str | None]]:
     specs = list(view.experts.values())
     results = await asyncio.gather(*(probe(client, s) for s in specs))
-    out = dict(zip((s.name for s in specs), results))
+    out = {s.name: r for s, r in zip(specs, results) if r is not None}
 
     def write() -> list[str]:
         return [name for name, (ok, err) in out.items() if view.store.set_health(name, ok, err)]

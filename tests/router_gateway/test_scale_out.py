@@ -28,23 +28,38 @@ MSGS = [{"role": "user", "content": "hi"}]
 @contextlib.contextmanager
 def two_gateways(data_dir: Path, count: int = 2, workers: int = 1) -> Iterator[list[str]]:
     """``count`` separate `switchyard serve` processes (``workers`` each) on one store."""
+    with serve_processes(data_dir, count, workers) as served:
+        yield [url for url, _, _ in served]
+
+
+@contextlib.contextmanager
+def serve_processes(data_dir: Path, count: int = 1, workers: int = 1,
+                    preexec_fn=None) -> Iterator[list[tuple[str, subprocess.Popen, Path]]]:
+    """``count`` `switchyard serve` processes on one store, as (base URL, process, file
+    of its stdout and stderr); ``preexec_fn`` runs in each child before it starts (to
+    set its limits, say)."""
     env = {**os.environ, "SWITCHYARD_DATA_DIR": str(data_dir), "SWITCHYARD_HEALTH_INTERVAL_S": "0",
            "SWITCHYARD_REGISTRY_REFRESH_S": "0.2", "SWITCHYARD_LOG_LEVEL": "warning"}
     env.pop("SWITCHYARD_REDIS_URL", None)
     ports = [free_port() for _ in range(count)]
-    procs = [subprocess.Popen([sys.executable, "-m", "router_gateway.cli", "serve", "--port", str(p),
-                               "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for p in ports]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    outs = [data_dir.parent / f"serve-{p}.out" for p in ports]
+    procs = []
+    for port, out in zip(ports, outs):
+        with out.open("wb") as f:   # a file, not a pipe: a chatty server never blocks on a full one
+            procs.append(subprocess.Popen([sys.executable, "-m", "router_gateway.cli", "serve", "--port", str(port),
+                                           "--workers", str(workers)], env=env, stdout=f, stderr=subprocess.STDOUT,
+                                          preexec_fn=preexec_fn))
     try:
-        for proc, port in zip(procs, ports):
+        for proc, port, out in zip(procs, ports, outs):
             deadline = time.monotonic() + 60
             while True:
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
                         break
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+                assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-2000:]
                 time.sleep(0.2)
-        yield [f"http://127.0.0.1:{p}" for p in ports]
+        yield [(f"http://127.0.0.1:{p}", proc, out) for p, proc, out in zip(ports, procs, outs)]
     finally:
         for proc in procs:
             proc.terminate()
