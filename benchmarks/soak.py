@@ -67,7 +67,7 @@ BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 MAX_BODY = 64 * 1024
 #: descriptors other than sockets that the gateway may hold after the load beyond those it
 #: held before it (Redis connections, unix sockets, are counted apart and not checked: the
-#: async Redis client opens one per concurrent command and keeps it)
+#: gateway keeps them open, up to its Redis pools' sizes)
 FD_SLACK = 4
 STUCK_TIMEOUT_S = 0.5   # the x-switchyard-timeout sent to the stuck expert
 PRICES = (1, 2)   # USD per 1M input / output tokens of every expert: whole nano-dollars per token
