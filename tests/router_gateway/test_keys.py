@@ -415,3 +415,30 @@ def test_without_redis_limits_are_skipped_and_unknown_keys_are_a_503(store: Expe
         assert exc.value.status_code == 503
 
     _run(go())
+
+
+def test_a_wrong_key_reaches_the_store_once_per_key_version(store: ExpertStore, monkeypatch):
+    from router_gateway import auth
+
+    keys = KeyStore(store.client)
+    keys.create("first")
+    calls = []
+    real = keys.by_hash
+    monkeypatch.setattr(keys, "by_hash", lambda digest: calls.append(digest) or real(digest))  # counts, then asks Redis
+
+    async def go():
+        cache = auth.KeyCache(keys)
+        await cache.refresh()
+        assert [await cache.lookup("sy-wrong") for _ in range(3)] == [None] * 3
+        assert len(calls) == 1
+        secret, rec = keys.create("made-elsewhere")   # as by another process: this cache has not refreshed
+        assert (await cache.lookup(secret)).id == rec.id and len(calls) == 2
+        assert await cache.lookup("sy-wrong") is None and len(calls) == 2
+        await cache.refresh()                          # the key version moved: misses are asked again
+        assert await cache.lookup("sy-wrong") is None and len(calls) == 3
+        monkeypatch.setattr(auth, "MISSES_MAX", 3)
+        for i in range(5):
+            assert await cache.lookup(f"sy-random-{i}") is None
+        assert len(cache.misses) <= 3
+
+    _run(go())
