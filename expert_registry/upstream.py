@@ -11,8 +11,8 @@ Failures the caller must map (the gateway maps them to 502/504):
 ``UpstreamUnreachable`` (connect error), ``UpstreamTimedOut``, ``UpstreamProtocolError``
 (the upstream broke the connection or spoke garbage), ``UpstreamNotTried`` (this process
 could not open a connection at all, out of file descriptors or ports: no fault of the
-upstream's). A non-2xx answer is *not* an
-exception: it comes back as ``(status, body)`` so 4xx errors reach the client as sent.
+upstream's). A non-2xx answer is *not* an exception: it comes back as ``(status, body)``
+so 4xx errors reach the client as sent.
 """
 
 from __future__ import annotations

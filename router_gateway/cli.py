@@ -97,7 +97,8 @@ def serve(
     if 0 < files < OPEN_FILES_LOW:
         console.print(f"[yellow]warning:[/yellow] this process may open only {files} files (its hard limit), "
                       f"so past about {max(0, files - 200) // 2} concurrent clients it runs out of descriptors "
-                      f"(requests that need a new upstream connection are then answered 503); raise it (`ulimit -Hn`, systemd's LimitNOFILE, docker's --ulimit nofile)")
+                      f"(requests that need a new upstream connection are then answered 503); raise it "
+                      f"(`ulimit -Hn`, systemd's LimitNOFILE, docker's --ulimit nofile)")
     elif files > before:
         console.print(f"open files limit raised from {before} to {files}", style="dim")
     launcher = None
