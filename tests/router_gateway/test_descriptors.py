@@ -5,9 +5,11 @@ blaming (cooling down, failing over from) an expert that did nothing wrong."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import resource
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -49,20 +51,41 @@ def test_serve_raises_its_open_files_limit_and_warns_when_the_hard_limit_is_low(
 
 
 async def _burst(url: str, n: int) -> list[tuple]:
-    """``n`` concurrent streamed requests, each on its own connection: per request
-    (status, error code or the stream's last line, retry-after), or (exception name,)."""
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        async def one() -> tuple:
-            try:
-                async with client.stream("POST", f"{url}/v1/chat/completions", json=STREAM) as r:
-                    body = (await r.aread()).decode()
-            except httpx.TransportError as exc:   # a connection the server could not take
-                return (type(exc).__name__,)
-            if r.status_code == 200:
-                return 200, body.strip().splitlines()[-1], None
-            return r.status_code, r.json()["error"]["code"], r.headers.get("retry-after")
-        return await asyncio.gather(*(one() for _ in range(n)))
+    """``n`` streamed requests, each on its own connection: all ``n`` connections are
+    opened first, then every request is sent at once (so the gateway holds as many
+    accepted requests as it can when it needs their upstream connections). Per request
+    (status, error code or whether the stream ended with [DONE], retry-after), or
+    (exception name,) / ("closed",) for a connection the server could not take."""
+    where = urlsplit(url)
+    body = json.dumps(STREAM).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {where.netloc}\r\ncontent-type: application/json\r\n"
+               f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+    conns = await asyncio.gather(*(asyncio.open_connection(where.hostname, where.port) for _ in range(n)),
+                                 return_exceptions=True)
+
+    async def one(conn) -> tuple:
+        if isinstance(conn, BaseException):
+            return (type(conn).__name__,)
+        reader, writer = conn
+        try:
+            writer.write(request)
+            await writer.drain()
+            raw = await asyncio.wait_for(reader.read(), 60)
+        except OSError as exc:   # reset by a server that could not take the connection
+            return (type(exc).__name__,)
+        finally:
+            writer.close()
+        if not raw:
+            return ("closed",)
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+        status = int(status_line.split()[1])
+        if status == 200:
+            return 200, b"data: [DONE]" in rest, None
+        return status, json.loads(rest)["error"]["code"], headers.get("retry-after")
+
+    return await asyncio.gather(*(one(c) for c in conns))
 
 
 @pytest.mark.timeout(300)
@@ -78,7 +101,7 @@ def test_a_gateway_out_of_descriptors_answers_503_and_blames_no_expert(tmp_path:
         results = asyncio.run(_burst(url, 200))
         answered = [r for r in results if isinstance(r[0], int)]
         assert {r[0] for r in answered} <= {200, 503}, sorted({r[:2] for r in answered})
-        assert all(r[1] == "data: [DONE]" for r in answered if r[0] == 200)
+        assert all(r[1] is True for r in answered if r[0] == 200)
         overloaded = [r for r in answered if r[0] == 503]
         assert overloaded and all(r[1:] == ("gateway_overloaded", "1") for r in overloaded), overloaded[:3]
         # Connections beyond what it could accept were closed at once (libuv's way out of
@@ -87,7 +110,7 @@ def test_a_gateway_out_of_descriptors_answers_503_and_blames_no_expert(tmp_path:
         # answered in full as soon as the big one is over.
         health = httpx.get(f"{url}/health").json()
         assert health["healthy_experts"] == health["experts"] == 1, health
-        assert asyncio.run(_burst(url, 30)) == [(200, "data: [DONE]", None)] * 30
+        assert asyncio.run(_burst(url, 30)) == [(200, True, None)] * 30
         r = httpx.post(f"{url}/v1/chat/completions", json={**STREAM, "stream": False}, timeout=30)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hello there"
         assert "gateway out of sockets" in out.read_text()
