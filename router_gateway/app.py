@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator, Callable
 
 import anyio
 import orjson
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,7 +30,7 @@ from router_gateway.auth import KeyCache, KeyChecker
 from router_gateway.dispatch import CooldownPolicy, Dispatcher, error_response, internal_error_response
 from router_gateway.app_helpers import read_json
 from router_gateway.decision_log import DecisionLog
-from router_gateway.errors import GatewayError, InvalidRequest, error_body
+from router_gateway.errors import GatewayError, InvalidRequest, StoreUnavailable, error_body
 from router_gateway.keys import KeyRecord, KeyStore, Limiter
 from router_gateway.model_string import parse_model
 from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, invalid_from_errors, validate_body
@@ -57,9 +58,27 @@ def _install_error_handlers(app: FastAPI) -> None:
         return Response(orjson.dumps(error_body(str(exc.detail), kind)), status_code=exc.status_code,
                         media_type="application/json", headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(redis.RedisError)
+    async def _store_error(_: Request, exc: redis.RedisError) -> Response:
+        unavailable = store_unavailable(exc)
+        return internal_error_response(exc) if unavailable is None else error_response(unavailable)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
         return internal_error_response(exc)
+
+
+def store_unavailable(exc: redis.RedisError) -> StoreUnavailable | None:
+    """A 503 for a Redis that cannot serve the registry now: unreachable, timed out,
+    still loading its data, a read-only replica, out of memory, or refusing writes after
+    a failed save. None for anything else (a bug: a 500)."""
+    text = str(exc)
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)) or \
+            text.startswith(("OOM ", "MISCONF ")):
+        log.warning("the registry store cannot serve a request: %s", text)
+        return StoreUnavailable(f"the registry store (Redis) cannot serve this request now: {text}; "
+                                "retry once it is back")
+    return None
 
 
 class FastPath:

@@ -24,7 +24,7 @@ from expert_registry.store import ExpertStore
 from router_gateway.app import create_app
 from router_gateway.decision_log import decisions_key
 from router_gateway.keys import KeyPolicy, KeyStore
-from tests.router_gateway.conftest import free_port, make_settings, serve_in_thread
+from tests.router_gateway.conftest import ADMIN_KEY, free_port, make_settings, serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = [{"role": "user", "content": "hi"}]
@@ -226,6 +226,53 @@ def test_redis_stopped_and_restarted_under_traffic(tmp_path: Path, scripted_upst
         assert int(keys.usage(rec)["requests"]) > 0
         entries = client.xrange(decisions_key(store.prefix))
         assert any(float(d["ts"]) > time.time() - (time.monotonic() - back) for _, d in entries)
+    finally:
+        client.close()
+        if server.proc is not None and server.proc.poll() is None:
+            server.kill()
+
+
+def test_admin_routes_answer_503_while_redis_is_down_and_lose_nothing(tmp_path: Path, scripted_upstream: str):
+    """With Redis stopped, every admin route that needs it answers an OpenAI-shaped 503
+    ``store_unavailable`` (not a 500), nothing half-written shows up afterwards, and the
+    same routes work again once Redis is back."""
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        store = ExpertStore(client)
+        echo = ExpertSpec(name="echo", backend="openai", base_url=scripted_upstream, served_model="echo")
+        store.put(echo)
+        keys = KeyStore(client, store.prefix)
+        _, rec = keys.create("steady", KeyPolicy(rpm=1000))
+        settings = make_settings(tmp_path / "gw", redis_url=server.url)
+        new = {"name": "new", "backend": "openai", "base_url": scripted_upstream, "served_model": "echo"}
+        writes = [("POST", "/v1/experts", new), ("PUT", "/v1/experts/echo", {**new, "name": "echo"}),
+                  ("DELETE", "/v1/experts/echo", None), ("GET", "/v1/keys", None),
+                  ("POST", "/v1/keys", {"name": "other"}), ("GET", f"/v1/keys/{rec.id}", None),
+                  ("PATCH", f"/v1/keys/{rec.id}", {"rpm": 5}), ("DELETE", f"/v1/keys/{rec.id}", None),
+                  ("DELETE", "/v1/routers/none", None)]
+        with serve_in_thread(create_app(settings, store)) as url, \
+                httpx.Client(base_url=url, timeout=30, headers={"authorization": f"Bearer {ADMIN_KEY}"}) as c:
+            server.kill()
+            for method, path, body in writes:
+                r = c.request(method, path, json=body)
+                assert r.status_code == 503, (method, path, r.status_code, r.text)
+                err = r.json()["error"]
+                assert err["code"] == "store_unavailable" and "Redis" in err["message"], (method, path, err)
+            for status in ("degraded", "ok"):   # the registry refresh notices both
+                deadline = time.monotonic() + 10
+                while c.get("/health").json()["status"] != status:
+                    assert time.monotonic() < deadline, f"/health never said {status}"
+                    time.sleep(0.1)
+                if status == "degraded":
+                    server.start()
+            assert store.list() == [echo]
+            assert keys.get(rec.id).rpm == 1000 and keys.get(rec.id).revoked_at is None
+            assert [k.name for k in keys.list()] == ["steady"]
+            assert c.post("/v1/experts", json=new).status_code == 201
+            assert c.patch(f"/v1/keys/{rec.id}", json={"rpm": 5}).json()["rpm"] == 5
+            assert c.post("/v1/chat/completions", json={"model": "new", "messages": CHAT}).status_code == 200
     finally:
         client.close()
         if server.proc is not None and server.proc.poll() is None:
