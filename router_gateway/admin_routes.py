@@ -14,6 +14,7 @@ from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertExists, ExpertMissing, ExpertStore
 from router_gateway.app_helpers import read_json
 from router_gateway.errors import Conflict, InvalidRequest, NotFound
+from router_gateway.openapi import ADMIN, BODY, errors, json_body
 from router_gateway.protocol import invalid_from_validation
 from router_gateway.registry_view import RegistryView
 
@@ -47,14 +48,15 @@ async def _admin(request: Request) -> tuple[ExpertStore, RegistryView]:
     return request.app.state.store, request.app.state.view
 
 
-@router.get("")
+@router.get("", responses=errors(*ADMIN))
 async def list_experts(request: Request) -> Response:
     _, view = await _admin(request)
     await view.refresh()
     return _json({"object": "list", "data": [_entry(view, s) for s in view.experts.values()]})
 
 
-@router.post("")
+@router.post("", status_code=201, openapi_extra=json_body(ExpertSpec),
+             responses=errors(*BODY, *ADMIN, 409))
 async def add_expert(request: Request) -> Response:
     store, view = await _admin(request)
     spec = _spec_from(await read_json(request, request.app.state.settings.max_body_bytes))
@@ -67,7 +69,7 @@ async def add_expert(request: Request) -> Response:
     return _json(_entry(view, spec), 201)
 
 
-@router.get("/{name:path}")
+@router.get("/{name:path}", responses=errors(*ADMIN, 404))
 async def get_expert(name: str, request: Request) -> Response:
     _, view = await _admin(request)
     await view.refresh()
@@ -77,7 +79,8 @@ async def get_expert(name: str, request: Request) -> Response:
     return _json(_entry(view, spec))
 
 
-@router.put("/{name:path}")
+@router.put("/{name:path}", openapi_extra=json_body(ExpertSpec),
+            responses=errors(*BODY, *ADMIN, ok="Replaced", created="Created"))
 async def put_expert(name: str, request: Request) -> Response:
     store, view = await _admin(request)
     spec = _spec_from(await read_json(request, request.app.state.settings.max_body_bytes), name)
@@ -86,7 +89,7 @@ async def put_expert(name: str, request: Request) -> Response:
     return _json(_entry(view, spec), 201 if created else 200)
 
 
-@router.delete("/{name:path}")
+@router.delete("/{name:path}", responses=errors(*ADMIN, 404))
 async def delete_expert(name: str, request: Request) -> Response:
     store, view = await _admin(request)
     try:

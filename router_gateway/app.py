@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Match
 
 from expert_registry.http1 import HTTP1Client
 from expert_registry.store import ExpertStore, close_redis, open_async_redis, open_redis
@@ -34,6 +35,7 @@ from router_gateway.errors import GatewayError, InvalidRequest, StoreUnavailable
 from router_gateway.keys import KeyRecord, KeyStore, Limiter
 from router_gateway.model_string import parse_model
 from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, invalid_from_errors, validate_body
+from router_gateway.openapi import PROXY, errors, install as install_openapi, json_body
 from router_gateway.observe import Metrics, Trace, configure_logging, request_id_from, route_label
 from router_gateway.registry_view import RegistryView, health_loop
 from router_gateway.routing import RoutingTable, query_text
@@ -53,10 +55,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(invalid_from_errors(list(exc.errors()), skip=("body",)))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {k: v for k, v in (headers or {}).items() if k.lower() != "allow"}
+            headers["allow"] = ", ".join(allowed_methods(app, request.scope))
         return Response(orjson.dumps(error_body(str(exc.detail), kind)), status_code=exc.status_code,
-                        media_type="application/json", headers=getattr(exc, "headers", None))
+                        media_type="application/json", headers=headers)
 
     @app.exception_handler(redis.RedisError)
     async def _store_error(_: Request, exc: redis.RedisError) -> Response:
@@ -66,6 +72,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
         return internal_error_response(exc)
+
+
+def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """Every method some route of ``app`` takes at this request's path. Starlette's 405
+    names only the first route that matched the path, so ``GET /v1/experts`` hid ``POST``."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "GET"})
+        if match != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def store_unavailable(exc: redis.RedisError) -> StoreUnavailable | None:
@@ -279,10 +296,14 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     async def completions(request: Request) -> Response:
         return await _proxy(request, "completions", CompletionRequest)
 
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], tags=["openai"])
-    app.add_api_route("/v1/completions", completions, methods=["POST"], tags=["openai"])
+    answer = {200: {"description": "The expert's answer: a JSON object, or with `stream: true` an event stream "
+                    "ending in `data: [DONE]`", "content": {"application/json": {}, "text/event-stream": {}}}}
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], tags=["openai"],
+                      openapi_extra=json_body(ChatCompletionRequest), responses={**answer, **errors(*PROXY)})
+    app.add_api_route("/v1/completions", completions, methods=["POST"], tags=["openai"],
+                      openapi_extra=json_body(CompletionRequest), responses={**answer, **errors(*PROXY)})
 
-    @app.get("/v1/models", tags=["openai"])
+    @app.get("/v1/models", tags=["openai"], responses=errors(401, 503))
     async def models(request: Request) -> Response:
         key: KeyRecord | None = await request.app.state.keys.client(request)
         listing = admin_routes.model_list(request.app.state.view, {})
@@ -315,6 +336,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     app.include_router(key_routes.router)
     app.include_router(router_routes.router)
     app.include_router(feedback_routes.router)
+    install_openapi(app)
     return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions}, observe)
 
 

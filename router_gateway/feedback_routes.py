@@ -18,6 +18,7 @@ from starlette.responses import Response
 from router_gateway.app_helpers import read_json, validated
 from router_gateway.decision_log import add_feedback
 from router_gateway.errors import InvalidRequest, StoreUnavailable
+from router_gateway.openapi import BODY, errors, json_body
 
 router = APIRouter(tags=["feedback"])
 
@@ -30,8 +31,7 @@ class Feedback(BaseModel):
     comment: str | None = Field(default=None, max_length=2000)
 
 
-@router.post("/v1/feedback", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
-    "application/json": {"schema": Feedback.model_json_schema()}}}})
+@router.post("/v1/feedback", status_code=201, openapi_extra=json_body(Feedback), responses=errors(*BODY, 401, 503))
 async def feedback(request: Request) -> Response:
     state = request.app.state
     _, who = await state.keys.caller(request)

@@ -11,15 +11,22 @@ from typing import Any
 import anyio
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from starlette.responses import Response
 
 from router_gateway.app_helpers import read_json
 from router_gateway.errors import InvalidRequest, NotFound
 from router_gateway.keys import KeyMissing, KeyPolicy, KeyRecord, KeyStore
+from router_gateway.openapi import ADMIN, BODY, errors, json_body
 from router_gateway.protocol import invalid_from_validation
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
+
+
+class NewKey(KeyPolicy):
+    """The body of ``POST /v1/keys``: whom the key is for, and its policy."""
+
+    name: str = Field(min_length=1, description="Who the key is for (a person, team or service)")
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -46,14 +53,14 @@ async def _changed(request: Request) -> None:
     await request.app.state.keys.managed.refresh()   # this process sees the change at once
 
 
-@router.get("")
+@router.get("", responses=errors(*ADMIN))
 async def list_keys(request: Request) -> Response:
     store = await _admin(request)
     entries = await anyio.to_thread.run_sync(lambda: [_entry(store, r) for r in store.list()])
     return _json({"object": "list", "data": entries})
 
 
-@router.post("")
+@router.post("", status_code=201, openapi_extra=json_body(NewKey), responses=errors(*BODY, *ADMIN))
 async def create_key(request: Request) -> Response:
     store = await _admin(request)
     body = await _body(request)
@@ -76,14 +83,14 @@ async def _get(store: KeyStore, key_id: str) -> KeyRecord:
         raise NotFound(f"API key '{key_id}' does not exist") from None
 
 
-@router.get("/{key_id}")
+@router.get("/{key_id}", responses=errors(*ADMIN, 404))
 async def get_key(key_id: str, request: Request) -> Response:
     store = await _admin(request)
     rec = await _get(store, key_id)
     return _json(await anyio.to_thread.run_sync(_entry, store, rec))
 
 
-@router.patch("/{key_id}")
+@router.patch("/{key_id}", openapi_extra=json_body(KeyPolicy), responses=errors(*BODY, *ADMIN, 404))
 async def update_key(key_id: str, request: Request) -> Response:
     store = await _admin(request)
     body = await _body(request)
@@ -98,7 +105,7 @@ async def update_key(key_id: str, request: Request) -> Response:
     return _json(await anyio.to_thread.run_sync(_entry, store, rec))
 
 
-@router.delete("/{key_id}")
+@router.delete("/{key_id}", responses=errors(*ADMIN, 404))
 async def revoke_key(key_id: str, request: Request) -> Response:
     store = await _admin(request)
     await _get(store, key_id)

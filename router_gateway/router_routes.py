@@ -22,6 +22,7 @@ from router_gateway.deployments import (
 from router_gateway.dispatch import Dispatcher
 from router_gateway.errors import InvalidRequest, NotFound
 from router_gateway.model_string import parse_model
+from router_gateway.openapi import ADMIN, BODY, errors, json_body
 from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, validate_body
 from router_gateway.routing import RoutingTable
 
@@ -51,14 +52,15 @@ def _entry_or_404(routing: RoutingTable, name: str) -> dict:
     return entry.describe()
 
 
-@router.get("/v1/routers")
+@router.get("/v1/routers", responses=errors(*ADMIN))
 async def list_routers(request: Request) -> Response:
     routing = await _admin(request)
     await routing.refresh()
     return _json({"object": "list", "data": [routing.entries[n].describe() for n in routing.names()]})
 
 
-@router.post("/v1/routers")
+@router.post("/v1/routers", openapi_extra=json_body(RouterDeployment),
+             responses=errors(*BODY, *ADMIN, ok="Replaced", created="Created"))
 async def add_router(request: Request) -> Response:
     """Create or replace a deployment, after loading its router and checking the mapping."""
     routing = await _admin(request)
@@ -81,14 +83,14 @@ async def add_router(request: Request) -> Response:
     return _json(out, 201 if created else 200)
 
 
-@router.get("/v1/routers/{name}")
+@router.get("/v1/routers/{name}", responses=errors(*ADMIN, 404))
 async def get_router(name: str, request: Request) -> Response:
     routing = await _admin(request)
     await routing.refresh()
     return _json(_entry_or_404(routing, name))
 
 
-@router.delete("/v1/routers/{name}")
+@router.delete("/v1/routers/{name}", responses=errors(*ADMIN, 404))
 async def delete_router(name: str, request: Request) -> Response:
     routing = await _admin(request)
     try:
@@ -99,7 +101,8 @@ async def delete_router(name: str, request: Request) -> Response:
     return _json({"id": f"router:{name}", "object": "router", "deleted": True})
 
 
-@router.post("/v1/route", tags=["openai"])
+@router.post("/v1/route", tags=["openai"], openapi_extra=json_body(ChatCompletionRequest, CompletionRequest),
+             responses=errors(*BODY, 401, 403, 404, 503))
 async def explain_route(request: Request) -> Response:
     """The routing decision for a chat or completions body, without calling any expert."""
     key = await request.app.state.keys.client(request)

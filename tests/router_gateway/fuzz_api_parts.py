@@ -19,8 +19,7 @@ from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore
 from router_gateway.app import create_app
 from router_gateway.deployments import DeploymentStore, RouterDeployment
-from router_gateway.keys import KeyPolicy, KeyStore
-from router_gateway.protocol import ChatCompletionRequest, CompletionRequest
+from router_gateway.keys import KeyStore
 from tests.router_gateway.conftest import ADMIN_KEY, CLIENT_KEY, make_settings, serve_in_thread
 from tests.router_gateway.test_routing import EXPERT_MAP, routed_experts
 
@@ -46,8 +45,12 @@ class Operation:
     path: str
     tags: tuple[str, ...]
     params: tuple[tuple[str, str, dict, bool], ...]   # (name, in, schema, required)
-    body: dict | None                             # JSON schema of the body, None: unknown
+    body: dict | None                             # JSON schema of the body, None: none declared
+    statuses: frozenset[str]                      # the documented answers: "200", "404", "4XX", ...
     root: dict = field(repr=False, compare=False)  # what the body's $refs resolve against
+
+    def documents(self, status: int) -> bool:
+        return str(status) in self.statuses or f"{status // 100}XX" in self.statuses
 
     @property
     def id(self) -> str:
@@ -66,33 +69,6 @@ class Operation:
         return self.method in ("POST", "PUT", "PATCH")
 
 
-def _key_create_schema() -> dict:
-    schema = KeyPolicy.model_json_schema()
-    schema["properties"] = {"name": {"type": "string", "minLength": 1}, **schema["properties"]}
-    schema["required"] = ["name", *schema.get("required", [])]
-    return schema
-
-
-def _either(*models) -> dict:
-    """anyOf the models' schemas, their $defs merged at the top (where their $refs point)."""
-    schemas = [m.model_json_schema() for m in models]
-    defs = {k: v for s in schemas for k, v in s.pop("$defs", {}).items()}
-    return {"anyOf": schemas, "$defs": defs}
-
-
-# Handlers that read the raw request validate with these; the schema cannot say so.
-BODY_MODELS = {
-    "POST /v1/chat/completions": lambda: ChatCompletionRequest.model_json_schema(),
-    "POST /v1/completions": lambda: CompletionRequest.model_json_schema(),
-    "POST /v1/route": lambda: _either(ChatCompletionRequest, CompletionRequest),
-    "POST /v1/experts": lambda: ExpertSpec.model_json_schema(),
-    "PUT /v1/experts/{name}": lambda: ExpertSpec.model_json_schema(),
-    "POST /v1/keys": _key_create_schema,
-    "PATCH /v1/keys/{key_id}": lambda: KeyPolicy.model_json_schema(),
-    "POST /v1/routers": lambda: RouterDeployment.model_json_schema(),
-}
-
-
 def operations(schema: dict) -> list[Operation]:
     ops = []
     for path, item in schema["paths"].items():
@@ -101,27 +77,20 @@ def operations(schema: dict) -> list[Operation]:
                 continue
             params = tuple((p["name"], p["in"], p.get("schema", {}), bool(p.get("required")))
                            for p in op.get("parameters", ()))
-            declared = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
-            key = f"{method.upper()} {path}"
-            if declared is not None:
-                body, root = declared, {**schema, **declared}   # components/schemas or its own $defs
-            elif key in BODY_MODELS:
-                body = BODY_MODELS[key]()
-                root = body
-            else:
-                body, root = None, {}
-            ops.append(Operation(method.upper(), path, tuple(op.get("tags", ())), params, body, root))
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+            ops.append(Operation(method.upper(), path, tuple(op.get("tags", ())), params, body,
+                                 frozenset(op.get("responses", ())), schema))
     return ops
 
 
-def _schema_at_collection() -> dict:
+def app_schema() -> dict:
     """The same schema the served app answers at /openapi.json (checked below), needed
     here to parametrize one test per operation."""
     with tempfile.TemporaryDirectory() as tmp:
         return create_app(make_settings(Path(tmp))).app.openapi()
 
 
-OPS = operations(_schema_at_collection())
+OPS = operations(app_schema())
 
 
 # --- the gateways under fuzz -----------------------------------------------------------------

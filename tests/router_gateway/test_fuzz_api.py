@@ -46,6 +46,7 @@ Deterministic (``derandomize``), no example database; about 35 s on 2 cores.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -59,7 +60,8 @@ from expert_registry.spec import MAX_PRICE_PER_MTOK
 from expert_registry.store import ExpertStore, open_redis
 from tests.router_gateway.conftest import ADMIN_KEY, CLIENT_KEY
 from tests.router_gateway.fuzz_api_parts import (EXAMPLES, MODES, NASTY_BYTES, OPS, UPSTREAM_5XX, Gen, Operation, Req,
-                                                 Target, about_experts, fuzz_gateway, operations, param_kind)
+                                                 Target, app_schema, about_experts, fuzz_gateway,
+                                                 operations, param_kind)
 from tests.router_gateway.test_routing import EXPERT_MAP, POEM_Q, train_router
 
 
@@ -108,6 +110,9 @@ def check(op: Operation, target: Target, mode: str, req: Req, r: httpx.Response)
     assert not 300 <= r.status_code < 400, where
     if r.status_code >= 400:
         err = assert_openai_error(r, req)
+        # A path parameter no route takes (a newline in a name) is the router's plain 404.
+        unrouted = r.status_code == 404 and err["message"] == "Not Found"
+        assert unrouted or op.documents(r.status_code), f"{op.id} does not document {r.status_code}: {where}"
         if r.status_code >= 500:
             asked_timeout = any(name == "x-switchyard-timeout" for name, _ in req.headers)
             allowed = UPSTREAM_5XX if mode == "admin" else {(504, "timeout", None)} if asked_timeout else set()
@@ -117,6 +122,7 @@ def check(op: Operation, target: Target, mode: str, req: Req, r: httpx.Response)
             assert "retry-after" in r.headers, where
         return
     assert 200 <= r.status_code < 300, where
+    assert op.documents(r.status_code), f"{op.id} does not document {r.status_code}: {where}"
     if op.admin_only and not req.as_admin:
         raise AssertionError(f"an admin route answered a request without the admin key: {where}")
     if mode == "anon" and op.method != "GET":
@@ -175,6 +181,39 @@ def test_the_served_schema_is_what_is_fuzzed(targets: dict[str, Target]):
         assert r.status_code == 200
         assert {op.id for op in operations(r.json())} == {op.id for op in OPS}
     assert len(OPS) >= 19
+
+
+def test_the_schema_documents_every_body_and_error():
+    """Every operation that takes a body declares it (the handlers read the raw request,
+    so FastAPI alone would document none), every $ref resolves, no operation documents
+    FastAPI's 422 (the gateway answers 400), and the documented errors are OpenAI's shape."""
+    schema = app_schema()
+    for op in OPS:
+        assert (op.body is not None) == op.takes_body, op.id
+        assert "422" not in op.statuses and op.statuses & {"200", "201"}, (op.id, op.statuses)
+        responses = schema["paths"][op.path][op.method.lower()]["responses"]
+        for status, answer in responses.items():
+            if status[0] in "45":
+                ref = answer["content"]["application/json"]["schema"]["$ref"]
+                assert ref == "#/components/schemas/ErrorResponse", (op.id, status)
+    text = json.dumps(schema)
+    for ref in set(re.findall(r'"\$ref": "([^"]+)"', text)):
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in schema["components"]["schemas"], ref
+    error = schema["components"]["schemas"]["ErrorDetail"]
+    assert set(error["properties"]) == {"message", "type", "param", "code"} == set(error["required"])
+    assert schema["components"]["schemas"]["NewKey"]["required"] == ["name"]
+    chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert set(chat) == {"application/json", "text/event-stream"}
+
+
+def test_a_wrong_method_is_a_405_naming_every_method_of_the_path(targets: dict[str, Target]):
+    client = targets["admin"].client
+    headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+    for path, methods in {"/v1/experts": "GET, POST", "/v1/experts/up-echo": "DELETE, GET, PUT",
+                          "/v1/keys/k": "DELETE, GET, PATCH", "/v1/chat/completions": "POST"}.items():
+        r = client.request("OPTIONS", path, headers=headers)
+        assert r.status_code == 405 and r.headers.get_list("allow") == [methods], (path, r.headers)
+        assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def _order(op: Operation) -> int:
