@@ -50,7 +50,7 @@ class LocalResourcesExhausted(HTTPClientError):
     EADDRNOTAVAIL): a fault of the caller's host, not of the upstream."""
 
 
-_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ class _OriginPool:
                 connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             self.slots.release()
-            if getattr(exc, "errno", None) in _LOCAL_ERRNOS:
+            if getattr(exc, "errno", None) in LOCAL_ERRNOS:
                 raise LocalResourcesExhausted(f"cannot open a connection to {self.origin.host}:{self.origin.port} "
                                               f"here: {exc.strerror or exc}") from exc
             raise ConnectFailed(f"cannot connect to {self.origin.host}:{self.origin.port} "

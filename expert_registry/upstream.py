@@ -24,7 +24,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 
-from expert_registry.http1 import ConnectFailed, HTTP1Client, HTTPClientError, LocalResourcesExhausted, ReadTimeout
+from expert_registry.http1 import (LOCAL_ERRNOS, ConnectFailed, HTTP1Client, HTTPClientError, LocalResourcesExhausted,
+                                   ReadTimeout)
 from expert_registry.spec import ExpertSpec
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,18 @@ def _http_failure(exc: HTTPClientError, spec: ExpertSpec) -> UpstreamFailure:
     if isinstance(exc, ReadTimeout):
         return UpstreamTimedOut(f"{where} did not answer in time")
     return UpstreamProtocolError(f"{where} broke the connection ({exc})")
+
+
+def _socket_error(exc: BaseException) -> OSError | None:
+    """The first ``OSError`` with an errno among ``exc`` and its causes, if any."""
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, OSError) and node.errno is not None:
+            return node
+        node = node.__cause__ or node.__context__
+    return None
 
 
 class HTTPUpstream:
@@ -173,8 +186,13 @@ class LiteLLMUpstream:
         where = f"expert '{spec.name}' ({spec.served_model})"
         if isinstance(exc, lib.Timeout):
             return UpstreamTimedOut(f"{where} did not answer in time")
-        if isinstance(exc, lib.APIConnectionError):
-            return UpstreamUnreachable(f"{where} is unreachable: {exc}")
+        # litellm wraps a socket error four or five deep, and words a refused connection
+        # as an InternalServerError with status 500: read the cause.
+        cause = _socket_error(exc)
+        if cause is not None and cause.errno in LOCAL_ERRNOS:
+            return UpstreamNotTried(f"{where} was not tried: cannot open a connection here: {cause.strerror or cause}")
+        if isinstance(exc, lib.APIConnectionError) or cause is not None:
+            return UpstreamUnreachable(f"{where} is unreachable: {cause or exc}")
         status = getattr(exc, "status_code", None)
         if isinstance(status, int) and 400 <= status < 600:
             err = {"error": {"message": str(exc), "type": type(exc).__name__, "param": None, "code": None}}
