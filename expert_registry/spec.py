@@ -35,6 +35,18 @@ class LaunchSpec(BaseModel):
     args: list[str] = Field(default_factory=list, description="Extra engine arguments")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the worker")
 
+    @model_validator(mode="after")
+    def _passable(self) -> "LaunchSpec":
+        """What a process can be started with: a NUL cannot be passed in an argument or
+        the environment, and an environment name cannot be empty or hold '='."""
+        texts = {"model_path": [self.model_path], "args": self.args, "env": [*self.env, *self.env.values()]}
+        for field, values in texts.items():
+            if any("\x00" in v for v in values):
+                raise ValueError(f"launch.{field} must not contain NUL characters")
+        if any(not k or "=" in k for k in self.env):
+            raise ValueError("launch.env names must be non-empty and must not contain '='")
+        return self
+
 
 class ExpertSpec(BaseModel):
     """One expert model behind the gateway."""

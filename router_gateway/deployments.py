@@ -18,6 +18,7 @@ The HTTP API (``router_routes``) and the CLI (``cli_routers``) validate a deploy
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,17 @@ class RouterDeployment(BaseModel):
         if not _NAME_RE.match(v):
             raise ValueError("router name must be a slug: 1-64 characters of lowercase letters, digits, "
                              "'.', '_', '-', starting with a letter or digit")
+        return v
+
+    @field_validator("router_dir")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        try:
+            if "\x00" in v:
+                raise ValueError
+            os.fsencode(v)   # lone surrogates outside the surrogateescape range do not encode
+        except ValueError:   # UnicodeEncodeError included
+            raise ValueError("router_dir must be a folder path: no NUL characters, encodable as UTF-8") from None
         return v
 
     @field_validator("expert_map")

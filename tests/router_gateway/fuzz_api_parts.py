@@ -251,7 +251,7 @@ class Gen:
             "backend": st.sampled_from(["openai", "vllm", "collab"]),
             "base_url": st.sampled_from([t.upstream, t.upstream + "/", "http://127.0.0.1:1/v1", "ftp://x"]),
             "served_model": st.sampled_from([*FUZZ_SCRIPTED, "fail500", "busy", "garbage", "served-poet"]),
-            "router_dir": st.sampled_from([str(t.router_dir)] * 3 + [str(t.router_dir.parent), "/no/such/dir", "."]),
+            "router_dir": st.sampled_from([str(t.router_dir)] * 3 + [str(t.router_dir.parent), "/no/such/dir", ".", "/a\x00b"]),
             "expert_map": st.builds(dict, st.just(EXPERT_MAP)) | st.builds(dict, st.just(EXPERT_MAP)) | st.dictionaries(
                 st.sampled_from([*EXPERT_MAP, "log-unmapped", "gpt-9"]), pick(experts), max_size=4),
             "aggregator": pick(experts),

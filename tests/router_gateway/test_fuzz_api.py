@@ -400,3 +400,21 @@ def test_absurd_prices_are_refused_and_the_largest_allowed_still_routes_on_quali
         target.client.delete("/v1/routers/pricey", headers=admin)
         for name in names.values():
             target.client.delete(f"/v1/experts/{name}", headers=admin)
+
+
+def test_paths_and_launch_values_a_process_cannot_take_are_400s(targets: dict[str, Target]):
+    """A NUL in router_dir made resolving the path raise ValueError: a 500 (found by
+    schemathesis, 2026-12-04). A NUL in an expert's launch block, or an environment name
+    with '=', was stored and failed only at `switchyard workers up`."""
+    target = targets["admin"]
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    r = target.client.post("/v1/routers", headers=admin, json={
+        "name": "nul", "router_dir": str(target.router_dir) + "\x00", "expert_map": EXPERT_MAP})
+    assert r.status_code == 400 and "router_dir" in assert_openai_error(r, None)["message"], r.text
+    expert = {"name": "launchy", "backend": "vllm", "base_url": target.upstream, "served_model": "echo"}
+    for launch in ({"model_path": "/m\x00"}, {"model_path": "/m", "args": ["--a\x00"]},
+                   {"model_path": "/m", "env": {"A=B": "1"}}, {"model_path": "/m", "env": {"A": "\x00"}}):
+        r = target.client.put("/v1/experts/launchy", headers=admin, json={**expert, "launch": launch})
+        assert r.status_code == 400 and "launch" in assert_openai_error(r, None)["message"], (launch, r.text)
+    assert target.client.get("/v1/experts/launchy", headers=admin).status_code == 404
+    assert target.client.get("/v1/routers/nul", headers=admin).status_code == 404
