@@ -53,9 +53,11 @@ class ExpertSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(description="Name clients put in `model`")
+    name: str = Field(description="Name clients put in `model`",
+                      json_schema_extra={"pattern": _NAME_RE.pattern, "not": {"enum": sorted(RESERVED_NAMES)}})
     backend: Backend
-    base_url: str | None = Field(default=None, description="OpenAI-compatible base URL, e.g. http://host:8001/v1")
+    base_url: str | None = Field(default=None, description="OpenAI-compatible base URL, e.g. http://host:8001/v1 "
+                                 "(http:// or https://)")
     served_model: str = Field(description="The upstream's model id (or litellm provider model string)")
     api_key: str | None = Field(default=None, description="Key sent to the upstream, if it needs one")
     input_price_per_mtok: float = Field(default=0.0, ge=0, le=MAX_PRICE_PER_MTOK, description="USD per 1M input tokens")

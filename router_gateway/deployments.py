@@ -53,9 +53,10 @@ class RouterDeployment(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    name: str = Field(description="What clients put after 'router:'")
+    name: str = Field(description="What clients put after 'router:'", json_schema_extra={"pattern": _NAME_RE.pattern})
     router_dir: str = Field(min_length=1, description="A saved router (router.json + arrays), as the gateway sees it")
-    expert_map: dict[str, str] = Field(description="log model (router.experts_) -> registered expert name")
+    expert_map: dict[str, str] = Field(description="log model (router.experts_) -> registered expert name",
+                                       json_schema_extra={"minProperties": 1})
     default: bool = Field(default=False, description="The router 'auto' uses; at most one deployment has it")
     lam: float = Field(default=0.0, ge=0, allow_inf_nan=False, validation_alias=AliasChoices("lam", "lambda"),
                        description="Willingness to pay: utility = quality - lam * cost / cost_scale")

@@ -27,7 +27,7 @@ class Feedback(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     request_id: str = Field(min_length=1, max_length=128, description="The x-request-id of the answer")
-    score: float = Field(ge=0.0, le=1.0, description="How good the answer was, 0 (wrong) to 1 (right)")
+    score: float = Field(ge=0.0, le=1.0, strict=True, description="How good the answer was, 0 (wrong) to 1 (right)")
     comment: str | None = Field(default=None, max_length=2000)
 
 

@@ -31,7 +31,7 @@ class ChatMessage(_Lenient):
 
 
 class _SamplingFields(_Lenient):
-    model: StrictStr
+    model: StrictStr = Field(json_schema_extra={"minLength": 1})   # refused when empty by parse_model
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1)
