@@ -166,7 +166,8 @@ def test_feedback_and_export_make_a_training_file(observed, tmp_path: Path, monk
             assert give(rid, 1.0 if expert == "echo" else 0.25).status_code == 201
         # Another key's opinion of team-a's answers is kept but never exported.
         assert give(ids[("echo", "name a colour")], 0.0, who=other).status_code == 201
-        for bad in (give("x", 1.5), give("x", "high"), give("", 0.5), give("x", 0.5, extra_field=1),
+        for bad in (give("x", 1.5), give("x", "high"), give("x", "0.5"), give("x", False), give("", 0.5),
+                    give("x", 0.5, extra_field=1),
                     c.post("/v1/feedback", json={"request_id": "x", "score": 1})):
             assert bad.status_code in (400, 401) and "error" in bad.json(), bad.text
     assert _wait(lambda: len(store.client.xrange(decisions_key(store.prefix))) == 4)
