@@ -28,6 +28,7 @@ from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream
 from router_gateway import admin_routes, router_routes
 from router_gateway import feedback_routes, key_routes
 from router_gateway.auth import KeyCache, KeyChecker
+from router_gateway.cors import Cors
 from router_gateway.dispatch import CooldownPolicy, Dispatcher, error_response, internal_error_response
 from router_gateway.app_helpers import read_json
 from router_gateway.decision_log import DecisionLog
@@ -108,11 +109,13 @@ class FastPath:
     goes on the response and into log lines, and ``observe`` gets the trace once the
     last byte is out (metrics, the decision log)."""
 
-    def __init__(self, app: FastAPI, routes: dict[str, Any], observe: Callable[[Trace], None]):
+    def __init__(self, app: FastAPI, routes: dict[str, Any], observe: Callable[[Trace], None],
+                 cors: Cors | None = None):
         self.app = app
         self.routes = routes
         self.state = app.state
         self.observe = observe
+        self.cors = cors
 
     def begin(self, scope: dict) -> Trace:
         """The request's ``Trace``, stored in ``scope["switchyard.trace"]``."""
@@ -134,11 +137,14 @@ class FastPath:
         if body is not None:
             request._body = body   # what Starlette's Request.body() caches, read by stream()
         try:
-            return await handler(request)
+            response = await handler(request)
         except GatewayError as exc:
-            return error_response(exc)
+            response = error_response(exc)
         except Exception as exc:  # never let a bug become a dropped connection
-            return internal_error_response(exc)
+            response = internal_error_response(exc)
+        if self.cors is not None:
+            response.raw_headers.extend(self.cors.headers(scope["headers"]))
+        return response
 
     def finish(self, trace: Trace) -> None:
         try:
@@ -259,6 +265,9 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     app = FastAPI(title="Switchyard", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible multi-LLM routing gateway")
     app.state.settings = settings
+    cors = Cors(settings.cors_origins) if settings.cors_origins else None
+    if cors is not None:
+        cors.install(app)
     app.state.metrics = metrics = Metrics(lambda: getattr(app.state, "view", None),
                                           lambda: getattr(app.state, "upstream_client", None))
     _install_error_handlers(app)
@@ -337,7 +346,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     app.include_router(router_routes.router)
     app.include_router(feedback_routes.router)
     install_openapi(app)
-    return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions}, observe)
+    return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions}, observe,
+                    cors)
 
 
 def _timeout(header: str | None, limit: float) -> float | None:

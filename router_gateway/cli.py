@@ -286,7 +286,21 @@ def workers_status() -> None:
 
 
 def main() -> None:
-    app()
+    from pydantic_settings import SettingsError
+
+    try:
+        app()
+    except ValidationError as exc:   # a SWITCHYARD_* setting that does not parse: say which
+        if exc.title != "Settings":
+            raise
+        for err in exc.errors():
+            name = "SWITCHYARD_" + str(err["loc"][0]).upper() if err["loc"] else "a SWITCHYARD_* setting"
+            console.print(f"[red]error:[/red] {name}: {err['msg'].removeprefix('Value error, ')}")
+        sys.exit(2)
+    except SettingsError as exc:     # a list setting that is not JSON
+        console.print(f"[red]error:[/red] {exc}; list settings are JSON, e.g. "
+                      """SWITCHYARD_CORS_ORIGINS='["https://app.example.com"]'""")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     port: int = 8000
     admin_key: SecretStr | None = Field(default=None, description="Bearer key for /v1/experts writes; generated into data_dir when unset")
     api_keys: list[str] = Field(default_factory=list, description="Client keys accepted on /v1/*; empty means open")
+    cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed to call the API "
+                                    "(CORS), e.g. [\"https://app.example.com\"], or [\"*\"] for any; empty: no "
+                                    "CORS headers, browsers on other origins are refused")
     max_body_bytes: int = 4 * 1024 * 1024
     upstream_connect_timeout_s: float = 5.0
     upstream_timeout_s: float = 120.0
@@ -45,6 +48,13 @@ class Settings(BaseSettings):
                             "garbage collector's scans (gc.freeze) and collect young objects every 100,000 "
                             "net allocations instead of 700: about 10% more requests/s at saturation")
     log_level: str = "info"
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        from router_gateway.cors import check_origins
+
+        return check_origins(v)
 
     def resolved_admin_key(self) -> str:
         """The admin key: configured, or generated once into data_dir/admin_key (mode 600)."""
