@@ -330,6 +330,9 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                 "experts": len(view.experts), "healthy_experts": healthy}
         return Response(orjson.dumps(body), media_type="application/json")
 
+    # HEAD for load-balancer checks (the same answer without its body; one operation in the schema)
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def prometheus_metrics(request: Request) -> Response:
         """Prometheus metrics (text format); see ``router_gateway.observe``."""

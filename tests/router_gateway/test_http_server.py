@@ -135,6 +135,13 @@ def test_answers_keep_alive_pipelining_and_close(served: str):
         assert wire.server_closed()
 
 
+def test_health_answers_head_for_load_balancer_checks(served: str):
+    with httpx.Client(base_url=served, timeout=10) as c:
+        head, get = c.head("/health"), c.get("/health")
+    assert head.status_code == get.status_code == 200 and get.json()["status"] == "ok"
+    assert head.content == b"" and head.headers["content-type"] == "application/json"
+
+
 def test_http10_client_gets_its_answer_and_a_closed_connection(served: str):
     with connect(served) as sock:
         wire = Responses(sock)
