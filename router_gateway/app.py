@@ -32,7 +32,7 @@ from router_gateway.cors import Cors
 from router_gateway.dispatch import CooldownPolicy, Dispatcher, error_response, internal_error_response
 from router_gateway.app_helpers import read_json
 from router_gateway.decision_log import DecisionLog
-from router_gateway.errors import GatewayError, InvalidRequest, StoreUnavailable, error_body
+from router_gateway.errors import GatewayError, InvalidRequest, ModelNotFound, StoreUnavailable, error_body
 from router_gateway.keys import KeyRecord, KeyStore, Limiter
 from router_gateway.model_string import parse_model
 from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, invalid_from_errors, validate_body
@@ -312,14 +312,27 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     app.add_api_route("/v1/completions", completions, methods=["POST"], tags=["openai"],
                       openapi_extra=json_body(CompletionRequest), responses={**answer, **errors(*PROXY)})
 
-    @app.get("/v1/models", tags=["openai"], responses=errors(401, 503))
-    async def models(request: Request) -> Response:
+    async def visible_models(request: Request) -> dict:
+        """OpenAI's model list: experts, groups, routers and ``auto``, only what the key may call."""
         key: KeyRecord | None = await request.app.state.keys.client(request)
         listing = admin_routes.model_list(request.app.state.view, {})
         listing["data"].extend(request.app.state.routing.model_entries())
-        if key is not None and key.models is not None:   # only what this key may call
+        if key is not None and key.models is not None:
             listing["data"] = [m for m in listing["data"] if key.allows(m["id"])]
-        return Response(orjson.dumps(listing), media_type="application/json")
+        return listing
+
+    @app.get("/v1/models", tags=["openai"], responses=errors(401, 503))
+    async def models(request: Request) -> Response:
+        return Response(orjson.dumps(await visible_models(request)), media_type="application/json")
+
+    @app.get("/v1/models/{model:path}", tags=["openai"], responses=errors(401, 404, 503))
+    async def model(model: str, request: Request) -> Response:
+        """One entry of the model list (what the OpenAI SDKs' ``models.retrieve`` asks for)."""
+        for entry in (await visible_models(request))["data"]:
+            if entry["id"] == model:
+                return Response(orjson.dumps(entry), media_type="application/json")
+        raise ModelNotFound(f"model '{model}' does not exist, or this API key may not call it; "
+                            "GET /v1/models lists those it may", param="model")
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request) -> Response:

@@ -442,7 +442,7 @@ class Gen:
 
 def param_kind(op: Operation, name: str) -> str | None:
     """Which records a path parameter names (its values are drawn from those), or None."""
-    return {"name": "router" if op.path.startswith("/v1/routers") else "expert", "key_id": "key"}.get(name)
+    return {"name": "router" if op.path.startswith("/v1/routers") else "expert", "key_id": "key", "model": "expert"}.get(name)
 
 
 def _paths(value: Any, prefix: tuple = ()) -> Iterator[tuple]:

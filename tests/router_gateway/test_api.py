@@ -61,6 +61,11 @@ def test_models_list_is_openai_shaped(gateway: Gateway):
     ids = {m.id for m in models.data}
     assert {"up-echo", "echo", "down"} <= ids
     assert all(m.object == "model" for m in models.data)
+    one = sdk(gateway).models.retrieve("up-echo")   # GET /v1/models/{model}
+    assert one.id == "up-echo" and one.object == "model"
+    assert one.model_dump() == next(m for m in models.data if m.id == "up-echo").model_dump()
+    with pytest.raises(openai.NotFoundError, match="model 'nope' does not exist"):
+        sdk(gateway).models.retrieve("nope")
 
 
 def test_expert_named_like_its_served_model_is_passed_through(gateway: Gateway):

@@ -281,6 +281,9 @@ def test_gateway_is_open_until_the_first_key_then_enforces_it(keyed_gateway, sto
                 sdk.chat.completions.create(model="echo", messages=msgs)
             assert {m.id for m in sdk.models.list()} == {"up-echo", "up-fail500", "up-bad400", "up-slow",
                                                          "up-breakstream", "up-garbage"}
+            assert sdk.models.retrieve("up-echo").id == "up-echo"
+            with pytest.raises(openai.NotFoundError):   # it exists, but not for this key
+                sdk.models.retrieve("echo")
             with pytest.raises(openai.AuthenticationError):
                 _sdk(url, secret[:-1] + "x").chat.completions.create(model="up-echo", messages=msgs)
             # A client key cannot manage keys.

@@ -260,6 +260,7 @@ def test_explain_header_adds_scores(routed: Gateway):
 def test_models_lists_routers_and_auto(routed: Gateway):
     ids = [m.id for m in sdk(routed).models.list().data]
     assert "router:classifier" in ids and "auto" in ids and "poet" in ids
+    assert sdk(routed).models.retrieve("router:classifier").id == "router:classifier"
 
 
 @pytest.mark.parametrize("model, body, status, needle", [
