@@ -178,7 +178,8 @@ class LiteLLMUpstream:
             kwargs["api_base"] = spec.base_url
         kwargs["api_key"] = spec.api_key or "none"
         kwargs["timeout"] = timeout_s if timeout_s is not None else kwargs.get("timeout", self.timeout_s)
-        fn = lib.acompletion if endpoint == "chat/completions" else lib.atext_completion
+        fn = {"chat/completions": lib.acompletion, "completions": lib.atext_completion,
+              "embeddings": lib.aembedding}[endpoint]
         return fn(**kwargs)
 
     def _failure(self, exc: Exception, spec: ExpertSpec) -> UpstreamFailure | tuple[int, bytes]:

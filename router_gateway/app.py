@@ -35,7 +35,8 @@ from router_gateway.decision_log import DecisionLog
 from router_gateway.errors import GatewayError, InvalidRequest, ModelNotFound, StoreUnavailable, error_body
 from router_gateway.keys import KeyRecord, KeyStore, Limiter
 from router_gateway.model_string import parse_model
-from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, invalid_from_errors, validate_body
+from router_gateway.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, invalid_from_errors,
+                                     validate_body)
 from router_gateway.openapi import PROXY, errors, install as install_openapi, json_body
 from router_gateway.observe import Metrics, Trace, configure_logging, request_id_from, route_label
 from router_gateway.registry_view import RegistryView, health_loop
@@ -291,6 +292,10 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         target = parse_model(body["model"])
         if target.kind == "expert":  # the fast path: no awaits
             decision = dispatcher.resolve(target)
+        elif endpoint == "embeddings":
+            raise InvalidRequest(f"embeddings come from one expert: name it in 'model' (got {body['model']!r}; "
+                                 "routers and collaboration groups answer chat and text completions only)",
+                                 param="model")
         else:
             explain = request.headers.get("x-switchyard-explain", "").lower() in ("1", "true", "yes")
             decision = await dispatcher.route(target, body, endpoint, explain or logging_decisions)
@@ -305,12 +310,18 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     async def completions(request: Request) -> Response:
         return await _proxy(request, "completions", CompletionRequest)
 
+    async def embeddings(request: Request) -> Response:
+        return await _proxy(request, "embeddings", EmbeddingRequest)
+
     answer = {200: {"description": "The expert's answer: a JSON object, or with `stream: true` an event stream "
                     "ending in `data: [DONE]`", "content": {"application/json": {}, "text/event-stream": {}}}}
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], tags=["openai"],
                       openapi_extra=json_body(ChatCompletionRequest), responses={**answer, **errors(*PROXY)})
     app.add_api_route("/v1/completions", completions, methods=["POST"], tags=["openai"],
                       openapi_extra=json_body(CompletionRequest), responses={**answer, **errors(*PROXY)})
+    app.add_api_route("/v1/embeddings", embeddings, methods=["POST"], tags=["openai"],
+                      openapi_extra=json_body(EmbeddingRequest),
+                      responses={200: {"description": "The expert's embeddings"}, **errors(*PROXY)})
 
     async def visible_models(request: Request) -> dict:
         """OpenAI's model list: experts, groups, routers and ``auto``, only what the key may call."""
@@ -362,8 +373,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     app.include_router(router_routes.router)
     app.include_router(feedback_routes.router)
     install_openapi(app)
-    return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions}, observe,
-                    cors)
+    return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions,
+                          "/v1/embeddings": embeddings}, observe, cors)
 
 
 def _timeout(header: str | None, limit: float) -> float | None:

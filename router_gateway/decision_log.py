@@ -298,6 +298,9 @@ def export_rows(client: redis.Redis, prefix: str, *, since: float | None = None,
         if not d.get("status", "").startswith("2"):
             rep.skip("not answered (status not 2xx)")
             continue
+        if d.get("endpoint") == "embeddings":
+            rep.skip("an embeddings request (routers learn from completions)")
+            continue
         if not d.get("prompt"):
             rep.skip("prompt not logged")
             continue

@@ -474,13 +474,16 @@ class Limiter:
 
 
 def usage_from(obj: object) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an OpenAI ``usage`` object, or None."""
+    """(prompt, completion) tokens from an OpenAI ``usage`` object, or None. An embeddings
+    answer's usage has no ``completion_tokens`` and a ``total_tokens`` equal to its prompt's."""
     if not isinstance(obj, dict):
         return None
     usage = obj.get("usage")
     if not isinstance(usage, dict):
         return None
     p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if c is None and "completion_tokens" not in usage and usage.get("total_tokens") == p:
+        c = 0
     if not isinstance(p, int) or not isinstance(c, int):
         return None
     return p, c
@@ -503,7 +506,7 @@ def _chars(x: object) -> int:
 def estimate_usage(body: dict, completion_chars: int) -> tuple[int, int]:
     """(prompt, completion) tokens at ``CHARS_PER_TOKEN`` characters a token, for answers
     whose upstream reports no usage, so that they are not free against a budget."""
-    prompt = _chars(body.get("messages")) + _chars(body.get("prompt"))
+    prompt = _chars(body.get("messages")) + _chars(body.get("prompt")) + _chars(body.get("input"))
     return -(-prompt // CHARS_PER_TOKEN), -(-completion_chars // CHARS_PER_TOKEN)
 
 

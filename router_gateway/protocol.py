@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from types import NoneType
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
@@ -47,6 +47,15 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+
+
+class EmbeddingRequest(_Lenient):
+    model: StrictStr = Field(json_schema_extra={"minLength": 1})   # refused when empty by parse_model
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description="Text, texts, or token ids to embed")
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: StrictInt | None = Field(default=None, ge=1)
+    stream: Literal[False] | None = Field(default=None, description="Embeddings are not streamed")
 
 
 def validate_body(model_cls: type[BaseModel], body: Any) -> None:

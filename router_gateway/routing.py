@@ -77,8 +77,8 @@ def _content_text(content: Any) -> str:
 
 def query_text(body: dict, endpoint: str) -> str:
     """The text a router scores for this request (see the module docstring)."""
-    if endpoint == "completions":
-        prompt = body.get("prompt")
+    if endpoint in ("completions", "embeddings"):
+        prompt = body.get("prompt" if endpoint == "completions" else "input")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str) or prompt == []:

@@ -4,6 +4,7 @@ Not a mock: it runs on loopback under uvicorn and the gateway talks real HTTP to
 stands in for an upstream only where the upstream's own behaviour is not under test
 (echoing what it received, failing on purpose); tests of real model serving use vLLM.
 
+``/v1/embeddings`` answers every model with small vectors (see ``embeddings``).
 The behaviour is chosen by the ``served_model`` the gateway forwards:
   echo         answers and echoes the forwarded request body under "received"
   fail500      HTTP 500 with an OpenAI error body
@@ -128,10 +129,26 @@ async def completions(request: Request) -> Response:
     return await _serve(request, chat=False)
 
 
+async def embeddings(request: Request) -> Response:
+    """One 3-number vector per input, [characters, index, 0.5]; ``fail500`` and ``bad400``
+    fail as they do for completions."""
+    body = await request.json()
+    model = body.get("model", "")
+    if model in ("fail500", "bad400"):
+        return await _serve(request, chat=True)
+    texts = body["input"] if isinstance(body.get("input"), list) else [body.get("input")]
+    data = [{"object": "embedding", "index": i, "embedding": [float(len(str(t))), float(i), 0.5]}
+            for i, t in enumerate(texts)]
+    tokens = 2 * sum(len(str(t).split()) for t in texts)   # not what the gateway's estimate would say
+    return JSONResponse({"object": "list", "data": data, "model": model,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "received": body})
+
+
 async def models(_: Request) -> Response:
     return JSONResponse({"object": "list", "data": [{"id": "echo", "object": "model"}]})
 
 
 app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
                         Route("/v1/completions", completions, methods=["POST"]),
+                        Route("/v1/embeddings", embeddings, methods=["POST"]),
                         Route("/v1/models", models)])

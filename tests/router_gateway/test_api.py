@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
 
+from expert_registry.spec import ExpertSpec
 from tests.router_gateway.conftest import CLIENT_KEY, Gateway
 
 
@@ -66,6 +69,47 @@ def test_models_list_is_openai_shaped(gateway: Gateway):
     assert one.model_dump() == next(m for m in models.data if m.id == "up-echo").model_dump()
     with pytest.raises(openai.NotFoundError, match="model 'nope' does not exist"):
         sdk(gateway).models.retrieve("nope")
+
+
+def test_embeddings_go_to_the_named_expert(gateway: Gateway):
+    raw = sdk(gateway).embeddings.with_raw_response.create(model="up-echo", input=["a cat", "the dog"],
+                                                           dimensions=3)
+    emb = raw.parse()
+    assert [d.embedding for d in emb.data] == [[5.0, 0.0, 0.5], [7.0, 1.0, 0.5]]
+    assert emb.model == "up-echo" and raw.headers["x-switchyard-expert"] == "up-echo"
+    assert float(raw.headers["x-switchyard-overhead-ms"]) >= 0 and raw.headers["x-request-id"]
+    with gateway.client() as c:
+        echoed = c.post("/v1/embeddings", json={"model": "up-echo", "input": "x", "user": "u1"}).json()
+        assert echoed["received"] == {"model": "echo", "input": "x", "user": "u1"}   # served model, extras kept
+        refused = {name: c.post("/v1/embeddings", json=body) for name, body in {
+            "router": {"model": "router:classifier", "input": "x"},
+            "auto": {"model": "auto", "input": "x"},
+            "stream": {"model": "up-echo", "input": "x", "stream": True},
+            "no input": {"model": "up-echo"},
+            "bad input": {"model": "up-echo", "input": [{"text": "x"}]},
+            "unknown": {"model": "nope", "input": "x"},
+            "failing": {"model": "up-fail500", "input": "x"},
+            "refusing": {"model": "up-bad400", "input": "x"},
+        }.items()}
+    statuses = {name: (r.status_code, r.json()["error"]["param"]) for name, r in refused.items()}
+    assert statuses == {"router": (400, "model"), "auto": (400, "model"), "stream": (400, "stream"),
+                        "no input": (400, "input"), "bad input": (400, "input.str"), "unknown": (404, "model"),
+                        "failing": (502, None), "refusing": (400, "max_tokens")}, statuses
+    assert "one expert" in refused["router"].json()["error"]["message"]
+
+
+def test_embeddings_through_the_litellm_backend(gateway: Gateway, scripted_upstream: str, monkeypatch):
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    gateway.store.put(ExpertSpec(name="lite-echo", backend="litellm", base_url=scripted_upstream,
+                                 served_model="openai/echo"))
+    client = sdk(gateway)
+    deadline = time.monotonic() + 10
+    while "lite-echo" not in {m.id for m in client.models.list()}:   # the registry refresh picks it up
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    emb = client.embeddings.create(model="lite-echo", input="a cat", encoding_format="float")
+    assert emb.model == "lite-echo" and [d.embedding for d in emb.data] == [[5.0, 0.0, 0.5]]
+    assert emb.usage.prompt_tokens == 4
 
 
 def test_expert_named_like_its_served_model_is_passed_through(gateway: Gateway):

@@ -329,6 +329,19 @@ def test_rate_limit_and_budget_over_http(keyed_gateway):
         assert c.get("/health").status_code == 200
 
 
+def test_embeddings_are_metered_by_their_prompt_tokens(keyed_gateway):
+    url, app = keyed_gateway
+    with _admin(url) as admin:
+        made = admin.post("/v1/keys", json={"name": "embedder", "budget_usd": 1.0}).json()
+    answer = _sdk(url, made["key"]).embeddings.create(model="up-echo", input=["a cat", "a dog on a mat"])
+    assert answer.usage.prompt_tokens == answer.usage.total_tokens == 14   # 7 words, 2 tokens each
+    _drain(app)
+    with _admin(url) as admin:
+        usage = admin.get(f"/v1/keys/{made['id']}").json()["usage"]
+    assert (usage["requests"], usage["input_tokens"], usage["output_tokens"]) == (1, 14, 0)
+    assert usage["spend_usd"] == pytest.approx(14 * 1.0 / 1e6)   # up-echo: $1 per 1M input tokens
+
+
 def test_streams_are_metered_without_changing_what_the_client_sees(keyed_gateway):
     url, app = keyed_gateway
     msgs = [{"role": "user", "content": "hi"}]

@@ -24,7 +24,7 @@ from expert_registry.store import ExpertStore
 from router_gateway.cli import app as cli_app
 from router_gateway.cli_common import console
 from router_gateway.cli_logs import parse_when
-from router_gateway.decision_log import decisions_key, export_rows, feedback_key
+from router_gateway.decision_log import decisions_key, export_rows, feedback_key, read_decisions
 from router_gateway.keys import KeyPolicy, KeyStore, cost_nano
 from router_gateway.observe import Trace
 from router_gateway.app import create_app
@@ -147,6 +147,22 @@ def test_the_decision_log_records_each_request_and_keeps_its_cap(store: ExpertSt
         assert _wait(lambda: store.client.xrevrange(key, count=1)[0][1]["prompt"] == "399")
         # MAXLEN ~ trims whole nodes: about the cap, never the whole history.
         assert 100 <= store.client.xlen(key) < 300
+
+
+def test_embeddings_are_logged_but_never_exported_as_training_rows(observed):
+    url, store, (secret, _), _, _ = observed
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+    raw = sdk.embeddings.with_raw_response.create(model="up-echo", input="a colour")
+    rid = raw.headers["x-request-id"]
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/v1/feedback", headers={"authorization": f"Bearer {secret}"},
+                      json={"request_id": rid, "score": 1.0}).status_code == 201
+    assert _wait(lambda: any(d.get("rid") == rid for d in read_decisions(store.client, store.prefix)))
+    entry = next(d for d in read_decisions(store.client, store.prefix) if d.get("rid") == rid)
+    assert (entry["endpoint"], entry["expert"], entry["prompt"], entry["input_tokens"]) == \
+        ("embeddings", "up-echo", "a colour", "4")
+    rows, rep = export_rows(store.client, store.prefix, unscored=True)
+    assert rows == [] and rep.skipped == {"an embeddings request (routers learn from completions)": 1}
 
 
 def test_feedback_and_export_make_a_training_file(observed, tmp_path: Path, monkeypatch):
