@@ -143,6 +143,9 @@ class _Message(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+TOP_K_CAP = 1 << 31   # above any vocabulary
+
+
 class ChatRequest(BaseModel):
     """The chat-completions fields the worker reads; unknown fields are accepted and ignored."""
 
@@ -211,8 +214,10 @@ def _prepare(engine: CollabEngine, req: ChatRequest):
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise RequestError(400, "stop must be up to 4 non-empty strings", "stop")
+    # top_k past any vocabulary (or -1, 0) means no cut; clamped so that torch never sees a
+    # number past int64 (2**63 was a 500).
     params = SamplingParams(max_tokens=asked or room, temperature=req.temperature, top_p=req.top_p,
-                            top_k=max(req.top_k, 0), seed=req.seed, stop_ids=engine.stop_ids)
+                            top_k=min(max(req.top_k, 0), TOP_K_CAP), seed=req.seed, stop_ids=engine.stop_ids)
     return prompt, params, stops
 
 

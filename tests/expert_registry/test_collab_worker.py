@@ -98,6 +98,11 @@ def test_seeded_sampling_repeats_and_stop_strings_cut(client):
                                          messages=[{"role": "user", "content": PROMPTS[0]}])
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.content == full[:full.index(stop)]
+    # A top_k past any vocabulary cuts nothing (2**63 overflowed torch's int64: a 500).
+    for top_k in (10**9, 2**63, 2**80):
+        wide = client.chat.completions.create(model="math-solo", temperature=0, max_tokens=30, extra_body={
+            "top_k": top_k}, messages=[{"role": "user", "content": PROMPTS[0]}])
+        assert wide.choices[0].message.content == full, top_k
 
 
 @pytest.mark.parametrize("body, status, param", [
