@@ -2,7 +2,7 @@
 can call the gateway: ``SWITCHYARD_CORS_ORIGINS``, off when empty.
 
 Preflight requests (``OPTIONS``) and every route served through ASGI are answered by
-Starlette's ``CORSMiddleware`` on the FastAPI app; the two hot proxy routes skip that
+Starlette's ``CORSMiddleware`` on the FastAPI app; the hot proxy routes skip that
 stack (``FastPath``, ``GatewayProtocol``), so :meth:`Cors.headers` gives their answers the
 same headers. The gateway's own response headers (request id, routing decision,
 Retry-After) are exposed to the page. No credentials mode: a browser client sends its API

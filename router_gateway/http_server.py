@@ -1,10 +1,10 @@
-"""uvicorn's httptools protocol, with the gateway's two proxy routes answered without ASGI.
+"""uvicorn's httptools protocol, with the gateway's proxy routes answered without ASGI.
 
 ``switchyard serve`` runs uvicorn with ``http=GatewayProtocol``. uvicorn still does all
 the HTTP/1.1 work (parsing, keep-alive, pipelining, flow control, 100-continue, the
 concurrency limit, graceful shutdown, worker processes); everything that is not a
 ``POST`` to a hot route of the ``FastPath`` app (``/v1/chat/completions``,
-``/v1/completions``) goes through ASGI exactly as before. A hot request instead runs its
+``/v1/completions``, ``/v1/embeddings``) goes through ASGI exactly as before. A hot request instead runs its
 handler on the request uvicorn parsed and writes the Starlette ``Response`` the handler
 returned straight to the socket:
 

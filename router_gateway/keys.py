@@ -482,7 +482,7 @@ def usage_from(obj: object) -> tuple[int, int] | None:
     if not isinstance(usage, dict):
         return None
     p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if c is None and "completion_tokens" not in usage and usage.get("total_tokens") == p:
+    if "completion_tokens" not in usage and usage.get("total_tokens") == p:
         c = 0
     if not isinstance(p, int) or not isinstance(c, int):
         return None

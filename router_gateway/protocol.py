@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 from types import NoneType
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from router_gateway.errors import InvalidRequest
+
+
+# The model name; an empty one is refused by parse_model (its message), the schema says so.
+ModelName = Annotated[StrictStr, Field(json_schema_extra={"minLength": 1})]
 
 
 class _Lenient(BaseModel):
@@ -31,7 +35,7 @@ class ChatMessage(_Lenient):
 
 
 class _SamplingFields(_Lenient):
-    model: StrictStr = Field(json_schema_extra={"minLength": 1})   # refused when empty by parse_model
+    model: ModelName
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1)
@@ -50,7 +54,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class EmbeddingRequest(_Lenient):
-    model: StrictStr = Field(json_schema_extra={"minLength": 1})   # refused when empty by parse_model
+    model: ModelName
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
         description="Text, texts, or token ids to embed")
     encoding_format: Literal["float", "base64"] | None = None
