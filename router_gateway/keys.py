@@ -474,8 +474,9 @@ class Limiter:
 
 
 def usage_from(obj: object) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an OpenAI ``usage`` object, or None. An embeddings
-    answer's usage has no ``completion_tokens`` and a ``total_tokens`` equal to its prompt's."""
+    """(prompt, completion) tokens from an OpenAI ``usage`` object, or None (then the caller
+    estimates them) where they are not two non-negative integers. An embeddings answer's
+    usage has no ``completion_tokens`` and a ``total_tokens`` equal to its prompt's."""
     if not isinstance(obj, dict):
         return None
     usage = obj.get("usage")
@@ -484,7 +485,8 @@ def usage_from(obj: object) -> tuple[int, int] | None:
     p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if "completion_tokens" not in usage and usage.get("total_tokens") == p:
         c = 0
-    if not isinstance(p, int) or not isinstance(c, int):
+    # bool is an int subclass; a negative count would credit a budget back
+    if type(p) is not int or type(c) is not int or p < 0 or c < 0:
         return None
     return p, c
 

@@ -26,6 +26,7 @@ from router_gateway.keys import (
     hash_secret,
     period_end,
     period_key,
+    usage_from,
 )
 from tests.router_gateway.conftest import ADMIN_KEY, make_settings, scripted_experts, serve_in_thread
 
@@ -87,6 +88,19 @@ def test_periods_and_costs():
     assert period_end("total", t) is None
     assert cost_nano(1_000_000, 0, 0.15, 0.6) == 150_000_000   # $0.15
     assert cost_nano(7, 3, 1.0, 2.0) == 13_000
+
+
+@pytest.mark.parametrize("usage, expected", [
+    ({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}, (7, 3)),
+    ({"prompt_tokens": 5, "total_tokens": 5}, (5, 0)),                   # an embeddings answer
+    ({"prompt_tokens": 5, "total_tokens": 9}, None),                     # completion tokens unknown
+    ({"prompt_tokens": True, "completion_tokens": 3}, None),             # a bool is not a count
+    ({"prompt_tokens": 7, "completion_tokens": -3}, None),               # would credit a budget
+    ({"prompt_tokens": 7.0, "completion_tokens": 3}, None),
+    ("7 tokens", None),
+])
+def test_usage_is_read_only_from_non_negative_integer_counts(usage, expected):
+    assert usage_from({"usage": usage}) == expected
 
 
 # -- limiter -----------------------------------------------------------------------------------
