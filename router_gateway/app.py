@@ -286,16 +286,17 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             trace.prompt = _prompt_or_none(body, endpoint)
         if key is not None:
             key.check_model(body["model"])
-            await state.limiter.admit(key)
-        meter = trace.metering(state.limiter.meter(key) if key is not None else None)
-        dispatcher: Dispatcher = state.dispatcher
         target = parse_model(body["model"])
-        if target.kind == "expert":  # the fast path: no awaits
-            decision = dispatcher.resolve(target)
-        elif endpoint == "embeddings":
+        if endpoint == "embeddings" and target.kind != "expert":   # refused before it counts against a limit
             raise InvalidRequest(f"embeddings come from one expert: name it in 'model' (got {body['model']!r}; "
                                  "routers and collaboration groups answer chat and text completions only)",
                                  param="model")
+        if key is not None:
+            await state.limiter.admit(key)
+        meter = trace.metering(state.limiter.meter(key) if key is not None else None)
+        dispatcher: Dispatcher = state.dispatcher
+        if target.kind == "expert":  # the fast path: no awaits
+            decision = dispatcher.resolve(target)
         else:
             explain = request.headers.get("x-switchyard-explain", "").lower() in ("1", "true", "yes")
             decision = await dispatcher.route(target, body, endpoint, explain or logging_decisions)

@@ -325,6 +325,8 @@ def test_rate_limit_and_budget_over_http(keyed_gateway):
         budget = admin.post("/v1/keys", json={"name": "budget", "budget_usd": 2.5 * ECHO_COST_NANO / 1e9,
                                               "budget_period": "total"}).json()
     sdk = _sdk(url, rpm_key)
+    with pytest.raises(openai.BadRequestError):   # refused before it counts: the two below still pass
+        sdk.embeddings.create(model="auto", input="a cat")
     for _ in range(2):
         sdk.chat.completions.create(model="up-echo", messages=msgs)
     with pytest.raises(openai.RateLimitError) as exc:
