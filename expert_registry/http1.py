@@ -10,9 +10,11 @@ connection limits, and a retry on a fresh connection when a *reused* connection 
 out to be closed before any byte of the answer arrived (the usual keep-alive race).
 
 Errors: ``ConnectFailed`` (could not connect), ``ReadTimeout`` (no answer in time),
-``ConnectionBroken`` (the connection died mid-answer or the answer was not HTTP), and
+``ConnectionBroken`` (the connection died mid-answer or the answer was not HTTP),
 ``LocalResourcesExhausted`` (this process or host could not open a socket at all: out of
-file descriptors, buffers or local ports; the upstream was never tried).
+file descriptors, buffers or local ports; the upstream was never tried) and
+``PoolExhausted`` (every connection the origin may have was in use for the whole wait:
+the upstream is busy with this client's other requests, and was not tried).
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class ConnectionBroken(HTTPClientError):
 class LocalResourcesExhausted(HTTPClientError):
     """A socket could not be opened on this side (EMFILE, ENFILE, ENOBUFS, ENOMEM,
     EADDRNOTAVAIL): a fault of the caller's host, not of the upstream."""
+
+
+class PoolExhausted(HTTPClientError):
+    """All of the origin's connections stayed in use past the wait for one."""
 
 
 LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
@@ -248,7 +254,7 @@ class _OriginPool:
             try:
                 await asyncio.wait_for(self.slots.acquire(), connect_timeout)
             except asyncio.TimeoutError:
-                raise ConnectFailed(f"all {self.limit} connections to {self.origin.host}:{self.origin.port} "
+                raise PoolExhausted(f"all {self.limit} connections to {self.origin.host}:{self.origin.port} "
                                     f"stayed in use for {connect_timeout} s") from None
         while self.idle:
             conn = self.idle.pop()
@@ -345,7 +351,7 @@ class HTTP1Client:
         """``(origin, in use, idle, limit)`` per origin this client has called, the
         origin as ``scheme://host:port``. A connection in use that never comes back
         (an answer nobody read to the end or released) shows here as a lasting in-use
-        count; once all ``limit`` are, calls to that origin fail with ``ConnectFailed``."""
+        count; once all ``limit`` are, calls to that origin fail with ``PoolExhausted``."""
         return [(f"{scheme}://{host}:{port}", pool.in_use, len(pool.idle), pool.limit)
                 for (scheme, host, port), pool in self._pools.items()]
 

@@ -7,11 +7,12 @@ Two kinds, one interface (``send`` for a whole answer, ``open_stream`` for SSE):
   not httpx or aiohttp). Bytes in, bytes out: nothing is decoded.
 - ``LiteLLMUpstream``: provider model strings through ``litellm`` (imported lazily).
 
-Failures the caller must map (the gateway maps them to 502/504):
+Failures the caller must map (the gateway maps them to 502/504/503):
 ``UpstreamUnreachable`` (connect error), ``UpstreamTimedOut``, ``UpstreamProtocolError``
 (the upstream broke the connection or spoke garbage), ``UpstreamNotTried`` (this process
 could not open a connection at all, out of file descriptors or ports: no fault of the
-upstream's). A non-2xx answer is *not* an exception: it comes back as ``(status, body)``
+upstream's), ``UpstreamBusy`` (every connection to its origin that the client may open
+stayed in use: the upstream is busy with this process's other requests, not failing). A non-2xx answer is *not* an exception: it comes back as ``(status, body)``
 so 4xx errors reach the client as sent.
 """
 
@@ -25,7 +26,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import orjson
 
 from expert_registry.http1 import (LOCAL_ERRNOS, ConnectFailed, HTTP1Client, HTTPClientError, LocalResourcesExhausted,
-                                   ReadTimeout)
+                                   PoolExhausted, ReadTimeout)
 from expert_registry.spec import ExpertSpec
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class UpstreamNotTried(UpstreamFailure):
     """No connection could be opened on this side; the upstream may be fine."""
 
 
+class UpstreamBusy(UpstreamFailure):
+    """Every pooled connection to the upstream's origin stayed in use; it was not called."""
+
+
 @dataclass
 class UpstreamStream:
     """An open streamed answer: status, then bytes; ``aclose`` releases the connection."""
@@ -73,6 +78,8 @@ def _http_failure(exc: HTTPClientError, spec: ExpertSpec) -> UpstreamFailure:
     where = f"expert '{spec.name}' at {spec.base_url}"
     if isinstance(exc, LocalResourcesExhausted):
         return UpstreamNotTried(f"{where} was not tried: {exc}")
+    if isinstance(exc, PoolExhausted):
+        return UpstreamBusy(f"{where} was not tried: {exc}")
     if isinstance(exc, ConnectFailed):
         return UpstreamUnreachable(f"{where} is unreachable ({exc})")
     if isinstance(exc, ReadTimeout):

@@ -22,6 +22,7 @@ from expert_registry.spec import ExpertSpec
 from expert_registry.upstream import (
     HTTPUpstream,
     LiteLLMUpstream,
+    UpstreamBusy,
     UpstreamFailure,
     UpstreamNotTried,
     UpstreamProtocolError,
@@ -201,6 +202,9 @@ class Dispatcher:
                 up_s = time.perf_counter() - t_up
         except UpstreamNotTried as exc:   # our side is out of sockets: no other expert would fare better
             _overloaded(exc)
+        except UpstreamBusy as exc:       # busy, not failing: another expert may take it; no cooldown
+            raise _Failed(GatewayOverloaded(f"{exc}; retry shortly", headers={"retry-after": "1"}),
+                          reason="busy", counts=False) from exc
         except UpstreamTimedOut as exc:
             raise _Failed(UpstreamTimeout(str(exc)), reason="timeout") from exc
         except UpstreamUnreachable as exc:
@@ -225,10 +229,13 @@ class Dispatcher:
 
     async def _note_failure(self, spec: ExpertSpec, failure: _Failed) -> None:
         """Count the failure in Redis (shared by every gateway process); at the policy's
-        threshold, or when the upstream sent Retry-After, the expert goes into cooldown."""
+        threshold, or when the upstream sent Retry-After, the expert goes into cooldown. A
+        busy one (``counts`` false) is only in the metrics."""
         p = self.cooldown
         if self.metrics is not None:
             self.metrics.upstream_failure(spec.name, failure.reason)
+        if not failure.counts:
+            return
         pause = _seconds(failure.retry_after)
         try:
             rec = await anyio.to_thread.run_sync(lambda: self.view.store.note_failure(
@@ -377,10 +384,11 @@ class _Failed(Exception):
     upstream's Retry-After, and (429) the upstream's own answer to pass on as it came."""
 
     def __init__(self, error: GatewayError, reason: str, retry_after: str | None = None,
-                 response: Response | None = None):
+                 response: Response | None = None, counts: bool = True):
         super().__init__(error.message)
         self.error = error
-        self.reason = reason  # for metrics: timeout, unreachable, protocol, 5xx, bad_answer, 429
+        self.reason = reason  # for metrics: timeout, unreachable, protocol, 5xx, bad_answer, 429, busy
+        self.counts = counts  # toward the expert's cooldown
         self.retry_after = retry_after
         self.response = response
 

@@ -14,7 +14,7 @@ import time
 
 import anyio
 
-from expert_registry.http1 import HTTP1Client, HTTPClientError, LocalResourcesExhausted
+from expert_registry.http1 import HTTP1Client, HTTPClientError, LocalResourcesExhausted, PoolExhausted
 from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore, HealthRecord
 
@@ -84,7 +84,8 @@ def health_url(spec: ExpertSpec) -> str | None:
 
 async def probe(client: HTTP1Client, spec: ExpertSpec, timeout_s: float = 3.0) -> tuple[bool, str | None] | None:
     """(healthy, why not); None when this process could not even open a socket (out of
-    descriptors): that says nothing about the expert."""
+    descriptors) or every connection to the expert's origin is busy with requests (the
+    probe shares their pool): that says nothing about the expert."""
     url = health_url(spec)
     if url is None:
         return True, None
@@ -92,7 +93,7 @@ async def probe(client: HTTP1Client, spec: ExpertSpec, timeout_s: float = 3.0) -
     try:
         resp = await client.request("GET", url, headers=headers, read_timeout=timeout_s)
         await resp.read()
-    except LocalResourcesExhausted:
+    except (LocalResourcesExhausted, PoolExhausted):
         return None
     except HTTPClientError as exc:
         return False, f"{type(exc).__name__} from {url}: {exc}"

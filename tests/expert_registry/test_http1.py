@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from expert_registry.http1 import ConnectFailed, ConnectionBroken, HTTP1Client, ReadTimeout, parse_origin
+from expert_registry.http1 import ConnectFailed, ConnectionBroken, HTTP1Client, PoolExhausted, ReadTimeout, parse_origin
 from tests.router_gateway.conftest import free_port, serve_in_thread
 
 
@@ -160,7 +160,7 @@ def test_waiting_for_a_free_connection_gives_up_after_the_connect_timeout(upstre
             busy = await client.request("POST", url, chat("slowstream", stream=True), {"content-type": "application/json"})
             loop = asyncio.get_running_loop()
             t0 = loop.time()
-            with pytest.raises(ConnectFailed, match="all 1 connections to 127.0.0.1:.* stayed in use for 0.3 s"):
+            with pytest.raises(PoolExhausted, match="all 1 connections to 127.0.0.1:.* stayed in use for 0.3 s"):
                 await client.request("POST", url, chat("echo"), {"content-type": "application/json"})
             waited = loop.time() - t0
             busy.release()   # closes it (the body was not read to the end): the slot is free again

@@ -95,6 +95,36 @@ def test_failures_start_a_cooldown_every_process_sees(experts: ExpertStore, data
             assert ca.post("/v1/chat/completions", json={"model": "up-echo", "messages": MSGS}).status_code == 200
 
 
+def test_a_busy_upstream_is_a_503_to_retry_and_cools_nothing_down(experts: ExpertStore, data_dir: Path,
+                                                                   scripted_upstream: str):
+    """Every connection the gateway may open to an origin in use past the wait: the expert
+    is busy with other requests, not failing. The client gets a 503 with Retry-After, the
+    expert no failure on its count (one failure cools it down here), and a health probe,
+    which shares the pool, judges nothing; once a connection is free, it answers."""
+    experts.put(ExpertSpec(name="up-slowstream", backend="openai", base_url=scripted_upstream,
+                           served_model="slowstream"))
+    settings = make_settings(data_dir, upstream_max_connections=1, upstream_connect_timeout_s=0.3,
+                             cooldown_failures=1, health_interval_s=0.1)
+    with serve_in_thread(create_app(settings, experts)) as url, Gateway(url, experts).client() as c, \
+            Gateway(url, experts).client() as s:
+        body = {"model": "up-slowstream", "messages": MSGS, "stream": True}
+        with s.stream("POST", "/v1/chat/completions", json=body) as held:   # holds the one connection
+            chunks = held.iter_bytes()        # kept: a dropped iterator closes the stream
+            assert held.status_code == 200 and next(chunks)
+            r = c.post("/v1/chat/completions", json={"model": "up-echo", "messages": MSGS})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            err = r.json()["error"]
+            assert err["code"] == "gateway_overloaded" and "all 1 connections" in err["message"]
+            assert err["message"].startswith("expert 'up-echo'")
+            time.sleep(0.8)                   # health probes every 0.1 s wait for the connection too
+            assert experts.health()["up-echo"].healthy
+        assert experts.health()["up-echo"].healthy
+        deadline = time.monotonic() + 5       # the relay ends at its next chunk, 0.5 s apart
+        while (r := c.post("/v1/chat/completions", json={"model": "up-echo", "messages": MSGS})).status_code == 503:
+            assert time.monotonic() < deadline, r.text
+        assert r.status_code == 200
+
+
 def test_an_upstream_retry_after_is_honoured(experts: ExpertStore, data_dir: Path):
     settings = make_settings(data_dir, cooldown_failures=100)
     with serve_in_thread(create_app(settings, experts)) as url, Gateway(url, experts).client() as c:
