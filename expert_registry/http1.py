@@ -347,6 +347,16 @@ class HTTP1Client:
             return Response(status, conn.headers, conn, pool, timeout)
         raise AssertionError("unreachable")
 
+    def in_use(self, url: str) -> int:
+        """Connections to ``url``'s origin handed out and not yet back: this client's
+        requests in flight there (a stream holds its connection to the end)."""
+        try:
+            origin = split_url(url)[0]
+        except ValueError:
+            return 0
+        pool = self._pools.get((origin.scheme, origin.host, origin.port))
+        return 0 if pool is None else pool.in_use
+
     def connection_counts(self) -> list[tuple[str, int, int, int]]:
         """``(origin, in use, idle, limit)`` per origin this client has called, the
         origin as ``scheme://host:port``. A connection in use that never comes back

@@ -20,6 +20,7 @@ RESERVED_NAMES = frozenset({"auto"})
 # Prices above this are typos (the dearest hosted models cost well under $1,000 per 1M tokens); it also
 # keeps price arithmetic finite.
 MAX_PRICE_PER_MTOK = 1_000_000.0
+MAX_REPLICAS = 64
 
 
 class LaunchSpec(BaseModel):
@@ -58,6 +59,10 @@ class ExpertSpec(BaseModel):
     backend: Backend
     base_url: str | None = Field(default=None, description="OpenAI-compatible base URL, e.g. http://host:8001/v1 "
                                  "(http:// or https://)")
+    replicas: list[str] = Field(default_factory=list, max_length=MAX_REPLICAS,
+                                description="More base URLs serving the same model (backends vllm and openai): "
+                                "each request goes to the one with the fewest requests in flight from the "
+                                "gateway process, and fails over to the others")
     served_model: str = Field(description="The upstream's model id (or litellm provider model string)")
     api_key: str | None = Field(default=None, description="Key sent to the upstream, if it needs one")
     input_price_per_mtok: float = Field(default=0.0, ge=0, le=MAX_PRICE_PER_MTOK, description="USD per 1M input tokens")
@@ -88,11 +93,33 @@ class ExpertSpec(BaseModel):
             raise ValueError("base_url must start with http:// or https://")
         return v.rstrip("/")
 
+    @field_validator("replicas")
+    @classmethod
+    def _valid_replicas(cls, v: list[str]) -> list[str]:
+        if not all(u.startswith(("http://", "https://")) for u in v):
+            raise ValueError("replicas must be http:// or https:// URLs")
+        urls = [u.rstrip("/") for u in v]
+        if len(set(urls)) != len(urls):
+            raise ValueError("replicas must not repeat a URL")
+        return urls
+
     @model_validator(mode="after")
     def _backend_needs(self) -> "ExpertSpec":
         if self.backend in ("vllm", "openai", "collab") and self.base_url is None and self.launch is None:
             raise ValueError(f"backend '{self.backend}' needs base_url (or a launch block)")
+        if self.replicas:
+            if self.backend not in ("vllm", "openai"):
+                raise ValueError(f"replicas are for backends vllm and openai, not '{self.backend}'")
+            if self.base_url is None:
+                raise ValueError("replicas need base_url (the first replica)")
+            if self.base_url in self.replicas:
+                raise ValueError("replicas must not repeat base_url")
         return self
+
+    def endpoints(self) -> tuple["ExpertSpec", ...]:
+        """The spec once per URL serving it: itself with ``base_url``, then one copy per
+        replica with that URL as ``base_url`` (and no replicas); ``(self,)`` without any."""
+        return (self, *(self.model_copy(update={"base_url": url, "replicas": []}) for url in self.replicas))
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.input_price_per_mtok + output_tokens * self.output_price_per_mtok) / 1e6

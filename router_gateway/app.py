@@ -214,6 +214,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         st = store or ExpertStore(await anyio.to_thread.run_sync(open_redis, settings.redis_url, settings.data_dir))
         view = RegistryView(st, settings.registry_refresh_s)
+        view.replicas.eject_s = settings.cooldown_s
         await view.refresh()
         routing = RoutingTable(st, view, settings.registry_refresh_s)
         await routing.refresh()

@@ -147,6 +147,8 @@ def experts_add(
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="A JSON or YAML expert spec instead of options"),
     backend: Optional[str] = typer.Option(None, help="vllm | openai | litellm"),
     base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8101/v1"),
+    replica: Optional[list[str]] = typer.Option(None, help="Another base URL serving the same model (repeatable): "
+                                                "requests are spread over it and --base-url"),
     served_model: Optional[str] = typer.Option(None, help="The upstream's model id or litellm provider string"),
     api_key: Optional[str] = typer.Option(None, help="Key sent to the upstream"),
     input_price: Optional[float] = typer.Option(None, help="USD per 1M input tokens"),
@@ -178,7 +180,7 @@ def experts_add(
             launch = {"model_path": launch_model_path, "args": launch_arg or []}
             if launch_port:
                 launch["port"] = launch_port
-        data = {"name": name, "backend": backend, "base_url": base_url,
+        data = {"name": name, "backend": backend, "base_url": base_url, "replicas": replica or None,
                 "served_model": served_model or name, "api_key": api_key,
                 "input_price_per_mtok": input_price, "output_price_per_mtok": output_price,
                 "context_window": context_window, "tokenizer": tokenizer, "tags": tag or None, "launch": launch}
@@ -196,7 +198,9 @@ def experts_add(
             store.add(spec)
     except ExpertExists:
         _fail(f"expert '{spec.name}' already exists (use --replace)")
-    console.print(f"registered expert [bold]{spec.name}[/bold] ({spec.backend} -> {spec.base_url or spec.served_model})")
+    more = f" and {len(spec.replicas)} replica(s)" if spec.replicas else ""
+    console.print(f"registered expert [bold]{spec.name}[/bold] ({spec.backend} -> {spec.base_url or spec.served_model}"
+                  f"{more})")
 
 
 @experts_app.command("list")
@@ -211,7 +215,8 @@ def experts_list(as_json: bool = typer.Option(False, "--json", help="JSON output
     table = Table("name", "backend", "upstream", "served model", "$/1M in", "$/1M out", "ctx", "healthy")
     for s in specs:
         rec = health.get(s.name)
-        table.add_row(s.name, s.backend, s.base_url or "-", s.served_model, f"{s.input_price_per_mtok:g}",
+        upstream = (s.base_url or "-") + (f" (+{len(s.replicas)} replicas)" if s.replicas else "")
+        table.add_row(s.name, s.backend, upstream, s.served_model, f"{s.input_price_per_mtok:g}",
                       f"{s.output_price_per_mtok:g}", str(s.context_window),
                       "?" if rec is None else ("yes" if rec.healthy else "[red]no[/red]"))
     console.print(table if specs else "no experts registered")

@@ -17,7 +17,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 EXPOSED = ("x-request-id", "retry-after", "x-switchyard-expert", "x-switchyard-router", "x-switchyard-overhead-ms",
            "x-switchyard-route-ms", "x-switchyard-scores", "x-switchyard-fallback-from", "x-switchyard-recruited",
-           "x-switchyard-recruited-tokens", "x-switchyard-recruited-failed", "x-switchyard-collab-experts")
+           "x-switchyard-recruited-tokens", "x-switchyard-recruited-failed", "x-switchyard-collab-experts",
+           "x-switchyard-replica")
 
 
 def check_origins(origins: list[str]) -> list[str]:

@@ -142,7 +142,9 @@ class Dispatcher:
         ``timeout_s`` replaces the configured upstream timeout for this request."""
         headers = {"x-switchyard-router": decision.router}
         if decision.recruited:
-            body, good, bad = await Aggregation(self._upstream).gather(endpoint, body, decision.recruited,
+            in_flight = self.http.client.in_use   # each recruit asked at its first replica in order, no failover
+            recruited = tuple(self.view.replicas.order(s, in_flight)[0] for s in decision.recruited)
+            body, good, bad = await Aggregation(self._upstream).gather(endpoint, body, recruited,
                                                                        request_id)
             headers["x-switchyard-recruited"] = ",".join(a.expert.name for a in good)
             headers["x-switchyard-recruited-tokens"] = str(sum(a.tokens for a in good))
@@ -165,8 +167,8 @@ class Dispatcher:
             if failed:
                 headers["x-switchyard-fallback-from"] = ",".join(failed)
             try:
-                return await self._call(spec, endpoint, body, client_model, request_id, t0, dict(headers), meter,
-                                        hide_usage, timeout_s)
+                return await self._call_expert(spec, endpoint, body, client_model, request_id, t0, headers, meter,
+                                               hide_usage, timeout_s)
             except _Failed as exc:
                 failed.append(spec.name)
                 last = exc
@@ -175,6 +177,34 @@ class Dispatcher:
         if last.response is not None:       # an upstream 429 with nobody left to ask: as it came
             return last.response
         raise last.error
+
+    async def _call_expert(self, spec: ExpertSpec, endpoint: str, body: dict, client_model: str, request_id: str,
+                           t0: float, headers: dict, meter: Meter | None, hide_usage: bool,
+                           timeout_s: float | None) -> Response:
+        """``spec`` at its one URL, or at its replicas in the order :class:`Replicas` gives,
+        the next after each failure (``x-switchyard-replica`` says which answered: 0 for
+        ``base_url``, i for ``replicas[i - 1]``). Raises the last replica's ``_Failed``."""
+        if not spec.replicas:
+            return await self._call(spec, endpoint, body, client_model, request_id, t0, dict(headers), meter,
+                                    hide_usage, timeout_s)
+        replicas = self.view.replicas
+        endpoints = replicas.endpoints(spec)
+        order = replicas.order(spec, self.http.client.in_use)
+        for ep in order:
+            index = next(i for i, e in enumerate(endpoints) if e is ep)
+            try:
+                return await self._call(ep, endpoint, body, client_model, request_id, t0,
+                                        headers | {"x-switchyard-replica": str(index)}, meter, hide_usage, timeout_s)
+            except _Failed as exc:
+                if exc.counts:
+                    pause = _seconds(exc.retry_after)
+                    replicas.failed(ep, None if pause is None else min(pause, self.cooldown.max_retry_after_s))
+                if ep is order[-1]:
+                    raise
+                if self.metrics is not None:
+                    self.metrics.upstream_failure(spec.name, exc.reason)
+                log.info("expert %s: replica %s failed (%s), trying the next", spec.name, ep.base_url, exc)
+        raise AssertionError("unreachable")
 
     async def _call(self, spec: ExpertSpec, endpoint: str, body: dict, client_model: str, request_id: str,
                     t0: float, headers: dict, meter: Meter | None, hide_usage: bool,

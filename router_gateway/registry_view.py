@@ -4,6 +4,9 @@ A background task polls ``experts:version`` every ``refresh_s``, reloads the exp
 when it changed, and re-reads health; a second task probes each expert's upstream and
 writes health back to the store (shared by every gateway process on that Redis).
 Writes made through this process's admin API refresh the view at once.
+
+An expert with ``replicas`` is probed at every URL; it is healthy while one of them is.
+Which replica a request tries first is :class:`Replicas`' call, in each process.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 import anyio
 
@@ -19,6 +23,57 @@ from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore, HealthRecord
 
 log = logging.getLogger(__name__)
+
+
+class Replicas:
+    """The order in which a request tries an expert's URLs (``ExpertSpec.endpoints``).
+
+    This process's own judgement, not shared through Redis (the expert's cooldown is):
+    a replica that failed a call goes last for ``eject_s`` seconds (or the Retry-After it
+    sent), one that failed its health probe until a probe passes. Among the rest, the
+    one with the fewest requests in flight from this process goes first, ties in turn,
+    so that long generations do not pile up on one replica."""
+
+    def __init__(self, eject_s: float = 30.0):
+        self.eject_s = eject_s
+        self.failed_until: dict[str, float] = {}   # base URL -> time.monotonic() it is tried first again
+        self.probe_down: set[str] = set()
+        self._turn = 0
+        self._endpoints: dict[int, tuple[ExpertSpec, tuple[ExpertSpec, ...]]] = {}
+
+    def endpoints(self, spec: ExpertSpec) -> tuple[ExpertSpec, ...]:
+        """``spec.endpoints()``, built once per spec object (the registry view replaces the
+        objects when the registry changes)."""
+        hit = self._endpoints.get(id(spec))
+        if hit is None or hit[0] is not spec:
+            if len(self._endpoints) > 4096:
+                self._endpoints.clear()
+            hit = self._endpoints[id(spec)] = (spec, spec.endpoints())
+        return hit[1]
+
+    def order(self, spec: ExpertSpec, in_flight: Callable[[str], int]) -> tuple[ExpertSpec, ...]:
+        endpoints = self.endpoints(spec)
+        n = len(endpoints)
+        if n == 1:
+            return endpoints
+        self._turn += 1
+        now = time.monotonic()
+        turn = [endpoints[(i + self._turn) % n] for i in range(n)]
+        return tuple(sorted(turn, key=lambda e: (self.is_out(e.base_url, now), in_flight(e.base_url))))
+
+    def is_out(self, url: str, now: float | None = None) -> bool:
+        return url in self.probe_down or self.failed_until.get(url, 0.0) > (time.monotonic() if now is None else now)
+
+    def failed(self, endpoint: ExpertSpec, seconds: float | None = None) -> None:
+        self.failed_until[endpoint.base_url] = time.monotonic() + (self.eject_s if seconds is None else seconds)
+
+    def probed(self, endpoint: ExpertSpec, healthy: bool, error: str | None) -> None:
+        url = endpoint.base_url
+        if healthy:
+            self.probe_down.discard(url)
+        elif url not in self.probe_down:
+            self.probe_down.add(url)
+            log.warning("expert %s: replica %s failed its health probe: %s", endpoint.name, url, error)
 
 
 class RegistryView:
@@ -31,6 +86,7 @@ class RegistryView:
         self.last_refresh = 0.0
         self.store_error: str | None = None
         self.probing = False   # set when a health loop runs (cooldowns then end through a probe)
+        self.replicas = Replicas()
 
     def _load(self) -> None:
         version = self.store.version()
@@ -102,9 +158,28 @@ async def probe(client: HTTP1Client, spec: ExpertSpec, timeout_s: float = 3.0) -
     return True, None
 
 
+async def probe_replicas(client: HTTP1Client, spec: ExpertSpec,
+                         replicas: Replicas | None = None) -> tuple[bool, str | None] | None:
+    """:func:`probe` at every URL of ``spec``: healthy while one replica is, else why each
+    is not; each replica's verdict also goes to ``replicas``."""
+    if not spec.replicas:
+        return await probe(client, spec)
+    endpoints = spec.endpoints() if replicas is None else replicas.endpoints(spec)
+    results = await asyncio.gather(*(probe(client, e) for e in endpoints))
+    known = [(e, r) for e, r in zip(endpoints, results) if r is not None]
+    if replicas is not None:
+        for e, (ok, err) in known:
+            replicas.probed(e, ok, err)
+    if not known:
+        return None
+    if any(ok for _, (ok, _) in known):
+        return True, None
+    return False, "every replica failed: " + "; ".join(str(err) for _, (_, err) in known)
+
+
 async def probe_all(view: RegistryView, client: HTTP1Client) -> dict[str, tuple[bool, str | None]]:
     specs = list(view.experts.values())
-    results = await asyncio.gather(*(probe(client, s) for s in specs))
+    results = await asyncio.gather(*(probe_replicas(client, s, view.replicas) for s in specs))
     out = {s.name: r for s, r in zip(specs, results) if r is not None}
 
     def write() -> list[str]:

@@ -26,7 +26,8 @@ def test_add_list_remove_persist_across_processes(tmp_path: Path):
     sy(d, "experts", "add", "smol", "--backend", "vllm", "--base-url", "http://127.0.0.1:8101/v1",
        "--served-model", "smol-135m", "--input-price", "0.05", "--output-price", "0.1", "--context-window", "2048",
        "--tokenizer", "smollm2", "--tag", "demo", "--tag", "small", "--launch-model-path", "/models/smol",
-       "--launch-port", "8101", "--launch-arg=--max-model-len", "--launch-arg=2048")
+       "--launch-port", "8101", "--launch-arg=--max-model-len", "--launch-arg=2048",
+       "--replica", "http://127.0.0.1:8102/v1/", "--replica", "http://10.0.0.7:8101/v1")
     spec_file = tmp_path / "remote.yaml"
     spec_file.write_text("name: remote\nbackend: litellm\nserved_model: openai/gpt-4o-mini\n"
                          "input_price_per_mtok: 0.15\noutput_price_per_mtok: 0.6\n")
@@ -37,6 +38,7 @@ def test_add_list_remove_persist_across_processes(tmp_path: Path):
     assert by_name["smol"]["launch"] == {"engine": "vllm", "model_path": "/models/smol", "port": 8101,
                                          "args": ["--max-model-len", "2048"], "env": {}}
     assert by_name["smol"]["tags"] == ["demo", "small"]
+    assert by_name["smol"]["replicas"] == ["http://127.0.0.1:8102/v1", "http://10.0.0.7:8101/v1"]
     assert by_name["remote"]["output_price_per_mtok"] == 0.6
     assert "smol-135m" in sy(d, "experts", "list").stdout
 
@@ -53,6 +55,9 @@ def test_add_list_remove_persist_across_processes(tmp_path: Path):
     (["experts", "add", "x", "--backend", "vllm"], "needs base_url"),
     (["experts", "add", "auto", "--backend", "openai", "--base-url", "http://a:1/v1"], "name"),
     (["experts", "add", "--file", "/no/such/file.yaml"], "cannot read"),
+    (["experts", "add", "x", "--backend", "openai", "--base-url", "http://a:1/v1", "--replica", "http://a:1/v1/"],
+     "must not repeat base_url"),
+    (["experts", "add", "x", "--backend", "litellm", "--replica", "http://a:1/v1"], "replicas are for backends"),
 ])
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path, args, needle):
     proc = sy(tmp_path / "data", *args, check=False)
