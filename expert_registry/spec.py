@@ -21,6 +21,7 @@ RESERVED_NAMES = frozenset({"auto"})
 # keeps price arithmetic finite.
 MAX_PRICE_PER_MTOK = 1_000_000.0
 MAX_REPLICAS = 64
+MAX_FALLBACKS = 16
 
 
 class LaunchSpec(BaseModel):
@@ -63,6 +64,9 @@ class ExpertSpec(BaseModel):
                                 description="More base URLs serving the same model (backends vllm and openai): "
                                 "each request goes to the one with the fewest requests in flight from the "
                                 "gateway process, and fails over to the others")
+    fallbacks: list[str] = Field(default_factory=list, max_length=MAX_FALLBACKS,
+                                 description="Experts to try in turn when a client names this one and it fails "
+                                 "before answering, or is unhealthy (names of experts; unregistered ones are skipped)")
     served_model: str = Field(description="The upstream's model id (or litellm provider model string)")
     api_key: str | None = Field(default=None, description="Key sent to the upstream, if it needs one")
     input_price_per_mtok: float = Field(default=0.0, ge=0, le=MAX_PRICE_PER_MTOK, description="USD per 1M input tokens")
@@ -103,8 +107,21 @@ class ExpertSpec(BaseModel):
             raise ValueError("replicas must not repeat a URL")
         return urls
 
+    @field_validator("fallbacks")
+    @classmethod
+    def _valid_fallbacks(cls, v: list[str]) -> list[str]:
+        if not all(_NAME_RE.match(n) and n not in RESERVED_NAMES for n in v):
+            raise ValueError("fallbacks must be expert names")
+        if len(set(v)) != len(v):
+            raise ValueError("fallbacks must not repeat a name")
+        return v
+
     @model_validator(mode="after")
     def _backend_needs(self) -> "ExpertSpec":
+        if self.name in self.fallbacks:
+            raise ValueError("an expert cannot be its own fallback")
+        if self.fallbacks and self.backend == "collab":
+            raise ValueError("fallbacks are for experts; a collaboration group has none")
         if self.backend in ("vllm", "openai", "collab") and self.base_url is None and self.launch is None:
             raise ValueError(f"backend '{self.backend}' needs base_url (or a launch block)")
         if self.replicas:

@@ -149,6 +149,8 @@ def experts_add(
     base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8101/v1"),
     replica: Optional[list[str]] = typer.Option(None, help="Another base URL serving the same model (repeatable): "
                                                 "requests are spread over it and --base-url"),
+    fallback: Optional[list[str]] = typer.Option(None, help="An expert to try when a request naming this one "
+                                                 "fails or finds it unhealthy (repeatable, in order)"),
     served_model: Optional[str] = typer.Option(None, help="The upstream's model id or litellm provider string"),
     api_key: Optional[str] = typer.Option(None, help="Key sent to the upstream"),
     input_price: Optional[float] = typer.Option(None, help="USD per 1M input tokens"),
@@ -181,6 +183,7 @@ def experts_add(
             if launch_port:
                 launch["port"] = launch_port
         data = {"name": name, "backend": backend, "base_url": base_url, "replicas": replica or None,
+                "fallbacks": fallback or None,
                 "served_model": served_model or name, "api_key": api_key,
                 "input_price_per_mtok": input_price, "output_price_per_mtok": output_price,
                 "context_window": context_window, "tokenizer": tokenizer, "tags": tag or None, "launch": launch}

@@ -68,6 +68,7 @@ class RouteDecision:
     route_s: float | None = None  # scoring + policy time (routed requests only)
     scores: str | None = None  # "expert=quality;..." when the client asked (x-switchyard-explain)
     recruited: tuple[ExpertSpec, ...] = ()  # aggregation (?k=K): the experts whose answers ``expert`` merges
+    skipped: tuple[str, ...] = ()  # the named expert, when it was unhealthy and ``expert`` is its fallback
 
 
 class Dispatcher:
@@ -106,11 +107,17 @@ class Dispatcher:
             if spec is None or spec.backend == "collab":
                 raise ModelNotFound(f"model '{target.name}' does not exist. Available {self.available()}",
                                     param="model")
+            fallbacks = self._fallbacks(spec) if spec.fallbacks else ()
             bad = self.view.is_unhealthy(spec.name)
             if bad is not None:
-                raise ExpertUnavailable(f"expert '{spec.name}' is unhealthy ({bad.error or 'failed its health check'}); "
-                                        f"try another model. Available {self.available()}", headers=_retry_in(bad))
-            return RouteDecision(target, spec, "direct")
+                up = [f for f in fallbacks if self.view.is_unhealthy(f.name) is None]
+                if up:
+                    return RouteDecision(target, up[0], "direct", fallbacks=tuple(up[1:]), skipped=(spec.name,))
+                also = " (and so are its fallbacks)" if fallbacks else ""
+                raise ExpertUnavailable(f"expert '{spec.name}' is unhealthy ({bad.error or 'failed its health check'})"
+                                        f"{also}; try another model. Available {self.available()}",
+                                        headers=_retry_in(bad))
+            return RouteDecision(target, spec, "direct", fallbacks=fallbacks)
         if target.kind == "router":
             raise ModelNotFound(f"router '{target.name}' is not available. Available {self.available()}",
                                 param="model")
@@ -130,6 +137,11 @@ class Dispatcher:
         raise ModelNotFound(f"collaboration group '{target.name}' is not available "
                             f"(groups: {', '.join(groups) or 'none'}). Available {self.available()}",
                             param="model")
+
+    def _fallbacks(self, spec: ExpertSpec) -> tuple[ExpertSpec, ...]:
+        """The registered experts among ``spec.fallbacks``, in order (groups left out)."""
+        found = (self.view.experts.get(name) for name in spec.fallbacks)
+        return tuple(f for f in found if f is not None and f.backend != "collab")
 
     def _upstream(self, spec: ExpertSpec) -> HTTPUpstream | LiteLLMUpstream:
         return self.litellm if spec.backend == "litellm" else self.http
@@ -159,7 +171,7 @@ class Dispatcher:
         if decision.scores is not None:
             headers["x-switchyard-scores"] = decision.scores
         hide_usage = meter is not None and body.get("stream") is True and _ask_for_usage(body)
-        failed: list[str] = []
+        failed: list[str] = list(decision.skipped)
         last: _Failed | None = None
         for spec in (decision.expert, *decision.fallbacks):
             if failed and self.view.is_unhealthy(spec.name) is not None:
@@ -173,7 +185,8 @@ class Dispatcher:
                 failed.append(spec.name)
                 last = exc
                 await self._note_failure(spec, exc)
-        assert last is not None
+        if last is None:   # every one went unhealthy before its turn (possible only after a skip)
+            raise ExpertUnavailable(f"'{client_model}' and its fallbacks are unhealthy; try another model")
         if last.response is not None:       # an upstream 429 with nobody left to ask: as it came
             return last.response
         raise last.error

@@ -250,6 +250,7 @@ class Gen:
             # never litellm: importing it takes seconds and it reaches for the network
             "backend": st.sampled_from(["openai", "vllm", "collab"]),
             "base_url": st.sampled_from([t.upstream, t.upstream + "/", "http://127.0.0.1:1/v1", "ftp://x"]),
+            "fallbacks": st.lists(pick(experts + ["no-such-expert"]), max_size=2),
             "replicas": st.lists(st.sampled_from([t.upstream + "/", "http://127.0.0.1:1/v1", "ftp://x"]), max_size=2),
             "served_model": st.sampled_from([*FUZZ_SCRIPTED, "fail500", "busy", "garbage", "served-poet"]),
             "router_dir": st.sampled_from([str(t.router_dir)] * 3 + [str(t.router_dir.parent), "/no/such/dir", ".", "/a\x00b"]),

@@ -27,7 +27,8 @@ def test_add_list_remove_persist_across_processes(tmp_path: Path):
        "--served-model", "smol-135m", "--input-price", "0.05", "--output-price", "0.1", "--context-window", "2048",
        "--tokenizer", "smollm2", "--tag", "demo", "--tag", "small", "--launch-model-path", "/models/smol",
        "--launch-port", "8101", "--launch-arg=--max-model-len", "--launch-arg=2048",
-       "--replica", "http://127.0.0.1:8102/v1/", "--replica", "http://10.0.0.7:8101/v1")
+       "--replica", "http://127.0.0.1:8102/v1/", "--replica", "http://10.0.0.7:8101/v1",
+       "--fallback", "remote", "--fallback", "other")
     spec_file = tmp_path / "remote.yaml"
     spec_file.write_text("name: remote\nbackend: litellm\nserved_model: openai/gpt-4o-mini\n"
                          "input_price_per_mtok: 0.15\noutput_price_per_mtok: 0.6\n")
@@ -39,6 +40,7 @@ def test_add_list_remove_persist_across_processes(tmp_path: Path):
                                          "args": ["--max-model-len", "2048"], "env": {}}
     assert by_name["smol"]["tags"] == ["demo", "small"]
     assert by_name["smol"]["replicas"] == ["http://127.0.0.1:8102/v1", "http://10.0.0.7:8101/v1"]
+    assert by_name["smol"]["fallbacks"] == ["remote", "other"]
     assert by_name["remote"]["output_price_per_mtok"] == 0.6
     assert "smol-135m" in sy(d, "experts", "list").stdout
 
@@ -58,6 +60,7 @@ def test_add_list_remove_persist_across_processes(tmp_path: Path):
     (["experts", "add", "x", "--backend", "openai", "--base-url", "http://a:1/v1", "--replica", "http://a:1/v1/"],
      "must not repeat base_url"),
     (["experts", "add", "x", "--backend", "litellm", "--replica", "http://a:1/v1"], "replicas are for backends"),
+    (["experts", "add", "x", "--backend", "litellm", "--fallback", "x"], "its own fallback"),
 ])
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path, args, needle):
     proc = sy(tmp_path / "data", *args, check=False)

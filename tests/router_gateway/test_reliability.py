@@ -9,6 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from expert_registry.http1 import HTTP1Client
 from expert_registry.spec import ExpertSpec
@@ -63,6 +64,57 @@ def test_a_failing_first_choice_falls_back_to_the_next(experts: ExpertStore, fir
     status, headers, body = _dispatch(experts, first, "up-echo")
     assert status == 200 and body["model"] == "router:test" and body["choices"][0]["message"]["content"]
     assert (headers["x-switchyard-expert"], headers["x-switchyard-fallback-from"]) == ("up-echo", first)
+
+
+def _with_fallbacks(store: ExpertStore, name: str, *fallbacks: str) -> None:
+    store.put(store.get(name).model_copy(update={"fallbacks": list(fallbacks)}))
+
+
+def test_an_expert_named_directly_falls_back_to_its_own_fallbacks(experts: ExpertStore, data_dir: Path):
+    """``fallbacks`` in a spec: a request naming that expert goes down the list when it
+    fails before answering (streams too), skipping names that are not registered."""
+    _with_fallbacks(experts, "up-fail500", "no-such-expert", "down", "up-echo")
+    _with_fallbacks(experts, "up-garbage", "down")
+    with serve_in_thread(create_app(make_settings(data_dir, cooldown_failures=100), experts)) as url, \
+            Gateway(url, experts).client() as c:
+        for stream in (False, True):
+            r = c.post("/v1/chat/completions", json={"model": "up-fail500", "messages": MSGS, "stream": stream})
+            assert r.status_code == 200, r.text
+            assert (r.headers["x-switchyard-expert"], r.headers["x-switchyard-fallback-from"]) == \
+                ("up-echo", "up-fail500,down")
+            assert r.headers["x-switchyard-router"] == "direct"
+            assert ('"model":"up-fail500"' in r.text) or ('"model": "up-fail500"' in r.text)   # the name asked for
+        r = c.post("/v1/chat/completions", json={"model": "up-garbage", "messages": MSGS})
+        assert r.status_code == 502 and "unreachable" in r.json()["error"]["message"]   # the last failure
+        assert c.post("/v1/chat/completions", json={"model": "up-echo", "messages": MSGS}).headers.get(
+            "x-switchyard-fallback-from") is None
+
+
+def test_an_unhealthy_expert_named_directly_goes_straight_to_a_healthy_fallback(experts: ExpertStore,
+                                                                              data_dir: Path):
+    experts.note_failure("up-slow", "test", threshold=1, window_s=60, cooldown_s=30)
+    experts.note_failure("up-fail500", "test", threshold=1, window_s=60, cooldown_s=30)
+    _with_fallbacks(experts, "up-slow", "up-fail500", "up-echo")
+    _with_fallbacks(experts, "up-fail500", "up-slow")
+    with serve_in_thread(create_app(make_settings(data_dir), experts)) as url, Gateway(url, experts).client() as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/chat/completions", json={"model": "up-slow", "messages": MSGS})
+        assert r.status_code == 200 and time.monotonic() - t0 < 2        # never waited on the slow one
+        assert (r.headers["x-switchyard-expert"], r.headers["x-switchyard-fallback-from"]) == ("up-echo", "up-slow")
+        r = c.post("/v1/chat/completions", json={"model": "up-fail500", "messages": MSGS})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "expert_unavailable"
+        assert "and so are its fallbacks" in r.json()["error"]["message"] and int(r.headers["retry-after"]) > 0
+
+
+def test_fallbacks_are_checked_at_registration():
+    base = {"name": "a", "backend": "openai", "base_url": "http://x:1/v1", "served_model": "m"}
+    assert ExpertSpec.model_validate(base | {"fallbacks": ["b", "c/d"]}).fallbacks == ["b", "c/d"]
+    for bad, needle in [(["a"], "its own fallback"), (["b", "b"], "must not repeat"), (["auto"], "expert names"),
+                        (["router:x"], "expert names"), (["-x"], "expert names")]:
+        with pytest.raises(ValidationError, match=needle):
+            ExpertSpec.model_validate(base | {"fallbacks": bad})
+    with pytest.raises(ValidationError, match="collaboration group"):
+        ExpertSpec.model_validate(base | {"backend": "collab", "fallbacks": ["b"]})
 
 
 def test_a_timeout_falls_back_and_the_last_failure_is_the_answer(experts: ExpertStore):
