@@ -12,8 +12,9 @@ Failures the caller must map (the gateway maps them to 502/504/503):
 (the upstream broke the connection or spoke garbage), ``UpstreamNotTried`` (this process
 could not open a connection at all, out of file descriptors or ports: no fault of the
 upstream's), ``UpstreamBusy`` (every connection to its origin that the client may open
-stayed in use: the upstream is busy with this process's other requests, not failing). A non-2xx answer is *not* an exception: it comes back as ``(status, body)``
-so 4xx errors reach the client as sent.
+stayed in use: the upstream is busy with this process's other requests, not failing).
+A non-2xx answer is *not* an exception: it comes back as ``(status, body)`` so 4xx
+errors reach the client as sent.
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ class Dispatcher:
         headers = {"x-switchyard-router": decision.router}
         if decision.recruited:
             in_flight = self.http.client.in_use   # each recruit asked at its first replica in order, no failover
-            recruited = tuple(self.view.replicas.order(s, in_flight)[0] for s in decision.recruited)
+            recruited = tuple(self.view.replicas.order(s, in_flight)[0][1] for s in decision.recruited)
             body, good, bad = await Aggregation(self._upstream).gather(endpoint, body, recruited,
                                                                        request_id)
             headers["x-switchyard-recruited"] = ",".join(a.expert.name for a in good)
@@ -201,10 +201,8 @@ class Dispatcher:
             return await self._call(spec, endpoint, body, client_model, request_id, t0, dict(headers), meter,
                                     hide_usage, timeout_s)
         replicas = self.view.replicas
-        endpoints = replicas.endpoints(spec)
         order = replicas.order(spec, self.http.client.in_use)
-        for ep in order:
-            index = next(i for i, e in enumerate(endpoints) if e is ep)
+        for index, ep in order:
             try:
                 return await self._call(ep, endpoint, body, client_model, request_id, t0,
                                         headers | {"x-switchyard-replica": str(index)}, meter, hide_usage, timeout_s)
@@ -212,7 +210,7 @@ class Dispatcher:
                 if exc.counts:
                     pause = _seconds(exc.retry_after)
                     replicas.failed(ep, None if pause is None else min(pause, self.cooldown.max_retry_after_s))
-                if ep is order[-1]:
+                if ep is order[-1][1]:
                     raise
                 if self.metrics is not None:
                     self.metrics.upstream_failure(spec.name, exc.reason)

@@ -39,27 +39,28 @@ class Replicas:
         self.failed_until: dict[str, float] = {}   # base URL -> time.monotonic() it is tried first again
         self.probe_down: set[str] = set()
         self._turn = 0
-        self._endpoints: dict[int, tuple[ExpertSpec, tuple[ExpertSpec, ...]]] = {}
+        self._endpoints: dict[str, tuple[ExpertSpec, ...]] = {}   # expert name -> its URLs, when it has replicas
+
+    def load(self, experts: dict[str, ExpertSpec]) -> None:
+        """Build the endpoints of the experts with replicas, once per registry load."""
+        self._endpoints = {name: s.endpoints() for name, s in experts.items() if s.replicas}
 
     def endpoints(self, spec: ExpertSpec) -> tuple[ExpertSpec, ...]:
-        """``spec.endpoints()``, built once per spec object (the registry view replaces the
-        objects when the registry changes)."""
-        hit = self._endpoints.get(id(spec))
-        if hit is None or hit[0] is not spec:
-            if len(self._endpoints) > 4096:
-                self._endpoints.clear()
-            hit = self._endpoints[id(spec)] = (spec, spec.endpoints())
-        return hit[1]
+        """``spec.endpoints()``, as built at the last registry load."""
+        found = self._endpoints.get(spec.name)
+        return found if found is not None else spec.endpoints()
 
-    def order(self, spec: ExpertSpec, in_flight: Callable[[str], int]) -> tuple[ExpertSpec, ...]:
+    def order(self, spec: ExpertSpec, in_flight: Callable[[str], int]) -> list[tuple[int, ExpertSpec]]:
+        """``(i, endpoint)`` pairs, best first; ``i`` is the endpoint's place in
+        ``spec.endpoints()`` (0: ``base_url``)."""
         endpoints = self.endpoints(spec)
         n = len(endpoints)
         if n == 1:
-            return endpoints
+            return [(0, spec)]
         self._turn += 1
         now = time.monotonic()
-        turn = [endpoints[(i + self._turn) % n] for i in range(n)]
-        return tuple(sorted(turn, key=lambda e: (self.is_out(e.base_url, now), in_flight(e.base_url))))
+        turn = [((i + self._turn) % n, endpoints[(i + self._turn) % n]) for i in range(n)]
+        return sorted(turn, key=lambda p: (self.is_out(p[1].base_url, now), in_flight(p[1].base_url)))
 
     def is_out(self, url: str, now: float | None = None) -> bool:
         return url in self.probe_down or self.failed_until.get(url, 0.0) > (time.monotonic() if now is None else now)
@@ -92,6 +93,7 @@ class RegistryView:
         version = self.store.version()
         if version != self._version:
             self.experts = {s.name: s for s in self.store.list()}
+            self.replicas.load(self.experts)
             self._version = version
         self.health = self.store.health()
         self.last_refresh = time.time()
@@ -158,18 +160,16 @@ async def probe(client: HTTP1Client, spec: ExpertSpec, timeout_s: float = 3.0) -
     return True, None
 
 
-async def probe_replicas(client: HTTP1Client, spec: ExpertSpec,
-                         replicas: Replicas | None = None) -> tuple[bool, str | None] | None:
+async def probe_replicas(client: HTTP1Client, spec: ExpertSpec, replicas: Replicas) -> tuple[bool, str | None] | None:
     """:func:`probe` at every URL of ``spec``: healthy while one replica is, else why each
     is not; each replica's verdict also goes to ``replicas``."""
     if not spec.replicas:
         return await probe(client, spec)
-    endpoints = spec.endpoints() if replicas is None else replicas.endpoints(spec)
+    endpoints = replicas.endpoints(spec)
     results = await asyncio.gather(*(probe(client, e) for e in endpoints))
     known = [(e, r) for e, r in zip(endpoints, results) if r is not None]
-    if replicas is not None:
-        for e, (ok, err) in known:
-            replicas.probed(e, ok, err)
+    for e, (ok, err) in known:
+        replicas.probed(e, ok, err)
     if not known:
         return None
     if any(ok for _, (ok, _) in known):
