@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import redis
 
 from router_gateway.observe import Trace
+from router_gateway.resp import bulk as _bulk, roundtrip
 
 log = logging.getLogger(__name__)
 
@@ -157,29 +158,12 @@ class DecisionLog:
                 self._failing = False
 
     async def _write(self, batch: list[bytes]) -> None:
-        """One round trip for the batch: its packed XADDs (:meth:`packed`, :func:`pack_xadds`)
-        sent down one pooled connection, then one reply read per command (an error reply
-        raises), all within one timeout of the connection's ``socket_timeout``. The same
+        """One round trip for the batch: its packed XADDs (:meth:`packed`, :func:`pack_xadds`),
+        then one reply read per command (:func:`router_gateway.resp.roundtrip`). The same
         commands as a redis-py pipeline, without its per-argument packing (a tenth of the
         gateway's CPU per proxied request at saturation) or a timeout context per reply
-        (redis-py 8 skips it for ``timeout=math.inf``; 2.4%)."""
-        pool = self.r.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command(b"".join(batch), check_health=False)
-            async with asyncio.timeout(getattr(conn, "socket_timeout", None)):
-                for _ in batch:
-                    await conn.read_response(timeout=math.inf)
-        except BaseException:
-            await conn.disconnect()   # replies may be left unread: never reuse it
-            raise
-        finally:
-            await pool.release(conn)
-
-
-def _bulk(value: str | bytes) -> bytes:
-    data = value.encode("utf-8", "replace") if isinstance(value, str) else value
-    return b"$%d\r\n%s\r\n" % (len(data), data)
+        (2.4%)."""
+        await roundtrip(self.r, b"".join(batch), len(batch))
 
 
 def _head(key: str, max_entries: int) -> bytes:
