@@ -28,6 +28,7 @@ from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream
 from router_gateway import admin_routes, router_routes
 from router_gateway import feedback_routes, key_routes
 from router_gateway.auth import KeyCache, KeyChecker
+from router_gateway.cache import ResponseCache, cache_mode
 from router_gateway.cors import Cors
 from router_gateway.dispatch import CooldownPolicy, Dispatcher, error_response, internal_error_response
 from router_gateway.app_helpers import read_json
@@ -227,7 +228,10 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                                 on_drop=metrics.log_dropped.inc)
         client = HTTP1Client(settings.upstream_max_connections, settings.upstream_connect_timeout_s,
                              settings.upstream_timeout_s)
+        cache = ResponseCache(aredis, st.prefix, settings.cache_ttl_s, settings.cache_max_entry_bytes,
+                              settings.cache_per_key, metrics.cache_result)
         try:
+            app.state.cache = cache
             app.state.store = st
             app.state.view = view
             app.state.upstream_client = client
@@ -257,6 +261,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await limiter.drain()
+                await cache.drain()
                 await decisions.flush()
                 await aredis.aclose()
                 if store is None:  # we opened it, we close it
@@ -281,6 +286,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         body = await read_json(request, settings.max_body_bytes)
         validate_body(wire, body)
         timeout_s = _timeout(request.headers.get("x-switchyard-timeout"), settings.max_request_timeout_s)
+        cache: ResponseCache = state.cache
+        cache_as = cache_mode(request.headers) if cache.enabled else None
         trace.endpoint, trace.model = endpoint, body["model"]
         logging_decisions = state.decisions.enabled
         if logging_decisions and settings.decision_log_prompts:
@@ -294,6 +301,12 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                                  param="model")
         if key is not None:
             await state.limiter.admit(key)
+        if cache_as is not None:   # before routing: a hit needs no decision
+            entry, response = await _cached(cache, cache_as, endpoint, body, trace.key, state.view)
+            if response is not None:
+                if key is not None:   # a request the key made, at no cost and no tokens
+                    state.limiter.book(key, (0, 0), 0.0, 0.0)
+                return response
         meter = trace.metering(state.limiter.meter(key) if key is not None else None)
         dispatcher: Dispatcher = state.dispatcher
         if target.kind == "expert":  # the fast path: no awaits
@@ -304,7 +317,12 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             trace.route_s, trace.scores = decision.route_s, decision.scores
             if not explain and decision.scores is not None:
                 decision = dataclasses.replace(decision, scores=None)
-        return await dispatcher.handle(endpoint, body, decision, trace.rid, trace.t0, meter, timeout_s)
+        response = await dispatcher.handle(endpoint, body, decision, trace.rid, trace.t0, meter, timeout_s)
+        if cache_as is not None:
+            response.raw_headers.append((b"x-switchyard-cache", _CACHE_HEADER[cache_as]))
+            if entry is not None:
+                cache.keep(response, entry)
+        return response
 
     async def chat_completions(request: Request) -> Response:
         return await _proxy(request, "chat/completions", ChatCompletionRequest)
@@ -377,6 +395,24 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     install_openapi(app)
     return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions,
                           "/v1/embeddings": embeddings}, observe, cors)
+
+
+_CACHE_HEADER = {"on": b"miss", "refresh": b"refresh", "off": b"off"}
+
+
+async def _cached(cache: ResponseCache, mode: str, endpoint: str, body: dict, key_id: str, view: RegistryView
+                  ) -> tuple[str | None, Response | None]:
+    """The request's cache entry key (None: not to be stored) and, on a hit, its answer.
+    With Redis known to be down the cache is skipped, not waited on."""
+    if mode == "off" or view.store_error is not None:
+        cache.count("off" if mode == "off" else "error")
+        return None, None
+    entry = cache.key(endpoint, body, key_id)   # before the dispatcher rewrites the body's model
+    if entry is None or mode == "refresh":
+        cache.count("refresh" if entry is not None else "off")
+        return entry, None
+    hit = await cache.get(entry)
+    return entry, None if hit is None else hit.response()
 
 
 def _timeout(header: str | None, limit: float) -> float | None:

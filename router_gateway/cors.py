@@ -18,7 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 EXPOSED = ("x-request-id", "retry-after", "x-switchyard-expert", "x-switchyard-router", "x-switchyard-overhead-ms",
            "x-switchyard-route-ms", "x-switchyard-scores", "x-switchyard-fallback-from", "x-switchyard-recruited",
            "x-switchyard-recruited-tokens", "x-switchyard-recruited-failed", "x-switchyard-collab-experts",
-           "x-switchyard-replica")
+           "x-switchyard-replica", "x-switchyard-cache", "x-switchyard-cache-age")
 
 
 def check_origins(origins: list[str]) -> list[str]:

@@ -10,8 +10,9 @@ Layout (under the store's prefix)::
 Both are trimmed to about ``decision_log_max_entries`` with ``XADD MAXLEN ~`` (Redis
 trims whole macro-nodes, so a stream holds the cap or slightly more). A decision entry
 has: ``rid ts key endpoint model router expert fallback_from status latency_s route_ms
-input_tokens output_tokens cost_usd scores prompt`` (all strings; empty when unknown;
-``prompt`` only with ``decision_log_prompts``, the default).
+input_tokens output_tokens cost_usd scores prompt cache`` (all strings; empty when unknown;
+``prompt`` only with ``decision_log_prompts``, the default; ``cache`` the response cache's
+verdict, see ``router_gateway.cache``).
 
 Entries are buffered and written by one background task in pipelined batches (the
 answer never waits on Redis); when Redis is down a batch is dropped, counted in
@@ -59,7 +60,7 @@ def entry_of(t: Trace, with_prompt: bool) -> dict[str, str]:
         "input_tokens": "" if usage is None else str(usage[0]),
         "output_tokens": "" if usage is None else str(usage[1]),
         "cost_usd": "" if usage is None else repr(t.cost_usd), "scores": t.scores or "",
-        "prompt": (t.prompt or "") if with_prompt else "",
+        "prompt": (t.prompt or "") if with_prompt else "", "cache": t.cache,
     }
 
 
@@ -119,7 +120,7 @@ class DecisionLog:
         rid, ts, key, ep, model, router = t.rid, f"{t.wall:.3f}", t.key, t.endpoint, t.model, t.router
         expert, fb, status, lat = t.expert, t.fallback_from, str(t.status), f"{end - t.t0:.6f}"
         rms = "" if t.route_s is None else f"{t.route_s * 1000:.3f}"
-        sc, pr = t.scores or "", (t.prompt or "") if self.with_prompts else ""
+        sc, pr, ca = t.scores or "", (t.prompt or "") if self.with_prompts else "", t.cache
         text = (f"{head}$3\r\nrid\r\n${len(rid)}\r\n{rid}\r\n$2\r\nts\r\n${len(ts)}\r\n{ts}\r\n"
                 f"$3\r\nkey\r\n${len(key)}\r\n{key}\r\n$8\r\nendpoint\r\n${len(ep)}\r\n{ep}\r\n"
                 f"$5\r\nmodel\r\n${len(model)}\r\n{model}\r\n$6\r\nrouter\r\n${len(router)}\r\n{router}\r\n"
@@ -127,7 +128,8 @@ class DecisionLog:
                 f"$6\r\nstatus\r\n${len(status)}\r\n{status}\r\n$9\r\nlatency_s\r\n${len(lat)}\r\n{lat}\r\n"
                 f"$8\r\nroute_ms\r\n${len(rms)}\r\n{rms}\r\n$12\r\ninput_tokens\r\n${len(i)}\r\n{i}\r\n"
                 f"$13\r\noutput_tokens\r\n${len(o)}\r\n{o}\r\n$8\r\ncost_usd\r\n${len(c)}\r\n{c}\r\n"
-                f"$6\r\nscores\r\n${len(sc)}\r\n{sc}\r\n$6\r\nprompt\r\n${len(pr)}\r\n{pr}\r\n")
+                f"$6\r\nscores\r\n${len(sc)}\r\n{sc}\r\n$6\r\nprompt\r\n${len(pr)}\r\n{pr}\r\n"
+                f"$5\r\ncache\r\n${len(ca)}\r\n{ca}\r\n")
         if text.isascii():   # then every length above counts bytes
             return text.encode("ascii")
         return pack_xadds(self.key, self.max_entries, [entry_of(t, self.with_prompts)])
@@ -167,8 +169,8 @@ class DecisionLog:
 
 
 def _head(key: str, max_entries: int) -> bytes:
-    """``XADD key MAXLEN ~ max_entries *`` of an entry with 16 fields, in the Redis protocol."""
-    return b"*38\r\n" + b"".join(_bulk(a) for a in ("XADD", key, "MAXLEN", "~", str(max_entries), "*"))
+    """``XADD key MAXLEN ~ max_entries *`` of an entry with 17 fields, in the Redis protocol."""
+    return b"*40\r\n" + b"".join(_bulk(a) for a in ("XADD", key, "MAXLEN", "~", str(max_entries), "*"))
 
 
 def _template(head: bytes, names: tuple[str, ...]) -> bytes:
@@ -290,6 +292,9 @@ def export_rows(client: redis.Redis, prefix: str, *, since: float | None = None,
             continue
         if not d.get("expert"):
             rep.skip("no expert")
+            continue
+        if d.get("cache") == "hit":
+            rep.skip("answered from the response cache (the expert's answer is exported once)")
             continue
         rid, key = d.get("rid", ""), d.get("key", "")
         score = feedback.get((rid, key))

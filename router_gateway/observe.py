@@ -143,7 +143,8 @@ def route_label(path: str) -> str:
 
 #: response headers whose values the trace keeps (``x-switchyard-overhead-ms`` in seconds)
 _TRACED_HEADERS = {b"x-switchyard-expert": "expert", b"x-switchyard-router": "router",
-                   b"x-switchyard-fallback-from": "fallback_from", b"x-switchyard-overhead-ms": "overhead_s"}
+                   b"x-switchyard-fallback-from": "fallback_from", b"x-switchyard-overhead-ms": "overhead_s",
+                   b"x-switchyard-cache": "cache"}
 
 
 @dataclass(slots=True)
@@ -167,6 +168,7 @@ class Trace:
     calls: list[tuple[str, int, int, float]] | None = None   # (expert, prompt, completion tokens, USD) per paid answer
     overhead_s: float | None = None
     ended: float | None = None     # perf_counter when the last byte went out
+    cache: str = ""                # x-switchyard-cache of the answer: hit, miss, refresh, off ("" with the cache off)
 
     def read_response_headers(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
@@ -291,13 +293,15 @@ class Metrics:
         self.cooldowns = Counter("switchyard_cooldowns", "Times an expert was put in a cooldown", ["expert"],
                                  registry=reg)
         self.log_dropped = Counter("switchyard_decision_log_dropped", "Decision-log entries lost", registry=reg)
+        self.cache = Counter("switchyard_cache", "Response-cache lookups and stores by result (hit, miss, stored, "
+                             "off, refresh, too_large, error)", ["result"], registry=reg)
         if reg is not None:
             reg.register(self.fleet)
         # Label children by value, cached: prometheus_client checks and looks up the label
         # values on every ``labels()`` call, several times per request.
-        self._requests, self._duration, self._overhead, self._routing, self._tokens, self._spend = (
+        self._requests, self._duration, self._overhead, self._routing, self._tokens, self._spend, self._cache = (
             functools.lru_cache(maxsize=_CHILDREN)(m.labels)
-            for m in (self.requests, self.duration, self.overhead, self.routing, self.tokens, self.spend))
+            for m in (self.requests, self.duration, self.overhead, self.routing, self.tokens, self.spend, self.cache))
 
     def finish(self, t: Trace) -> None:
         """Count one ended request."""
@@ -322,6 +326,9 @@ class Metrics:
 
     def cooldown(self, expert: str) -> None:
         self.cooldowns.labels(expert).inc()
+
+    def cache_result(self, result: str, n: int = 1) -> None:
+        self._cache(result).inc(n)
 
     def render(self) -> bytes:
         if self.registry is not None:

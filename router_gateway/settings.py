@@ -44,6 +44,12 @@ class Settings(BaseSettings):
                                           "(and as many feedback entries); 0 turns the log off")
     decision_log_prompts: bool = Field(default=True, description="Keep each request's prompt text in the "
                                        "decision log (needed by `switchyard logs export`)")
+    cache_ttl_s: float = Field(default=0.0, ge=0, description="Seconds a cached answer is kept (the response "
+                               "cache: a repeated request answered from Redis); 0 turns the cache off")
+    cache_max_entry_bytes: int = Field(default=1_000_000, ge=1, description="Answers (streams included) longer "
+                                       "than this are not cached")
+    cache_per_key: bool = Field(default=False, description="Cache answers per API key (else a request answered "
+                                "for one key is a hit for every key allowed its model)")
     gc_tuning: bool = Field(default=True, description="Once started, take the heap built so far out of the "
                             "garbage collector's scans (gc.freeze) and collect young objects every 100,000 "
                             "net allocations instead of 700: about 10% more requests/s at saturation")
