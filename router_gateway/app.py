@@ -279,6 +279,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                                           lambda: getattr(app.state, "upstream_client", None))
     _install_error_handlers(app)
 
+    caching = settings.cache_ttl_s > 0
+
     async def _proxy(request: Request, endpoint: str, wire: type) -> Response:
         trace: Trace = request.scope["switchyard.trace"]
         state = request.app.state
@@ -286,8 +288,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         body = await read_json(request, settings.max_body_bytes)
         validate_body(wire, body)
         timeout_s = _timeout(request.headers.get("x-switchyard-timeout"), settings.max_request_timeout_s)
-        cache: ResponseCache = state.cache
-        cache_as = cache_mode(request.headers) if cache.enabled else None
+        cache_as = cache_mode(request.headers) if caching else None
         trace.endpoint, trace.model = endpoint, body["model"]
         logging_decisions = state.decisions.enabled
         if logging_decisions and settings.decision_log_prompts:
@@ -302,6 +303,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         if key is not None:
             await state.limiter.admit(key)
         if cache_as is not None:   # before routing: a hit needs no decision
+            cache: ResponseCache = state.cache
             entry, response = await _cached(cache, cache_as, endpoint, body, trace.key, state.view)
             if response is not None:
                 if key is not None:   # a request the key made, at no cost and no tokens
