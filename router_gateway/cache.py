@@ -26,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import orjson
 from starlette.responses import Response, StreamingResponse
@@ -275,3 +276,39 @@ class _Tap:
         close = getattr(self._body, "aclose", None)
         if close is not None:
             await close()
+
+
+# --- the CLI's view (``switchyard cache``): a synchronous client on the same Redis -----------
+
+def _entries(client: Any, prefix: str) -> Iterator[list[str]]:
+    """The cache's keys, in batches of SCAN's size (glob characters in ``prefix`` escaped)."""
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", f"{prefix}cache:") + "*"
+    cursor = 0
+    while True:
+        cursor, keys = client.scan(cursor, match=pattern, count=1000)
+        if keys:
+            yield keys
+        if not cursor:
+            return
+
+
+def cache_stats(client: Any, prefix: str) -> tuple[int, int]:
+    """(entries, bytes of their values) stored now."""
+    n = size = 0
+    for keys in _entries(client, prefix):
+        pipe = client.pipeline(transaction=False)
+        for k in keys:
+            pipe.strlen(k)
+        lengths = pipe.execute()
+        n += sum(1 for x in lengths if x)
+        size += sum(lengths)
+    return n, size
+
+
+def clear_cache(client: Any, prefix: str) -> int:
+    """Remove every cached answer (all of them: entries are keyed by a hash of the request,
+    so there is no telling one expert's from another's); returns how many were removed."""
+    removed = 0
+    for keys in _entries(client, prefix):
+        removed += client.unlink(*keys)
+    return removed

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from router_gateway import cli_train
+from router_gateway.cli_cache import cache_app
 from router_gateway.cli_collab import collab_app
 from router_gateway.cli_common import console
 from router_gateway.cli_common import fail as _fail
@@ -39,6 +40,7 @@ app.add_typer(fleet_app, name="fleet")
 app.add_typer(collab_app, name="collab")
 app.add_typer(keys_app, name="keys")
 app.add_typer(logs_app, name="logs")
+app.add_typer(cache_app, name="cache")
 cli_train.register(app)
 
 

@@ -78,11 +78,12 @@ def tail(n: int = typer.Option(20, "-n", min=1, max=10_000, help="How many of th
     store = open_store(Settings())
     entries = store.client.xrevrange(decisions_key(store.prefix), count=n)
     table = Table("time (UTC)", "request id", "key", "model", "router", "expert", "status", "latency",
-                  "tokens", "cost USD")
+                  "tokens", "cost USD", "cache")
     for _, d in reversed(entries):
         ts = datetime.fromtimestamp(float(d.get("ts") or 0), timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         tokens = f"{d['input_tokens']}+{d['output_tokens']}" if d.get("input_tokens") else "-"
         latency = f"{float(d['latency_s']) * 1000:.1f} ms" if d.get("latency_s") else "-"
         table.add_row(ts, d.get("rid", ""), d.get("key") or "-", d.get("model", ""), d.get("router") or "-",
-                      d.get("expert") or "-", d.get("status", ""), latency, tokens, d.get("cost_usd") or "-")
+                      d.get("expert") or "-", d.get("status", ""), latency, tokens, d.get("cost_usd") or "-",
+                      d.get("cache") or "-")
     console.print(table)

@@ -251,3 +251,27 @@ def test_a_redis_that_does_not_answer_makes_lookups_miss_and_stores_no_ops(store
 
     asyncio.run(go())
     assert results == ["miss"]
+
+
+def test_the_cli_counts_and_clears_the_cache(store: ExpertStore, data_dir: Path, scripted_upstream: str):
+    from tests.router_gateway.test_cli import sy
+
+    for spec in scripted_experts(scripted_upstream):
+        store.put(spec)
+    store.client.set(store.prefix + "cache-like-but-not", "kept")
+    with serve_in_thread(create_app(make_settings(data_dir, cache_ttl_s=60), store)) as url, \
+            Gateway(url, store).client() as c:
+        for prompt in ("a", "b", "a"):
+            c.post("/v1/completions", json={"model": "up-echo", "prompt": prompt})
+            time.sleep(0.2)
+        assert "2 cached answers" in sy(data_dir, "cache", "stats").stdout
+        assert "removed 2 cached answers" in sy(data_dir, "cache", "clear").stdout
+        assert c.post("/v1/completions", json={"model": "up-echo", "prompt": "a"}).headers["x-switchyard-cache"] \
+            == "miss"
+        tail = sy(data_dir, "logs", "tail", "-n", "4").stdout
+        verdicts = [line.strip(" │|").split()[-1] for line in tail.splitlines() if "up-echo" in line]
+        assert verdicts == ["miss", "miss", "hit", "miss"], tail
+    assert "1 cached answers" in sy(data_dir, "cache", "stats").stdout   # the miss after clearing, stored
+    assert "removed 1 cached answers" in sy(data_dir, "cache", "clear").stdout
+    assert "0 cached answers" in sy(data_dir, "cache", "stats").stdout
+    assert store.client.get(store.prefix + "cache-like-but-not") == "kept"
