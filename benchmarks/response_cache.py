@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     when = dt.datetime.now(dt.timezone.utc)
     report = {"when": when.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_facts(), "commit": git_commit(),
-              "command": "python benchmarks/response_cache.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+              "command": " ".join(["python benchmarks/response_cache.py", *(argv if argv is not None else sys.argv[1:])])}
     with tempfile.TemporaryDirectory() as d, go.Fleet(Path(d)) as fleet:
         upstream, up_pid = go.start_upstream(fleet, "asgi")
         gateway, gw_pid = go.start_gateway(fleet, upstream, env_extra={"SWITCHYARD_CACHE_TTL_S": "3600"})
