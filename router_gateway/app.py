@@ -302,28 +302,34 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                                  param="model")
         if key is not None:
             await state.limiter.admit(key)
+        leads = False
         if cache_as is not None:   # before routing: a hit needs no decision
             cache: ResponseCache = state.cache
-            entry, response = await _cached(cache, cache_as, endpoint, body, trace.key, state.view)
+            entry, response, leads = await _cached(cache, cache_as, endpoint, body, trace.key, state.view)
             if response is not None:
                 if key is not None:   # a request the key made, at no cost and no tokens
                     state.limiter.book(key, (0, 0), 0.0, 0.0)
                 return response
-        meter = trace.metering(state.limiter.meter(key) if key is not None else None)
-        dispatcher: Dispatcher = state.dispatcher
-        if target.kind == "expert":  # the fast path: no awaits
-            decision = dispatcher.resolve(target)
-        else:
-            explain = request.headers.get("x-switchyard-explain", "").lower() in ("1", "true", "yes")
-            decision = await dispatcher.route(target, body, endpoint, explain or logging_decisions)
-            trace.route_s, trace.scores = decision.route_s, decision.scores
-            if not explain and decision.scores is not None:
-                decision = dataclasses.replace(decision, scores=None)
-        response = await dispatcher.handle(endpoint, body, decision, trace.rid, trace.t0, meter, timeout_s)
+        try:
+            meter = trace.metering(state.limiter.meter(key) if key is not None else None)
+            dispatcher: Dispatcher = state.dispatcher
+            if target.kind == "expert":  # the fast path: no awaits
+                decision = dispatcher.resolve(target)
+            else:
+                explain = request.headers.get("x-switchyard-explain", "").lower() in ("1", "true", "yes")
+                decision = await dispatcher.route(target, body, endpoint, explain or logging_decisions)
+                trace.route_s, trace.scores = decision.route_s, decision.scores
+                if not explain and decision.scores is not None:
+                    decision = dataclasses.replace(decision, scores=None)
+            response = await dispatcher.handle(endpoint, body, decision, trace.rid, trace.t0, meter, timeout_s)
+        except BaseException:
+            if leads:   # the identical requests waiting on this one ask for themselves
+                cache.settle(entry, None)
+            raise
         if cache_as is not None:
             response.raw_headers.append((b"x-switchyard-cache", _CACHE_HEADER[cache_as]))
             if entry is not None:
-                cache.keep(response, entry)
+                cache.keep(response, entry, leads)
         return response
 
     async def chat_completions(request: Request) -> Response:
@@ -403,18 +409,29 @@ _CACHE_HEADER = {"on": b"miss", "refresh": b"refresh", "off": b"off"}
 
 
 async def _cached(cache: ResponseCache, mode: str, endpoint: str, body: dict, key_id: str, view: RegistryView
-                  ) -> tuple[str | None, Response | None]:
-    """The request's cache entry key (None: not to be stored) and, on a hit, its answer.
-    With Redis known to be down the cache is skipped, not waited on."""
+                  ) -> tuple[str | None, Response | None, bool]:
+    """The request's cache entry key (None: not to be stored), its answer on a hit, and
+    whether it leads a flight of identical requests (``ResponseCache.join``), which the
+    caller must settle. A miss that is not streamed waits for an identical request in
+    flight in this process, when there is one, and answers with its answer. With Redis
+    known to be down the cache is skipped, not waited on."""
     if mode == "off" or view.store_error is not None:
         cache.count("off" if mode == "off" else "error")
-        return None, None
+        return None, None, False
     entry = cache.key(endpoint, body, key_id)   # before the dispatcher rewrites the body's model
     if entry is None or mode == "refresh":
         cache.count("refresh" if entry is not None else "off")
-        return entry, None
+        return entry, None, False
     hit = await cache.get(entry)
-    return entry, None if hit is None else hit.response()
+    if hit is None and body.get("stream") is not True:
+        flight = cache.join(entry)
+        if flight is None:
+            return entry, None, True
+        hit = await asyncio.shield(flight)   # a client that leaves must not cancel the others' wait
+        if hit is None:                      # that one failed: this one asks for itself
+            return entry, None, False
+        cache.count("coalesced")
+    return entry, None if hit is None else hit.response(), False
 
 
 def _timeout(header: str | None, limit: float) -> float | None:

@@ -9,6 +9,10 @@ books no tokens (the key's request rate still counts it). A miss goes to the exp
 usual, and its answer is stored when it is a 200 (a stream: when it ended with
 ``data: [DONE]`` and carried no error) of at most ``SWITCHYARD_CACHE_MAX_ENTRY_BYTES``.
 
+A miss that is not streamed, made while an identical request is being asked of an expert
+in this process, waits for that answer and gets it as a hit (request coalescing); when
+that request fails, each waiting one asks for itself.
+
 A client decides per request with ``x-switchyard-cache``: ``on`` (the default), ``off``
 (neither read nor write) or ``refresh`` (ask the expert, store its answer); the HTTP
 ``Cache-Control`` request directives ``no-store`` and ``no-cache`` mean ``off`` and
@@ -93,6 +97,7 @@ class ResponseCache:
         self._tasks: set[asyncio.Task] = set()
         self._lookups: list[tuple[str, asyncio.Future]] = []
         self._stores: list[bytes] = []
+        self._flights: dict[str, asyncio.Future] = {}
         self._failing = False
 
     @property
@@ -177,10 +182,13 @@ class ResponseCache:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def keep(self, response: Response, key: str) -> Response:
+    def keep(self, response: Response, key: str, leads: bool = False) -> Response:
         """Store ``response`` (the expert's answer to the request ``key`` names) once it is
-        known to be whole: a 200 JSON answer now, a stream when it has ended cleanly."""
+        known to be whole: a 200 JSON answer now, a stream when it has ended cleanly.
+        ``leads``: the request leads a flight (:meth:`join`), which this settles."""
         if response.status_code != 200:
+            if leads:
+                self.settle(key, None)
             return response
         expert = response.headers.get("x-switchyard-expert", "")
         router = response.headers.get("x-switchyard-router", "")
@@ -188,8 +196,27 @@ class ResponseCache:
             response.body_iterator = _Tap(response.body_iterator, self.max_entry_bytes, lambda whole: self.put(
                 key, whole, stream=True, expert=expert, router=router))
         else:
-            self.put(key, bytes(response.body), stream=False, expert=expert, router=router)
+            content = bytes(response.body)
+            self.put(key, content, stream=False, expert=expert, router=router)
+            if leads:
+                self.settle(key, Hit(content, False, expert, router, 0.0))
         return response
+
+    def join(self, key: str) -> asyncio.Future | None:
+        """Request coalescing, for non-streamed answers: the answer of an identical request
+        that is being asked of an expert in this process right now, to wait on (it gives
+        the answer's :class:`Hit`, or None when that request did not get a 200); None when
+        there is none, and then this request leads one and must :meth:`settle` it."""
+        flight = self._flights.get(key)
+        if flight is None:
+            self._flights[key] = asyncio.get_running_loop().create_future()
+        return flight
+
+    def settle(self, key: str, hit: Hit | None) -> None:
+        """End the flight ``key`` leads, handing its waiters ``hit``."""
+        flight = self._flights.pop(key, None)
+        if flight is not None and not flight.done():
+            flight.set_result(hit)
 
     async def drain(self) -> None:
         """Send what waits and wait for what is in flight (at shutdown, and in tests)."""

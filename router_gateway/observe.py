@@ -294,7 +294,7 @@ class Metrics:
                                  registry=reg)
         self.log_dropped = Counter("switchyard_decision_log_dropped", "Decision-log entries lost", registry=reg)
         self.cache = Counter("switchyard_cache", "Response-cache lookups and stores by result (hit, miss, stored, "
-                             "off, refresh, too_large, error)", ["result"], registry=reg)
+                             "off, refresh, too_large, error, coalesced)", ["result"], registry=reg)
         if reg is not None:
             reg.register(self.fleet)
         # Label children by value, cached: prometheus_client checks and looks up the label

@@ -13,6 +13,7 @@ The behaviour is chosen by the ``served_model`` the gateway forwards:
   breakstream  streams two chunks then drops the connection
   slowstream   streams a chunk every 0.5 s, without end (for killing the server midway)
   slowstart    streams like echo, but only after 0.5 s (for clients that leave first)
+  slowanswer   answers like echo, but only after 0.5 s (for requests that overlap)
   nousage      answers like echo, but never reports usage (not even when a stream asks)
   garbage      HTTP 200 with a body that is not JSON
   busy         HTTP 429 with ``Retry-After: 2`` and an OpenAI error body
@@ -77,7 +78,7 @@ async def _serve(request: Request, chat: bool) -> Response:
                             status_code=429, headers={"retry-after": "2"})
     if model == "slow":
         await asyncio.sleep(5)
-    if model == "slowstart" and body.get("stream"):
+    if (model == "slowstart" and body.get("stream")) or model == "slowanswer":
         await asyncio.sleep(0.5)
     if model == "garbage":
         return Response(b"<html>not json</html>", media_type="text/html")

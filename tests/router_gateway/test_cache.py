@@ -140,6 +140,41 @@ def test_errors_broken_streams_and_long_answers_are_not_cached(cached):
     assert _sample(metrics, "switchyard_cache_total", result="hit") is None
 
 
+def test_identical_requests_in_flight_together_ask_the_expert_once(store: ExpertStore, data_dir: Path,
+                                                                    scripted_upstream: str):
+    from concurrent.futures import ThreadPoolExecutor
+
+    for spec in scripted_experts(scripted_upstream):
+        store.put(spec)
+    for name in ("slowanswer", "slowstart"):
+        store.put(ExpertSpec(name=f"up-{name}", backend="openai", base_url=scripted_upstream, served_model=name))
+    settings = make_settings(data_dir, cache_ttl_s=60, cooldown_failures=100)
+    with serve_in_thread(create_app(settings, store)) as url, Gateway(url, store).client() as c:
+        def ask(rid: str, body: dict) -> httpx.Response:
+            return c.post("/v1/chat/completions", json=body, headers={"x-request-id": rid})
+
+        def together(body: dict, n: int = 5) -> list[httpx.Response]:
+            with ThreadPoolExecutor(n) as pool:   # the upstream takes 0.5 s: they overlap
+                return list(pool.map(lambda i: ask(f"r{i}", body), range(n)))
+
+        answers = together({"model": "up-slowanswer", "messages": MSGS})
+        assert all(r.status_code == 200 for r in answers)
+        asked = {r.json()["received_request_id"] for r in answers}
+        assert len(asked) == 1                                               # one request reached the expert
+        leader = next(r for r in answers if r.headers["x-request-id"] in asked)
+        assert leader.headers["x-switchyard-cache"] == "miss"
+        assert sorted(r.headers["x-switchyard-cache"] for r in answers) == ["hit"] * 4 + ["miss"]
+        assert len({r.content for r in answers}) == 1
+        failed = together({"model": "up-fail500", "messages": MSGS}, 3)      # no answer to share: each asks
+        assert [r.status_code for r in failed] == [502] * 3
+        streams = together({"model": "up-slowstart", "messages": MSGS, "stream": True}, 3)
+        assert [r.headers["x-switchyard-cache"] for r in streams] == ["miss"] * 3   # streams are not coalesced
+        assert all(r.text.rstrip().endswith("data: [DONE]") for r in streams)
+        metrics = c.get("/metrics").text
+    assert _sample(metrics, "switchyard_cache_total", result="coalesced") == 4
+    assert _sample(metrics, "switchyard_upstream_failures_total", expert="up-fail500", reason="5xx") == 3
+
+
 def test_entries_expire_after_the_ttl(store: ExpertStore, data_dir: Path, scripted_upstream: str):
     for spec in scripted_experts(scripted_upstream):
         store.put(spec)
