@@ -100,10 +100,6 @@ class ResponseCache:
         self._flights: dict[str, asyncio.Future] = {}
         self._failing = False
 
-    @property
-    def enabled(self) -> bool:
-        return self.ttl_ms > 0
-
     def key(self, endpoint: str, body: dict, key_id: str) -> str | None:
         """The entry's Redis key for this request, or None for a body that does not
         serialise back to JSON (then it is not cached)."""
