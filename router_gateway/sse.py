@@ -1,7 +1,9 @@
 """Server-sent events: split an upstream byte stream into events and re-frame them.
 
 The upstream's chunks are forwarded unchanged except for the ``model`` field of each
-JSON data payload (clients see the name they asked for, not the upstream's id).
+JSON data payload, or of the ``response`` object it carries (the Responses API's
+``response.created`` and ``response.completed`` events): clients see the name they asked
+for, not the upstream's id. An event's other fields (``event:``, ``id:``) are kept.
 Chunk boundaries from the network fall anywhere, so the splitter buffers until a
 blank line (``\\n\\n``, ``\\r\\n\\r\\n`` or ``\\r\\r``) ends an event.
 """
@@ -62,24 +64,37 @@ def encode_data(payload: bytes) -> bytes:
     return b"".join(b"data: " + line + b"\n" for line in payload.split(b"\n")) + b"\n"
 
 
+def event_fields(event: bytes) -> bytes:
+    """An event's lines other than ``data:`` (``event:``, ``id:``, ``retry:``, comments),
+    each ending in a newline; empty for the usual one-line ``data:`` event."""
+    if event.startswith(b"data:") and b"\n" not in event and b"\r" not in event:
+        return b""
+    return b"".join(line + b"\n" for line in _LINE_SPLIT.split(event) if line and not line.startswith(b"data:"))
+
+
 def rewrite_event(event: bytes, model: str | None, inspect: Callable[[Any], bool] | None = None) -> bytes:
     """Re-frame one upstream event, replacing the JSON payload's ``model`` when given.
     ``inspect`` sees every decoded JSON payload and returns False to drop its event."""
     data = event_data(event)
     if data is None:
         return event + b"\n\n"  # comments / keep-alives pass through as they came
+    head = event_fields(event)
     if (model is None and inspect is None) or data == DONE:
-        return encode_data(data)
+        return head + encode_data(data)
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return encode_data(data)
+        return head + encode_data(data)
     if inspect is not None and not inspect(obj):
         return b""
-    if model is not None and isinstance(obj, dict) and "model" in obj:
-        obj["model"] = model
-        data = orjson.dumps(obj)
-    return encode_data(data)
+    if model is not None and isinstance(obj, dict):
+        if "model" in obj:
+            obj["model"] = model
+            data = orjson.dumps(obj)
+        elif isinstance(obj.get("response"), dict) and "model" in obj["response"]:
+            obj["response"]["model"] = model
+            data = orjson.dumps(obj)
+    return head + encode_data(data)
 
 
 async def reframe(chunks: AsyncIterator[bytes], model: str | None,

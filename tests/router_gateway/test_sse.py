@@ -69,6 +69,22 @@ def test_comments_and_multiline_data_pass_through():
     assert rewrite_event(b'data: {"model": "up"}', None) == b'data: {"model": "up"}\n\n'
 
 
+@given(st.sampled_from(["response.created", "response.output_text.delta", "error"]), json_objs,
+       st.lists(st.integers(min_value=0), max_size=8), st.booleans())
+def test_typed_events_keep_their_names_and_the_model_inside_response_is_rewritten(kind, obj, cuts, nested):
+    """Responses API events: ``event:`` before ``data:``, the model in ``response``."""
+    payload = {"type": kind, "response": obj} if nested else obj
+    data = f"event: {kind}\nid: 7\ndata: {json.dumps(payload)}\n\n".encode()
+    for model in ("client-name", None):
+        out = asyncio.run(_collect(_chunked(data, cuts), model))
+        assert out.startswith(f"event: {kind}\nid: 7\ndata: ".encode()) and out.endswith(b"\n\n")
+        got = event_data(out[:-2])
+        seen = json.loads(got)
+        inner = seen["response"] if nested else seen
+        assert inner["model"] == (model or obj["model"])
+        assert {k: v for k, v in inner.items() if k != "model"} == {k: v for k, v in obj.items() if k != "model"}
+
+
 def test_an_unterminated_last_event_is_still_delivered():
     out = asyncio.run(_collect([b'data: {"model": "a", "x": 1}\n\ndata: {"model": "b"}'], "z"))
     assert _decode(out) == [{"model": "z", "x": 1}, {"model": "z"}]
