@@ -55,8 +55,8 @@ _request_id = contextvars.ContextVar("switchyard_request_id", default="-")
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"
 
 # Routes named in metric labels; any other path counts as "other" (no label per URL).
-_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/experts", "/v1/keys", "/v1/routers",
-           "/v1/route", "/v1/feedback", "/health", "/metrics"}
+_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models", "/v1/experts",
+           "/v1/keys", "/v1/routers", "/v1/route", "/v1/feedback", "/health", "/metrics"}
 _CHILDREN = 4096   # cached label children per metric (routes x codes x experts x keys)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
