@@ -118,8 +118,12 @@ class HTTPUpstream:
 
     async def _post(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None,
                     timeout_s: float | None = None):
+        return await self._send(spec, "POST", endpoint, orjson.dumps(body), request_id, timeout_s)
+
+    async def _send(self, spec: ExpertSpec, method: str, path: str, payload: bytes, request_id: str | None,
+                    timeout_s: float | None = None):
         try:
-            return await self.client.request("POST", f"{spec.base_url}/{endpoint}", orjson.dumps(body),
+            return await self.client.request(method, f"{spec.base_url}/{path}", payload,
                                              self._headers(spec, request_id),
                                              read_timeout=-1.0 if timeout_s is None else timeout_s)
         except HTTPClientError as exc:
@@ -143,6 +147,16 @@ class HTTPUpstream:
         except HTTPClientError as exc:
             raise _http_failure(exc, spec) from exc
 
+    async def call(self, spec: ExpertSpec, method: str, path: str, request_id: str | None = None
+                   ) -> tuple[int, bytes, str]:
+        """``method`` on ``{base_url}/{path}`` without a body (path may carry a query):
+        status, body and content type. For the Responses API's retrieve, delete and cancel."""
+        resp = await self._send(spec, method, path, b"", request_id)
+        try:
+            return resp.status, await resp.read(), resp.headers.get("content-type", "application/json")
+        except HTTPClientError as exc:
+            raise _http_failure(exc, spec) from exc
+
     async def open_stream(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None = None,
                           timeout_s: float | None = None) -> UpstreamStream:
         """``timeout_s`` bounds the wait for the answer to start and for each chunk after."""
@@ -162,7 +176,8 @@ class HTTPUpstream:
 
 
 class LiteLLMUpstream:
-    """Calls ``litellm.acompletion`` / ``atext_completion`` with the expert's provider string."""
+    """Calls ``litellm.acompletion`` / ``atext_completion`` / ``aembedding`` / ``aresponses``
+    with the expert's provider string."""
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
@@ -187,7 +202,7 @@ class LiteLLMUpstream:
         kwargs["api_key"] = spec.api_key or "none"
         kwargs["timeout"] = timeout_s if timeout_s is not None else kwargs.get("timeout", self.timeout_s)
         fn = {"chat/completions": lib.acompletion, "completions": lib.atext_completion,
-              "embeddings": lib.aembedding}[endpoint]
+              "embeddings": lib.aembedding, "responses": lib.aresponses}[endpoint]
         return fn(**kwargs)
 
     def _failure(self, exc: Exception, spec: ExpertSpec) -> UpstreamFailure | tuple[int, bytes]:
@@ -217,7 +232,9 @@ class LiteLLMUpstream:
             if isinstance(mapped, tuple):
                 return mapped
             raise mapped from exc
-        return 200, orjson.dumps(resp.model_dump(mode="json", exclude_none=True))
+        # warnings=False: litellm's Responses objects hold usage dicts where their own
+        # schema says a model, and pydantic would warn on every answer
+        return 200, orjson.dumps(resp.model_dump(mode="json", exclude_none=True, warnings=False))
 
     async def answer(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None = None,
                      timeout_s: float | None = None) -> tuple[int, bytes, str | None]:
@@ -234,16 +251,21 @@ class LiteLLMUpstream:
                 return UpstreamStream(status, _once(payload), _noop)
             raise mapped from exc
 
+        responses = endpoint == "responses"   # typed events (``event:`` lines), no [DONE]
+
         async def chunks() -> AsyncIterator[bytes]:
             try:
                 async for chunk in stream:
-                    data = orjson.dumps(chunk.model_dump(mode="json", exclude_none=True))
-                    yield b"data: " + data + b"\n\n"
+                    obj = chunk.model_dump(mode="json", exclude_none=True, warnings=False)
+                    kind = obj.get("type") if responses else None
+                    head = b"event: " + kind.encode() + b"\n" if isinstance(kind, str) else b""
+                    yield head + b"data: " + orjson.dumps(obj) + b"\n\n"
             except Exception as exc:  # see send()
                 mapped = self._failure(exc, spec)
                 raise (mapped if isinstance(mapped, UpstreamFailure)
                        else UpstreamProtocolError(f"expert '{spec.name}' failed mid-stream")) from exc
-            yield b"data: [DONE]\n\n"
+            if not responses:
+                yield b"data: [DONE]\n\n"
 
         async def aclose() -> None:
             close = getattr(stream, "aclose", None)

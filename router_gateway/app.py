@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from typing import Any, AsyncIterator, Callable
+from urllib.parse import quote
 
 import anyio
 import orjson
@@ -23,6 +24,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Match
 
 from expert_registry.http1 import HTTP1Client
+from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore, close_redis, open_async_redis, open_redis
 from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream
 from router_gateway import admin_routes, router_routes
@@ -30,17 +32,20 @@ from router_gateway import feedback_routes, key_routes
 from router_gateway.auth import KeyCache, KeyChecker
 from router_gateway.cache import ResponseCache, cache_mode
 from router_gateway.cors import Cors
-from router_gateway.dispatch import CooldownPolicy, Dispatcher, error_response, internal_error_response
+from router_gateway.dispatch import (CooldownPolicy, Dispatcher, OnId, RouteDecision, error_response,
+                                     internal_error_response)
 from router_gateway.app_helpers import read_json
 from router_gateway.decision_log import DecisionLog
-from router_gateway.errors import GatewayError, InvalidRequest, ModelNotFound, StoreUnavailable, error_body
+from router_gateway.errors import (GatewayError, InvalidRequest, ModelNotFound, ResponseNotFound, StoreUnavailable,
+                                   error_body)
 from router_gateway.keys import KeyRecord, KeyStore, Limiter
-from router_gateway.model_string import parse_model
-from router_gateway.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, invalid_from_errors,
-                                     validate_body)
+from router_gateway.model_string import ModelTarget, parse_model
+from router_gateway.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponsesRequest,
+                                     invalid_from_errors, validate_body)
 from router_gateway.openapi import PROXY, errors, install as install_openapi, json_body
 from router_gateway.observe import Metrics, Trace, configure_logging, request_id_from, route_label
 from router_gateway.registry_view import RegistryView, health_loop
+from router_gateway.responses import Pin, PinStoreError, ResponsePins
 from router_gateway.routing import RoutingTable, query_text
 from router_gateway.settings import Settings
 from router_gateway.skills_llm import SkillAsker
@@ -232,6 +237,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                               settings.cache_per_key, metrics.cache_result)
         try:
             app.state.cache = cache
+            app.state.pins = ResponsePins(aredis, st.prefix, settings.responses_ttl_s)
             app.state.store = st
             app.state.view = view
             app.state.upstream_client = client
@@ -288,7 +294,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         body = await read_json(request, settings.max_body_bytes)
         validate_body(wire, body)
         timeout_s = _timeout(request.headers.get("x-switchyard-timeout"), settings.max_request_timeout_s)
-        cache_as = cache_mode(request.headers) if caching else None
+        cache_as = cache_mode(request.headers) if caching and endpoint != "responses" else None
         trace.endpoint, trace.model = endpoint, body["model"]
         logging_decisions = state.decisions.enabled
         if logging_decisions and settings.decision_log_prompts:
@@ -300,8 +306,13 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             raise InvalidRequest(f"embeddings come from one expert: name it in 'model' (got {body['model']!r}; "
                                  "routers and collaboration groups answer chat and text completions only)",
                                  param="model")
+        if endpoint == "responses" and target.kind == "collab":
+            raise InvalidRequest(f"collaboration groups answer chat and text completions only (got "
+                                 f"{body['model']!r}); name an expert, a router or 'auto'", param="model")
         if key is not None:
             await state.limiter.admit(key)
+        pinned, on_id = (await _responses_state(state, target, body, trace.key) if endpoint == "responses"
+                         else (None, None))
         leads = False
         if cache_as is not None:   # before routing: a hit needs no decision
             cache: ResponseCache = state.cache
@@ -313,7 +324,9 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         try:
             meter = trace.metering(state.limiter.meter(key) if key is not None else None)
             dispatcher: Dispatcher = state.dispatcher
-            if target.kind == "expert":  # the fast path: no awaits
+            if pinned is not None:       # a stored response's continuation: where it is stored
+                decision = pinned
+            elif target.kind == "expert":  # the fast path: no awaits
                 decision = dispatcher.resolve(target)
             else:
                 explain = request.headers.get("x-switchyard-explain", "").lower() in ("1", "true", "yes")
@@ -321,7 +334,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                 trace.route_s, trace.scores = decision.route_s, decision.scores
                 if not explain and decision.scores is not None:
                     decision = dataclasses.replace(decision, scores=None)
-            response = await dispatcher.handle(endpoint, body, decision, trace.rid, trace.t0, meter, timeout_s)
+            response = await dispatcher.handle(endpoint, body, decision, trace.rid, trace.t0, meter, timeout_s,
+                                               on_id)
         except BaseException:
             if leads:   # the identical requests waiting on this one ask for themselves
                 cache.settle(entry, None)
@@ -341,6 +355,9 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     async def embeddings(request: Request) -> Response:
         return await _proxy(request, "embeddings", EmbeddingRequest)
 
+    async def responses(request: Request) -> Response:
+        return await _proxy(request, "responses", ResponsesRequest)
+
     answer = {200: {"description": "The expert's answer: a JSON object, or with `stream: true` an event stream "
                     "ending in `data: [DONE]`", "content": {"application/json": {}, "text/event-stream": {}}}}
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], tags=["openai"],
@@ -350,6 +367,51 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     app.add_api_route("/v1/embeddings", embeddings, methods=["POST"], tags=["openai"],
                       openapi_extra=json_body(EmbeddingRequest),
                       responses={200: {"description": "The expert's embeddings"}, **errors(*PROXY)})
+    app.add_api_route("/v1/responses", responses, methods=["POST"], tags=["openai"],
+                      openapi_extra=json_body(ResponsesRequest),
+                      responses={200: {"description": "The expert's response: a JSON object, or with `stream: "
+                                       "true` typed server-sent events", "content": {"application/json": {},
+                                                                                     "text/event-stream": {}}},
+                                 **errors(*PROXY)})
+
+    async def stored_response(request: Request, response_id: str, method: str, tail: str = "") -> Response:
+        """A stored response's retrieve, delete, cancel or input items, at the server that made it."""
+        trace: Trace = request.scope["switchyard.trace"]
+        state = request.app.state
+        _, trace.key = await state.keys.caller(request)
+        pins: ResponsePins = state.pins
+        try:
+            pin = await pins.find(response_id, trace.key) if pins.enabled else None
+        except PinStoreError as exc:
+            raise StoreUnavailable(f"cannot look up response '{response_id}': {exc}") from None
+        dispatcher: Dispatcher = state.dispatcher
+        decision = None if pin is None else dispatcher.at(parse_model(pin.model), pin.expert, pin.url)
+        if pin is None or decision is None:
+            why = "" if pin is None else f" (the expert '{pin.expert}' that stored it is no longer registered there)"
+            raise ResponseNotFound(f"response '{response_id}' not found{why}", param="response_id")
+        query = request.url.query
+        path = f"responses/{quote(response_id, safe='')}{tail}" + (f"?{query}" if query else "")
+        response = await dispatcher.stored(decision, method, path, pin.model, trace.rid)
+        if method == "DELETE" and response.status_code == 200:
+            await pins.forget(response_id)
+        return response
+
+    @app.get("/v1/responses/{response_id}", tags=["openai"], responses=errors(400, 401, 404, 502, 503, 504))
+    async def retrieve_response(response_id: str, request: Request) -> Response:
+        return await stored_response(request, response_id, "GET")
+
+    @app.delete("/v1/responses/{response_id}", tags=["openai"], responses=errors(400, 401, 404, 502, 503, 504))
+    async def delete_response(response_id: str, request: Request) -> Response:
+        return await stored_response(request, response_id, "DELETE")
+
+    @app.post("/v1/responses/{response_id}/cancel", tags=["openai"], responses=errors(400, 401, 404, 502, 503, 504))
+    async def cancel_response(response_id: str, request: Request) -> Response:
+        return await stored_response(request, response_id, "POST", "/cancel")
+
+    @app.get("/v1/responses/{response_id}/input_items", tags=["openai"],
+             responses=errors(400, 401, 404, 502, 503, 504))
+    async def response_input_items(response_id: str, request: Request) -> Response:
+        return await stored_response(request, response_id, "GET", "/input_items")
 
     async def visible_models(request: Request) -> dict:
         """OpenAI's model list: experts, groups, routers and ``auto``, only what the key may call."""
@@ -402,7 +464,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     app.include_router(feedback_routes.router)
     install_openapi(app)
     return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions,
-                          "/v1/embeddings": embeddings}, observe, cors)
+                          "/v1/embeddings": embeddings, "/v1/responses": responses}, observe, cors)
 
 
 _CACHE_HEADER = {"on": b"miss", "refresh": b"refresh", "off": b"off"}
@@ -432,6 +494,45 @@ async def _cached(cache: ResponseCache, mode: str, endpoint: str, body: dict, ke
             return entry, None, False
         cache.count("coalesced")
     return entry, None if hit is None else hit.response(), False
+
+
+async def _responses_state(state: Any, target: ModelTarget, body: dict, caller: str
+                           ) -> tuple[RouteDecision | None, OnId | None]:
+    """For ``POST /v1/responses``: the decision to continue a stored response where it is
+    stored (None: decide as usual; see ``router_gateway.responses``), and the hook that
+    remembers where this answer is stored (None when it is not to be stored)."""
+    pins: ResponsePins = state.pins
+    if not pins.enabled:
+        return None, None
+    decision = None
+    previous = body.get("previous_response_id")
+    if previous is not None:
+        try:
+            pin = await pins.find(previous, caller)
+        except PinStoreError as exc:
+            log.warning("cannot look up response %s, deciding without it: %s", previous, exc)
+            pin = None
+        else:
+            named = target.kind == "expert"
+            if pin is not None and (not named or target.name == pin.expert):
+                decision = state.dispatcher.at(target, pin.expert, pin.url)
+                if decision is None:
+                    raise ResponseNotFound(f"previous response '{previous}' was stored by expert '{pin.expert}', "
+                                           "which is no longer registered there", param="previous_response_id",
+                                           code="previous_response_not_found")
+            elif pin is None and not named:
+                raise ResponseNotFound(f"previous response '{previous}' not found: this gateway does not know it "
+                                       "(never stored, made with another API key, or older than the gateway's "
+                                       "responses_ttl_s); name the expert that made it in 'model' to ask it "
+                                       "directly", param="previous_response_id", code="previous_response_not_found")
+    if body.get("store") is False:
+        return decision, None
+    asked = body["model"]
+
+    async def on_id(spec: ExpertSpec, response_id: str) -> None:
+        await pins.keep(response_id, Pin(spec.name, spec.base_url, caller, asked))
+
+    return decision, on_id
 
 
 def _timeout(header: str | None, limit: float) -> float | None:

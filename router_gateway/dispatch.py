@@ -35,6 +35,7 @@ from router_gateway.errors import (
     ExpertUnavailable,
     GatewayError,
     GatewayOverloaded,
+    InvalidRequest,
     ModelNotFound,
     UpstreamError,
     UpstreamTimeout,
@@ -57,6 +58,10 @@ Meter = Callable[[ExpertSpec, "tuple[int, int]", bool], None]
 the upstream reported them, else estimated at 4 characters a token) and whether it is
 the answer the client gets (False for a recruited expert's); books usage against the
 caller's key. The flag defaults to True."""
+OnId = Callable[[ExpertSpec, str], Awaitable[None]]
+"""Called with the endpoint (the expert at the URL that answered) and the id of each
+Responses API answer, before the client sees that id; the gateway remembers where the
+response is stored (``router_gateway.responses``)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,35 @@ class Dispatcher:
                             f"(groups: {', '.join(groups) or 'none'}). Available {self.available()}",
                             param="model")
 
+    def at(self, target: ModelTarget, expert: str, url: str | None) -> RouteDecision | None:
+        """The decision to call ``expert`` at its one URL ``url`` and nowhere else (a stored
+        response lives there), or None when that expert or URL is no longer registered."""
+        spec = self.view.experts.get(expert)
+        if spec is None:
+            return None
+        for ep in self.view.replicas.endpoints(spec):
+            if ep.base_url == url:
+                return RouteDecision(target, ep.model_copy(update={"replicas": []}) if ep.replicas else ep, "pinned")
+        return None
+
+    async def stored(self, decision: RouteDecision, method: str, path: str, client_model: str,
+                     request_id: str) -> Response:
+        """``method`` on ``path`` (``responses/ID...``) at the one URL of ``decision``: the
+        upstream's answer with ``model`` rewritten to ``client_model``."""
+        spec = decision.expert
+        if not isinstance(self._upstream(spec), HTTPUpstream):
+            raise InvalidRequest(f"expert '{spec.name}' is reached through litellm, which keeps no stored "
+                                 "responses the gateway can fetch; ask its provider", code="unsupported_backend")
+        try:
+            status, content, content_type = await self.http.call(spec, method, path, request_id)
+        except UpstreamFailure as exc:
+            raise _failed(exc).error from exc
+        headers = {"x-switchyard-expert": spec.name, "x-switchyard-router": decision.router}
+        if content_type.startswith("text/event-stream") and status == 200:
+            return Response(content, status_code=200, media_type="text/event-stream", headers=headers)
+        content, _ = _answer_or_raise(spec, status, content, client_model)
+        return JSONAnswer(content, status, headers)
+
     def _fallbacks(self, spec: ExpertSpec) -> tuple[ExpertSpec, ...]:
         """The registered experts among ``spec.fallbacks``, in order (groups left out)."""
         found = (self.view.experts.get(name) for name in spec.fallbacks)
@@ -148,10 +182,12 @@ class Dispatcher:
 
     # --- calling -----------------------------------------------------------------
     async def handle(self, endpoint: str, body: dict, decision: RouteDecision, request_id: str,
-                     t0: float, meter: Meter | None = None, timeout_s: float | None = None) -> Response:
-        """Call the decided expert and answer. With a ``meter``, a stream asks the upstream
-        for its usage chunk (and drops it again when the client did not ask for it).
-        ``timeout_s`` replaces the configured upstream timeout for this request."""
+                     t0: float, meter: Meter | None = None, timeout_s: float | None = None,
+                     on_id: OnId | None = None) -> Response:
+        """Call the decided expert and answer. With a ``meter``, a chat or text completion
+        stream asks the upstream for its usage chunk (and drops it again when the client
+        did not ask for it). ``timeout_s`` replaces the configured upstream timeout for
+        this request; ``on_id`` (Responses API only) is told each answer's id."""
         headers = {"x-switchyard-router": decision.router}
         if decision.recruited:
             in_flight = self.http.client.in_use   # each recruit asked at its first replica in order, no failover
@@ -170,7 +206,8 @@ class Dispatcher:
             headers["x-switchyard-route-ms"] = _ms(decision.route_s)
         if decision.scores is not None:
             headers["x-switchyard-scores"] = decision.scores
-        hide_usage = meter is not None and body.get("stream") is True and _ask_for_usage(body)
+        hide_usage = (meter is not None and body.get("stream") is True and endpoint != "responses"
+                      and _ask_for_usage(body))
         failed: list[str] = list(decision.skipped)
         last: _Failed | None = None
         for spec in (decision.expert, *decision.fallbacks):
@@ -180,7 +217,7 @@ class Dispatcher:
                 headers["x-switchyard-fallback-from"] = ",".join(failed)
             try:
                 return await self._call_expert(spec, endpoint, body, client_model, request_id, t0, headers, meter,
-                                               hide_usage, timeout_s)
+                                               hide_usage, timeout_s, on_id)
             except _Failed as exc:
                 failed.append(spec.name)
                 last = exc
@@ -193,19 +230,20 @@ class Dispatcher:
 
     async def _call_expert(self, spec: ExpertSpec, endpoint: str, body: dict, client_model: str, request_id: str,
                            t0: float, headers: dict, meter: Meter | None, hide_usage: bool,
-                           timeout_s: float | None) -> Response:
+                           timeout_s: float | None, on_id: OnId | None) -> Response:
         """``spec`` at its one URL, or at its replicas in the order :class:`Replicas` gives,
         the next after each failure (``x-switchyard-replica`` says which answered: 0 for
         ``base_url``, i for ``replicas[i - 1]``). Raises the last replica's ``_Failed``."""
         if not spec.replicas:
             return await self._call(spec, endpoint, body, client_model, request_id, t0, dict(headers), meter,
-                                    hide_usage, timeout_s)
+                                    hide_usage, timeout_s, on_id)
         replicas = self.view.replicas
         order = replicas.order(spec, self.http.client.in_use)
         for index, ep in order:
             try:
                 return await self._call(ep, endpoint, body, client_model, request_id, t0,
-                                        headers | {"x-switchyard-replica": str(index)}, meter, hide_usage, timeout_s)
+                                        headers | {"x-switchyard-replica": str(index)}, meter, hide_usage, timeout_s,
+                                        on_id)
             except _Failed as exc:
                 if exc.counts:
                     pause = _seconds(exc.retry_after)
@@ -219,7 +257,7 @@ class Dispatcher:
 
     async def _call(self, spec: ExpertSpec, endpoint: str, body: dict, client_model: str, request_id: str,
                     t0: float, headers: dict, meter: Meter | None, hide_usage: bool,
-                    timeout_s: float | None = None) -> Response:
+                    timeout_s: float | None = None, on_id: OnId | None = None) -> Response:
         """One attempt at one expert. Raises ``_Failed`` for what the next expert may fix:
         no connection, a timeout or a 5xx before the first byte, or a 429."""
         headers["x-switchyard-expert"] = spec.name
@@ -234,24 +272,15 @@ class Dispatcher:
                 if stream.status == 200:
                     await _first_events(spec, stream)
                     headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
-                    relay = self._relay(stream, rewrite, spec, meter, hide_usage, body)
+                    relay = self._relay(stream, rewrite, spec, meter, hide_usage, body, on_id)
                     return StreamingResponse(_RelayBody(relay, lambda: _end_relay(stream, spec, meter, None, body, 0)),
                                              media_type="text/event-stream", headers=headers)
                 status, content, retry_after = stream.status, await stream.read_all(), stream.retry_after
             else:
                 status, content, retry_after = await upstream.answer(spec, endpoint, body, request_id, timeout_s)
                 up_s = time.perf_counter() - t_up
-        except UpstreamNotTried as exc:   # our side is out of sockets: no other expert would fare better
-            _overloaded(exc)
-        except UpstreamBusy as exc:       # busy, not failing: another expert may take it; no cooldown
-            raise _Failed(GatewayOverloaded(f"{exc}; retry shortly", headers={"retry-after": "1"}),
-                          reason="busy", counts=False) from exc
-        except UpstreamTimedOut as exc:
-            raise _Failed(UpstreamTimeout(str(exc)), reason="timeout") from exc
-        except UpstreamUnreachable as exc:
-            raise _Failed(UpstreamError(str(exc)), reason="unreachable") from exc
         except UpstreamFailure as exc:
-            raise _Failed(UpstreamError(str(exc)), reason="protocol") from exc
+            raise _failed(exc) from exc
         try:
             content, answer = _answer_or_raise(spec, status, content, rewrite)
         except UpstreamError as exc:
@@ -265,6 +294,10 @@ class Dispatcher:
         if meter is not None and status < 400:
             usage = decode_usage(content) if answer is None else usage_from(answer)
             meter(spec, usage or estimate_usage(body, len(answer_text(content))))
+        if on_id is not None and status == 200:
+            rid = response_id(answer if answer is not None else content)
+            if rid is not None:
+                await on_id(spec, rid)
         headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
         return JSONAnswer(content, status, headers)
 
@@ -293,12 +326,21 @@ class Dispatcher:
 
     async def _relay(self, stream: UpstreamStream, rewrite: str | None, spec: ExpertSpec,
                      meter: Meter | None = None, hide_usage: bool = False,
-                     body: dict | None = None) -> AsyncIterator[bytes]:
+                     body: dict | None = None, on_id: OnId | None = None) -> AsyncIterator[bytes]:
         seen: list[tuple[int, int]] = []
         chars = 0   # of streamed text, for an estimate when the upstream reports no usage
+        ids: list[str] = []   # Responses API: the id in ``response.created``, to report before it is sent
 
         def inspect(obj: Any) -> bool:
             nonlocal chars
+            held = obj.get("response") if isinstance(obj, dict) else None
+            if isinstance(held, dict):   # a Responses API event carrying the response: its id, its usage
+                if on_id is not None and obj.get("type") == "response.created" and isinstance(held.get("id"), str):
+                    ids.append(held["id"])
+                usage = usage_from(held)
+                if usage is not None:
+                    seen.append(usage)
+                return True
             usage = usage_from(obj)
             if usage is None:
                 chars += _streamed_chars(obj)
@@ -306,8 +348,11 @@ class Dispatcher:
             seen.append(usage)
             return not (hide_usage and not obj.get("choices"))   # the usage-only chunk we asked for
 
+        watch = inspect if meter is not None or on_id is not None else None
         try:
-            async for frame in reframe(stream.chunks, rewrite, inspect if meter is not None else None):
+            async for frame in reframe(stream.chunks, rewrite, watch):
+                while ids:
+                    await on_id(spec, ids.pop())
                 yield frame
         except UpstreamFailure as exc:
             log.warning("stream from expert %s broke: %s", spec.name, exc)
@@ -398,8 +443,11 @@ async def _first_events(spec: ExpertSpec, stream: UpstreamStream) -> None:
 
 
 def _streamed_chars(obj: Any) -> int:
-    """Characters of text in one streamed chunk (chat deltas or completion text)."""
+    """Characters of text in one streamed chunk (chat deltas, completion text, or a
+    Responses API text delta)."""
     n = 0
+    if isinstance(obj, dict) and obj.get("type") == "response.output_text.delta":
+        return len(obj["delta"]) if isinstance(obj.get("delta"), str) else 0
     choices = obj.get("choices") if isinstance(obj, dict) else None
     for c in choices if isinstance(choices, list) else ():
         if isinstance(c, dict):
@@ -418,6 +466,31 @@ def _ask_for_usage(body: dict) -> bool:
         return False
     body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
     return True
+
+
+def _failed(exc: UpstreamFailure) -> _Failed:
+    """A transport failure as an attempt the next expert may succeed at (or, when this side
+    is out of sockets, the 503 no other expert would fare better at)."""
+    if isinstance(exc, UpstreamNotTried):
+        _overloaded(exc)
+    if isinstance(exc, UpstreamBusy):       # busy, not failing: another expert may take it; no cooldown
+        return _Failed(GatewayOverloaded(f"{exc}; retry shortly", headers={"retry-after": "1"}),
+                       reason="busy", counts=False)
+    if isinstance(exc, UpstreamTimedOut):
+        return _Failed(UpstreamTimeout(str(exc)), reason="timeout")
+    return _Failed(UpstreamError(str(exc)), reason="unreachable" if isinstance(exc, UpstreamUnreachable)
+                   else "protocol")
+
+
+def response_id(answer: Any) -> str | None:
+    """The ``id`` of a Responses API answer (parsed, or its JSON bytes), if it has one."""
+    if isinstance(answer, (bytes, bytearray)):
+        try:
+            answer = orjson.loads(answer)
+        except orjson.JSONDecodeError:
+            return None
+    rid = answer.get("id") if isinstance(answer, dict) else None
+    return rid if isinstance(rid, str) and rid else None
 
 
 class _Failed(Exception):

@@ -71,6 +71,13 @@ class NotFound(GatewayError):
     error_type = "not_found_error"
 
 
+class ResponseNotFound(GatewayError):
+    """A Responses API id this gateway does not know (for this caller)."""
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "response_not_found"
+
+
 class Conflict(GatewayError):
     status_code = 409
     error_type = "conflict_error"

@@ -476,14 +476,17 @@ class Limiter:
 def usage_from(obj: object) -> tuple[int, int] | None:
     """(prompt, completion) tokens from an OpenAI ``usage`` object, or None (then the caller
     estimates them) where they are not two non-negative integers. An embeddings answer's
-    usage has no ``completion_tokens`` and a ``total_tokens`` equal to its prompt's."""
+    usage has no ``completion_tokens`` and a ``total_tokens`` equal to its prompt's; a
+    Responses API answer's says ``input_tokens`` and ``output_tokens``."""
     if not isinstance(obj, dict):
         return None
     usage = obj.get("usage")
     if not isinstance(usage, dict):
         return None
     p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if "completion_tokens" not in usage and usage.get("total_tokens") == p:
+    if p is None and "input_tokens" in usage:   # the Responses API's names
+        p, c = usage.get("input_tokens"), usage.get("output_tokens")
+    elif "completion_tokens" not in usage and usage.get("total_tokens") == p:
         c = 0
     # bool is an int subclass; a negative count would credit a budget back
     if type(p) is not int or type(c) is not int or p < 0 or c < 0:
@@ -508,7 +511,8 @@ def _chars(x: object) -> int:
 def estimate_usage(body: dict, completion_chars: int) -> tuple[int, int]:
     """(prompt, completion) tokens at ``CHARS_PER_TOKEN`` characters a token, for answers
     whose upstream reports no usage, so that they are not free against a budget."""
-    prompt = _chars(body.get("messages")) + _chars(body.get("prompt")) + _chars(body.get("input"))
+    prompt = (_chars(body.get("messages")) + _chars(body.get("prompt")) + _chars(body.get("input"))
+              + _chars(body.get("instructions")))
     return -(-prompt // CHARS_PER_TOKEN), -(-completion_chars // CHARS_PER_TOKEN)
 
 

@@ -62,6 +62,21 @@ class EmbeddingRequest(_Lenient):
     stream: Literal[False] | None = Field(default=None, description="Embeddings are not streamed")
 
 
+class ResponsesRequest(_Lenient):
+    """``POST /v1/responses`` (OpenAI's Responses API): what the gateway reads of it.
+    ``input`` items (messages, tool calls and their outputs...) are forwarded as they are."""
+    model: ModelName
+    input: StrictStr | list[Any] = Field(description="Text, or a list of input items")
+    instructions: StrictStr | None = None
+    stream: StrictBool | None = None
+    max_output_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    previous_response_id: Annotated[StrictStr, Field(min_length=1)] | None = Field(
+        default=None, description="Continue from a stored response; it is sent to the expert that made it")
+    store: StrictBool | None = None
+
+
 def validate_body(model_cls: type[BaseModel], body: Any) -> None:
     """Check a decoded JSON body; a pydantic error becomes one clear ``InvalidRequest``.
     The common shapes of the two OpenAI bodies are accepted by :func:`plainly_valid`

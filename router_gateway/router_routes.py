@@ -23,7 +23,7 @@ from router_gateway.dispatch import Dispatcher
 from router_gateway.errors import InvalidRequest, NotFound
 from router_gateway.model_string import parse_model
 from router_gateway.openapi import ADMIN, BODY, errors, json_body
-from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, validate_body
+from router_gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest, validate_body
 from router_gateway.routing import RoutingTable
 
 router = APIRouter(tags=["routers"])
@@ -101,10 +101,11 @@ async def delete_router(name: str, request: Request) -> Response:
     return _json({"id": f"router:{name}", "object": "router", "deleted": True})
 
 
-@router.post("/v1/route", tags=["openai"], openapi_extra=json_body(ChatCompletionRequest, CompletionRequest),
+@router.post("/v1/route", tags=["openai"],
+             openapi_extra=json_body(ChatCompletionRequest, CompletionRequest, ResponsesRequest),
              responses=errors(*BODY, 401, 403, 404, 503))
 async def explain_route(request: Request) -> Response:
-    """The routing decision for a chat or completions body, without calling any expert."""
+    """The routing decision for a chat, completions or Responses API body, without calling any expert."""
     key = await request.app.state.keys.client(request)
     body = await read_json(request, request.app.state.settings.max_body_bytes)
     if not isinstance(body, dict):
@@ -113,8 +114,11 @@ async def explain_route(request: Request) -> Response:
         endpoint, wire = "chat/completions", ChatCompletionRequest
     elif "prompt" in body:
         endpoint, wire = "completions", CompletionRequest
+    elif "input" in body:
+        endpoint, wire = "responses", ResponsesRequest
     else:
-        raise InvalidRequest("the body needs 'messages' (a chat completion) or 'prompt' (a completion)")
+        raise InvalidRequest("the body needs 'messages' (a chat completion), 'prompt' (a completion) or 'input' "
+                             "(a Responses API request)")
     validate_body(wire, body)
     if key is not None:
         key.check_model(body["model"])

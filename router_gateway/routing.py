@@ -11,7 +11,9 @@ Routing one request (:meth:`RoutingTable.rank`):
 
 1. Query text: the last user message's text (string content, or the text parts of a
    content array), else the whole conversation's text; for ``/v1/completions`` the
-   prompt (the first one of a list). Token-id prompts cannot be routed (400).
+   prompt (the first one of a list); for ``/v1/responses`` the ``input`` text, or its
+   items read as messages (``input_text`` parts count as text). Token-id prompts cannot
+   be routed (400).
 2. Scores: predicted quality, and logged cost, per log model (``router.experts_``).
 3. Candidates: mapped experts that are registered, not a collaboration group and not
    unhealthy. Everything left out is reported with its reason.
@@ -19,7 +21,7 @@ Routing one request (:meth:`RoutingTable.rank`):
 
        (input_price_per_mtok * chars / 4 + output_price_per_mtok * max_tokens) / 1e6
 
-   with ``max_tokens`` = the request's ``max_tokens`` / ``max_completion_tokens``, else
+   with ``max_tokens`` = the request's ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens``, else
    256; otherwise the router's cost model for the mapped log model (what the logs paid).
    ``cost_scale`` = the dearest candidate's cost for this query (1 when all are free).
 5. Policy: the deployment's defaults with the request's knobs (``with_knobs``). The
@@ -71,7 +73,7 @@ def _content_text(content: Any) -> str:
         return content
     if isinstance(content, list):
         return "\n".join(p["text"] for p in content
-                         if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+                         if isinstance(p, dict) and p.get("type") in ("text", "input_text") and isinstance(p.get("text"), str))
     return ""
 
 
@@ -85,7 +87,10 @@ def query_text(body: dict, endpoint: str) -> str:
             return prompt or ""
         raise InvalidRequest("a router needs a text prompt; token-id prompts cannot be routed "
                              "(name an expert in 'model' instead)", param="prompt")
-    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    if endpoint == "responses" and isinstance(body.get("input"), str):
+        return body["input"]
+    items = body.get("input" if endpoint == "responses" else "messages")
+    messages = [m for m in items or () if isinstance(m, dict)]
     for m in reversed(messages):
         if m.get("role") == "user":
             text = _content_text(m.get("content"))
@@ -96,7 +101,7 @@ def query_text(body: dict, endpoint: str) -> str:
 
 
 def output_tokens(body: dict) -> int:
-    for key in ("max_completion_tokens", "max_tokens"):
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         v = body.get(key)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v

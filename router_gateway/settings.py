@@ -50,6 +50,9 @@ class Settings(BaseSettings):
                                        "than this are not cached")
     cache_per_key: bool = Field(default=False, description="Cache answers per API key (else a request answered "
                                 "for one key is a hit for every key allowed its model)")
+    responses_ttl_s: float = Field(default=30 * 86400.0, ge=0, description="Seconds the gateway remembers which "
+                                   "expert (and replica) stored a Responses API answer, so that a continuation "
+                                   "(previous_response_id) or a GET of it reaches that server; 0: not remembered")
     gc_tuning: bool = Field(default=True, description="Once started, take the heap built so far out of the "
                             "garbage collector's scans (gc.freeze) and collect young objects every 100,000 "
                             "net allocations instead of 700: about 10% more requests/s at saturation")

@@ -39,6 +39,9 @@ def about_experts(status: int, err: dict, allowed=UPSTREAM_5XX) -> bool:
 
 # --- the operations, from the app's schema ------------------------------------------------
 
+BODILESS = {"POST /v1/responses/{response_id}/cancel"}   # a POST that reads no body (as OpenAI's)
+
+
 @dataclass(frozen=True)
 class Operation:
     method: str
@@ -66,7 +69,7 @@ class Operation:
 
     @property
     def takes_body(self) -> bool:
-        return self.method in ("POST", "PUT", "PATCH")
+        return self.method in ("POST", "PUT", "PATCH") and self.id not in BODILESS
 
 
 def operations(schema: dict) -> list[Operation]:

@@ -5,6 +5,8 @@ stands in for an upstream only where the upstream's own behaviour is not under t
 (echoing what it received, failing on purpose); tests of real model serving use vLLM.
 
 ``/v1/embeddings`` answers every model with small vectors (see ``embeddings``).
+``/v1/responses`` answers like an OpenAI Responses API server that stores what it
+answers, each server on its own (see ``responses``).
 The behaviour is chosen by the ``served_model`` the gateway forwards:
   echo         answers and echoes the forwarded request body under "received"
   fail500      HTTP 500 with an OpenAI error body
@@ -145,6 +147,88 @@ async def embeddings(request: Request) -> Response:
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "received": body})
 
 
+_stored: dict[tuple[int, str], dict] = {}   # (server port, response id) -> the response
+
+
+def _server(request: Request) -> int:
+    return request.scope["server"][1]
+
+
+def _response(model: str, received: dict, request: Request, status: str = "completed") -> dict:
+    """A response object; its text says which server made it and what it continued."""
+    rid = f"resp_{_server(request)}_{len(_stored)}"
+    prev = received.get("previous_response_id")
+    text = f"server {_server(request)} answers" + (f" after {prev}" if prev else "")
+    return {"id": rid, "object": "response", "created_at": int(time.time()), "model": model, "status": status,
+            "output": [{"type": "message", "id": f"msg_{rid}", "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+            "previous_response_id": prev, "usage": {"input_tokens": 11, "output_tokens": 5, "total_tokens": 16},
+            "received": received}
+
+
+async def responses(request: Request) -> Response:
+    """``POST /v1/responses``. ``previous_response_id`` must name a response this server
+    stored (else 404, as vLLM and OpenAI answer); ``store: false`` keeps nothing.
+    ``fail500`` fails; a stream sends typed events (``event:`` lines), usage in the last."""
+    body = await request.json()
+    model = body.get("model", "")
+    if model == "fail500":
+        return await _serve(request, chat=True)
+    prev = body.get("previous_response_id")
+    if prev is not None and (_server(request), prev) not in _stored:
+        return JSONResponse({"error": {"message": f"Response with id '{prev}' not found.",
+                                       "type": "invalid_request_error", "param": "response_id", "code": 404}},
+                            status_code=404)
+    answer = _response(model, body, request)
+    if body.get("store") is not False:
+        _stored[(_server(request), answer["id"])] = answer
+    if not body.get("stream"):
+        return JSONResponse(answer)
+    start = {**answer, "status": "in_progress", "output": [], "usage": None}
+    text = answer["output"][0]["content"][0]["text"]
+    events = [("response.created", {"response": start}), ("response.in_progress", {"response": start})]
+    events += [("response.output_text.delta", {"item_id": f"msg_{answer['id']}", "output_index": 0,
+                                               "content_index": 0, "delta": piece})
+               for piece in (text[:6], text[6:])]
+    events.append(("response.completed", {"response": answer}))
+
+    async def gen():
+        for n, (kind, data) in enumerate(events):
+            yield f"event: {kind}\ndata: {json.dumps({**data, 'type': kind, 'sequence_number': n})}\n\n".encode()
+            await asyncio.sleep(0)
+
+    return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+def _stored_or_404(request: Request) -> dict | Response:
+    rid = request.path_params["rid"]
+    found = _stored.get((_server(request), rid))
+    if found is None:
+        return JSONResponse({"error": {"message": f"Response with id '{rid}' not found.",
+                                       "type": "invalid_request_error", "param": "response_id", "code": 404}},
+                            status_code=404)
+    return found
+
+
+async def stored_response(request: Request) -> Response:
+    """GET (the response, its ``input_items``), DELETE and POST ``cancel`` of a stored response."""
+    found = _stored_or_404(request)
+    if isinstance(found, Response):
+        return found
+    rid = found["id"]
+    if request.method == "DELETE":
+        del _stored[(_server(request), rid)]
+        return JSONResponse({"id": rid, "object": "response", "deleted": True})
+    if request.url.path.endswith("/input_items"):
+        return JSONResponse({"object": "list", "data": [{"type": "message", "id": "m1", "role": "user", "status": "completed",
+                                                       "content": [{"type": "input_text", "text": "hi"}]}],
+                             "first_id": "m1", "last_id": "m1", "has_more": False,
+                             "query": str(request.url.query)})
+    if request.url.path.endswith("/cancel"):
+        return JSONResponse({**found, "status": "cancelled"})
+    return JSONResponse(found)
+
+
 async def models(_: Request) -> Response:
     return JSONResponse({"object": "list", "data": [{"id": "echo", "object": "model"}]})
 
@@ -152,4 +236,8 @@ async def models(_: Request) -> Response:
 app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
                         Route("/v1/completions", completions, methods=["POST"]),
                         Route("/v1/embeddings", embeddings, methods=["POST"]),
+                        Route("/v1/responses", responses, methods=["POST"]),
+                        Route("/v1/responses/{rid}", stored_response, methods=["GET", "DELETE"]),
+                        Route("/v1/responses/{rid}/cancel", stored_response, methods=["POST"]),
+                        Route("/v1/responses/{rid}/input_items", stored_response, methods=["GET"]),
                         Route("/v1/models", models)])
