@@ -72,6 +72,28 @@ def test_completions_endpoint(vllm_gateway: openai.OpenAI):
     assert resp.model == "smol" and resp.choices[0].text.strip()
 
 
+def test_responses_api_plain_streamed_and_continued(vllm_gateway: openai.OpenAI):
+    question = "What is the capital of France? Answer in one word."
+    first = vllm_gateway.responses.create(model="smol", input=question, max_output_tokens=12, temperature=0)
+    assert first.model == "smol" and first.output_text.strip()
+    assert first.usage.input_tokens > 0 and 0 < first.usage.output_tokens <= 12
+    events = list(vllm_gateway.responses.create(model="smol", input=question, max_output_tokens=8, temperature=0,
+                                                stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert {e.response.model for e in events if hasattr(e, "response")} == {"smol"}
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert streamed.strip() and streamed == events[-1].response.output_text
+    # vLLM keeps the first answer (the worker runs with VLLM_ENABLE_RESPONSES_API_STORE=1): the
+    # gateway sends the continuation and the GET to it, under the name the client used.
+    second = vllm_gateway.responses.create(model="smol", input="And of Italy?", previous_response_id=first.id,
+                                           max_output_tokens=12, temperature=0)
+    assert second.output_text.strip() and second.usage.input_tokens > first.usage.input_tokens
+    got = vllm_gateway.responses.retrieve(first.id)
+    assert got.id == first.id and got.model == "smol" and got.output_text == first.output_text
+    lite = vllm_gateway.responses.create(model="smol-litellm", input=question, max_output_tokens=12, temperature=0)
+    assert lite.model == "smol-litellm" and lite.output_text.strip()
+
+
 def test_vllm_errors_pass_through_as_openai_errors(vllm_gateway: openai.OpenAI):
     with pytest.raises(openai.BadRequestError) as info:
         vllm_gateway.chat.completions.create(model="smol", messages=MSG, max_tokens=10_000_000)
