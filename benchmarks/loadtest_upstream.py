@@ -14,6 +14,9 @@ Endpoints (HTTP/1.1, keep-alive):
   ``"stream": true`` a few ``chat.completion.chunk`` SSE frames then ``data: [DONE]``,
   plus a final usage-only chunk when ``stream_options.include_usage`` is true.
 - ``POST /v1/completions`` -- the same for ``text_completion`` objects.
+- ``POST /v1/responses`` -- a Responses API ``response`` (``usage`` in ``input_tokens``
+  and ``output_tokens``; ``max_output_tokens`` shortens it); with ``"stream": true`` its
+  typed events (``event:`` lines), ``response.completed`` last. Nothing is stored.
 - ``GET /v1/models`` -- one model, ``loadtest`` (any requested ``model`` is echoed back).
 - ``GET /health`` -- ``{"status": "ok"}``.
 
@@ -105,6 +108,8 @@ def _parse(raw: bytes, needs: str) -> dict:
         raise BadRequest("'messages' must be a list")
     if needs == "prompt" and not isinstance(body.get("prompt"), (str, list)):
         raise BadRequest("'prompt' must be a string or a list")
+    if needs == "input" and not isinstance(body.get("input"), (str, list)):
+        raise BadRequest("'input' must be a string or a list")
     return body
 
 
@@ -165,6 +170,38 @@ def stream_events(body: dict, chat: bool) -> list[bytes]:
     return [b"data: " + orjson.dumps(f) + b"\n\n" for f in frames] + [b"data: [DONE]\n\n"]
 
 
+def _response_tokens(body: dict) -> tuple[str, ...]:
+    limit = body.get("max_output_tokens")
+    return _answer({"max_tokens": limit} if limit is not None else {})[0]
+
+
+def response_object(body: dict) -> dict:
+    """A complete Responses API ``response`` for a request body (it stores nothing)."""
+    tokens = _response_tokens(body)
+    text = body.get("input")
+    n_prompt = max(1, len(text) // 4) if isinstance(text, str) else _prompt_tokens({"messages": text or []})
+    rid = f"resp_loadtest_{next(_ids)}"
+    return {"id": rid, "object": "response", "created_at": int(time.time()), "status": "completed",
+            "model": body.get("model") or DEFAULT_MODEL, "previous_response_id": body.get("previous_response_id"),
+            "output": [{"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "text": "".join(tokens), "annotations": []}]}],
+            "usage": {"input_tokens": n_prompt, "output_tokens": len(tokens),
+                      "total_tokens": n_prompt + len(tokens)}}
+
+
+def response_events(body: dict) -> list[bytes]:
+    """A streamed Responses API answer: typed events with ``event:`` lines, no ``[DONE]``."""
+    done = response_object(body)
+    start = {**done, "status": "in_progress", "output": [], "usage": None}
+    item = done["output"][0]["id"]
+    events = [("response.created", {"response": start}), ("response.in_progress", {"response": start})]
+    events += [("response.output_text.delta", {"item_id": item, "output_index": 0, "content_index": 0, "delta": t})
+               for t in _response_tokens(body)]
+    events.append(("response.completed", {"response": done}))
+    return [b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({**data, "type": kind, "sequence_number": n})
+            + b"\n\n" for n, (kind, data) in enumerate(events)]
+
+
 def error_body(message: str, status: int) -> bytes:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
@@ -177,6 +214,7 @@ _HEALTH = orjson.dumps({"status": "ok"})
 _ROUTES = {
     b"/v1/chat/completions": b"POST",
     b"/v1/completions": b"POST",
+    b"/v1/responses": b"POST",
     b"/v1/models": b"GET",
     b"/health": b"GET",
 }
@@ -197,6 +235,9 @@ def respond(method: bytes, path: bytes, raw_body: bytes) -> tuple[int, bytes | l
         return 200, _MODELS
     chat = path == b"/v1/chat/completions"
     try:
+        if path == b"/v1/responses":
+            body = _parse(raw_body, "input")
+            return 200, response_events(body) if body.get("stream") else orjson.dumps(response_object(body))
         body = _parse(raw_body, "messages" if chat else "prompt")
         if body.get("stream"):
             return 200, stream_events(body, chat)

@@ -139,6 +139,20 @@ def test_text_completions(client: openai.OpenAI) -> None:
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
+def test_responses_plain_short_and_streamed(base_url: str, client: openai.OpenAI) -> None:
+    resp = client.responses.create(model="m", input="Say hello.")
+    assert resp.object == "response" and resp.output_text == ANSWER and resp.model == "m"
+    assert (resp.usage.input_tokens, resp.usage.output_tokens) == (2, 9)
+    assert client.responses.create(model="m", input="x", max_output_tokens=2).output_text == "This is "
+    events = list(client.responses.create(model="m", input=[{"role": "user", "content": "hi"}], stream=True))
+    assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == ANSWER
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == ANSWER
+    raw = httpx.post(f"{base_url}/v1/responses", json={"model": "m", "input": "x", "stream": True})
+    assert raw.text.startswith("event: response.created\ndata: {") and "[DONE]" not in raw.text
+    assert httpx.post(f"{base_url}/v1/responses", json={"model": "m"}).status_code == 400
+
+
 def test_errors_are_openai_shaped(base_url: str, client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=0)
