@@ -1,5 +1,6 @@
 """Redis commands packed by hand and sent in one round trip, for the request path's
-background writers (the decision log, the response cache).
+Redis traffic (the decision log, the response cache, the Responses API's pins), and a
+batcher that sends the calls of one event-loop turn together.
 
 redis-py's pipeline packs every argument of every command in Python and wraps each reply
 in a timeout context; for the small, fixed commands these writers send, packing the
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 
 def bulk(value: str | bytes) -> bytes:
@@ -41,3 +42,43 @@ async def roundtrip(aredis: Any, payload: bytes, replies: int, raw: bool = False
         raise
     finally:
         await pool.release(conn)
+
+
+class Batcher:
+    """Calls made in one turn of the event loop, sent together: ``await call(item)`` waits
+    for ``send(items)`` (one round trip for the whole batch) and returns the result for
+    its own item; when ``send`` raises, every call of that batch raises the same error.
+    A caller that goes away (cancelled) leaves its batch to finish for the others."""
+
+    def __init__(self, send: Callable[[list[Any]], Awaitable[list[Any]]]):
+        self._send = send
+        self._pending: list[tuple[Any, asyncio.Future]] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    async def call(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._pending.append((item, answer))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        ok, value = await answer
+        if not ok:
+            raise value
+        return value
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        # Results travel as (ok, value) so that a failure no caller waits for any more is
+        # not reported as an exception never retrieved.
+        try:
+            results = [(True, r) for r in await self._send([item for item, _ in batch])]
+        except Exception as exc:
+            results = [(False, exc)] * len(batch)
+        for (_, answer), result in zip(batch, results):
+            if not answer.done():
+                answer.set_result(result)

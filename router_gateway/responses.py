@@ -33,6 +33,8 @@ from typing import Any
 
 import orjson
 
+from router_gateway.resp import Batcher, command, roundtrip
+
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 1.0   # the longest a request waits on Redis for a pin (then goes on without it)
@@ -51,10 +53,17 @@ class PinStoreError(Exception):
 
 
 class ResponsePins:
+    """Pins in Redis. The reads of one event-loop turn go out as one ``MGET`` and the
+    writes as one pipelined batch of ``SET PX``, each packed by hand (``resp.py``): at
+    64 concurrent requests, one redis-py command per request cost the gateway about 40%
+    of its requests per second."""
+
     def __init__(self, aredis: Any, prefix: str, ttl_s: float):
         self.aredis = aredis
         self.prefix = prefix
         self.ttl_ms = int(ttl_s * 1000)
+        self._reads = Batcher(self._mget)
+        self._writes = Batcher(self._set)
 
     @property
     def enabled(self) -> bool:
@@ -69,7 +78,7 @@ class ResponsePins:
         continuation will not find its server."""
         value = orjson.dumps({"e": pin.expert, "u": pin.url, "c": pin.caller, "m": pin.model})
         try:
-            await asyncio.wait_for(self.aredis.set(self.key(response_id), value, px=self.ttl_ms), TIMEOUT_S)
+            await self._writes.call((self.key(response_id), value))
         except Exception as exc:
             log.warning("could not remember where response %s is stored: %s", response_id,
                         exc or type(exc).__name__)
@@ -78,7 +87,7 @@ class ResponsePins:
         """The pin of ``response_id`` if ``caller`` made it, else None. Raises
         ``PinStoreError`` when Redis fails or takes over a second."""
         try:
-            raw = await asyncio.wait_for(self.aredis.get(self.key(response_id)), TIMEOUT_S)
+            raw = await self._reads.call(self.key(response_id))
         except Exception as exc:
             raise PinStoreError(str(exc) or type(exc).__name__) from exc
         if raw is None:
@@ -96,3 +105,14 @@ class ResponsePins:
             await self.aredis.delete(self.key(response_id))
         except Exception as exc:
             log.warning("could not forget response %s: %s", response_id, exc)
+
+    async def _mget(self, keys: list[str]) -> list[bytes | None]:
+        async with asyncio.timeout(TIMEOUT_S):
+            [values] = await roundtrip(self.aredis, command("MGET", *keys), 1, raw=True)
+        return values
+
+    async def _set(self, items: list[tuple[str, bytes]]) -> list[Any]:
+        ttl = str(self.ttl_ms)
+        payload = b"".join(command("SET", key, value, "PX", ttl) for key, value in items)
+        async with asyncio.timeout(TIMEOUT_S):
+            return await roundtrip(self.aredis, payload, len(items))

@@ -258,6 +258,10 @@ def test_pins_round_trip_expire_and_fail_soft(store: ExpertStore):
         assert 0 < store.client.pttl("t:resp:resp_1") <= 60_000
         await live.forget("resp_1")
         assert await live.find("resp_1", "key-1") is None
+        many = [Pin(f"e{i}", f"http://r{i}/v1", "key-1", "auto") for i in range(10)]
+        await asyncio.gather(*(live.keep(f"r{i}", p) for i, p in enumerate(many)))   # one batch
+        found = await asyncio.gather(*(live.find(f"r{i}", "key-1") for i in range(12)))   # one MGET
+        assert found == [*many, None, None]
         store.client.set("t:resp:resp_3", "not a pin")
         assert await live.find("resp_3", "key-1") is None
         dead_client = redis_lib.Redis(host="127.0.0.1", port=free_port())
