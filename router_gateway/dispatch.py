@@ -272,7 +272,8 @@ class Dispatcher:
                 if stream.status == 200:
                     await _first_events(spec, stream)
                     headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
-                    relay = self._relay(stream, rewrite, spec, meter, hide_usage, body, on_id)
+                    relay = self._relay(stream, rewrite, spec, meter, hide_usage, body, on_id,
+                                        endpoint == "responses")
                     return StreamingResponse(_RelayBody(relay, lambda: _end_relay(stream, spec, meter, None, body, 0)),
                                              media_type="text/event-stream", headers=headers)
                 status, content, retry_after = stream.status, await stream.read_all(), stream.retry_after
@@ -326,21 +327,14 @@ class Dispatcher:
 
     async def _relay(self, stream: UpstreamStream, rewrite: str | None, spec: ExpertSpec,
                      meter: Meter | None = None, hide_usage: bool = False,
-                     body: dict | None = None, on_id: OnId | None = None) -> AsyncIterator[bytes]:
+                     body: dict | None = None, on_id: OnId | None = None,
+                     responses: bool = False) -> AsyncIterator[bytes]:
         seen: list[tuple[int, int]] = []
         chars = 0   # of streamed text, for an estimate when the upstream reports no usage
         ids: list[str] = []   # Responses API: the id in ``response.created``, to report before it is sent
 
         def inspect(obj: Any) -> bool:
             nonlocal chars
-            held = obj.get("response") if isinstance(obj, dict) else None
-            if isinstance(held, dict):   # a Responses API event carrying the response: its id, its usage
-                if on_id is not None and obj.get("type") == "response.created" and isinstance(held.get("id"), str):
-                    ids.append(held["id"])
-                usage = usage_from(held)
-                if usage is not None:
-                    seen.append(usage)
-                return True
             usage = usage_from(obj)
             if usage is None:
                 chars += _streamed_chars(obj)
@@ -348,7 +342,20 @@ class Dispatcher:
             seen.append(usage)
             return not (hide_usage and not obj.get("choices"))   # the usage-only chunk we asked for
 
-        watch = inspect if meter is not None or on_id is not None else None
+        def inspect_event(obj: Any) -> bool:   # a Responses API event: id and usage are in its "response"
+            nonlocal chars
+            held = obj.get("response") if isinstance(obj, dict) else None
+            if not isinstance(held, dict):
+                chars += _streamed_chars(obj)
+                return True
+            if on_id is not None and obj.get("type") == "response.created" and isinstance(held.get("id"), str):
+                ids.append(held["id"])
+            usage = usage_from(held)
+            if usage is not None:
+                seen.append(usage)
+            return True
+
+        watch = (inspect_event if responses else inspect) if meter is not None or on_id is not None else None
         try:
             async for frame in reframe(stream.chunks, rewrite, watch):
                 while ids:

@@ -75,10 +75,14 @@ def event_fields(event: bytes) -> bytes:
 def rewrite_event(event: bytes, model: str | None, inspect: Callable[[Any], bool] | None = None) -> bytes:
     """Re-frame one upstream event, replacing the JSON payload's ``model`` when given.
     ``inspect`` sees every decoded JSON payload and returns False to drop its event."""
-    data = event_data(event)
-    if data is None:
-        return event + b"\n\n"  # comments / keep-alives pass through as they came
-    head = event_fields(event)
+    if event.startswith(b"data:") and b"\n" not in event and b"\r" not in event:   # the usual one-line event
+        data = event[6:] if event.startswith(b"data: ") else event[5:]
+        head = b""
+    else:
+        data = event_data(event)
+        if data is None:
+            return event + b"\n\n"  # comments / keep-alives pass through as they came
+        head = event_fields(event)
     if (model is None and inspect is None) or data == DONE:
         return head + encode_data(data)
     try:
