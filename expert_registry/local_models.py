@@ -91,6 +91,13 @@ class ModelBuildError(RuntimeError):
 
 
 # --- source material --------------------------------------------------------------
+# The demo workers keep Responses API answers (vLLM's default keeps none), so that a
+# conversation continued with previous_response_id works on the demo. vLLM never frees
+# them (its warning says so): a small cost for a demo's traffic; a production expert's
+# launch block leaves it out, or sets "0".
+DEMO_WORKER_ENV = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
+
+
 def find_smollm2_gguf(package: str = SMOLLM2_PACKAGE) -> Path:
     """Path of the SmolLM2 GGUF file shipped by ``package``, found without importing it.
 
@@ -394,5 +401,6 @@ def _demo_spec(name: str, model_dir: Path, tags: list[str]) -> ExpertSpec:
             model_path=str(model_dir),
             port=port,
             args=["--max-model-len", str(window), "--kv-cache-memory-bytes", "256M"],
+            env=dict(DEMO_WORKER_ENV),
         ),
     )

@@ -83,10 +83,7 @@ def vllm_worker(fleet_specs: list[ExpertSpec], tmp_path_factory: pytest.TempPath
     base = next(s for s in fleet_specs if s.name == BASE_NAME)
     assert base.launch is not None
     # A free port, not the demo's fixed one: a developer's demo may be running.
-    # It keeps Responses API answers (off by default in vLLM), so that continuing one works.
-    launch = base.launch.model_copy(update={"port": None,
-                                            "env": {**base.launch.env, "VLLM_ENABLE_RESPONSES_API_STORE": "1"}})
-    spec = base.model_copy(update={"base_url": None, "launch": launch})
+    spec = base.model_copy(update={"base_url": None, "launch": base.launch.model_copy(update={"port": None})})
     data_dir = tmp_path_factory.mktemp("vllm-worker")
     client = open_redis(None, data_dir / "redis")
     store = ExpertStore(client)

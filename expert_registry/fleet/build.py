@@ -37,6 +37,7 @@ from expert_registry.fleet.train import TrainConfig, config_dict
 from expert_registry.local_models import (
     BASE_NAME,
     DEMO_PORTS,
+    DEMO_WORKER_ENV,
     INPUT_USD_PER_MTOK_PER_BPARAM,
     MAX_MODEL_LEN,
     OUTPUT_USD_PER_MTOK_PER_BPARAM,
@@ -274,7 +275,7 @@ def _merged_specs(base_dir: Path, merged: dict[str, Path], experts: dict[str, di
             name=name, backend="vllm", base_url=f"http://127.0.0.1:{first + i}/v1", served_model=name,
             input_price_per_mtok=inp, output_price_per_mtok=outp, context_window=window, tokenizer="smollm2",
             tags=tags, skills=[tags[-1]],
-            launch=LaunchSpec(model_path=str(folder), port=first + i, args=args)))
+            launch=LaunchSpec(model_path=str(folder), port=first + i, args=args, env=dict(DEMO_WORKER_ENV))))
     return out
 
 
@@ -302,7 +303,7 @@ def _specs(base_dir: Path, root: Path, experts: dict[str, dict]) -> list[ExpertS
     specs = [ExpertSpec(
         name=BASE_NAME, served_model=BASE_NAME, input_price_per_mtok=inp, output_price_per_mtok=out,
         tags=["local", "demo", "fleet", "general"], skills=["general chat"], **common,
-        launch=LaunchSpec(model_path=str(base_dir), port=port,
+        launch=LaunchSpec(model_path=str(base_dir), port=port, env=dict(DEMO_WORKER_ENV),
                           args=["--max-model-len", str(window), "--kv-cache-memory-bytes", "256M", *lora_args]),
     )]
     for name, m in experts.items():

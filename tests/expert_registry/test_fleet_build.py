@@ -53,6 +53,7 @@ def test_experts_share_the_generalists_tokenizer_width_and_worker(fleet_specs, c
     by_name = {s.name: s for s in fleet_specs}
     base = by_name.pop(BASE_NAME)
     assert base.launch is not None and Path(base.launch.model_path) == base_dir
+    assert base.launch.env["VLLM_ENABLE_RESPONSES_API_STORE"] == "1"   # continuations work on the demo
     args = base.launch.args
     assert "--enable-lora" in args and args[args.index("--max-loras") + 1] == str(len(by_name))
     modules = dict(a.split("=", 1) for a in args[args.index("--lora-modules") + 1:])

@@ -161,6 +161,7 @@ def test_demo_expert_specs(demo_specs, demo_models_dir: Path):
         assert spec.backend == "vllm" and spec.served_model == spec.name and spec.tokenizer == "smollm2"
         assert spec.base_url == f"http://127.0.0.1:{spec.launch.port}/v1"
         assert Path(spec.launch.model_path) == demo_models_dir / spec.name
+        assert spec.launch.env == {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
         args = spec.launch.args
         assert spec.context_window == int(args[args.index("--max-model-len") + 1]) == MAX_MODEL_LEN
         # The price rule: proportional to parameter count, output 4x input.

@@ -83,8 +83,8 @@ def test_responses_api_plain_streamed_and_continued(vllm_gateway: openai.OpenAI)
     assert {e.response.model for e in events if hasattr(e, "response")} == {"smol"}
     streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert streamed.strip() and streamed == events[-1].response.output_text
-    # vLLM keeps the first answer (the worker runs with VLLM_ENABLE_RESPONSES_API_STORE=1): the
-    # gateway sends the continuation and the GET to it, under the name the client used.
+    # vLLM keeps the first answer (the demo fleet's workers run with VLLM_ENABLE_RESPONSES_API_STORE=1):
+    # the gateway sends the continuation and the GET to it, under the name the client used.
     second = vllm_gateway.responses.create(model="smol", input="And of Italy?", previous_response_id=first.id,
                                            max_output_tokens=12, temperature=0)
     assert second.output_text.strip() and second.usage.input_tokens > first.usage.input_tokens
