@@ -381,9 +381,11 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         _, trace.key = await state.keys.caller(request)
         pins: ResponsePins = state.pins
         try:
-            pin = await pins.find(response_id, trace.key) if pins.enabled else None
+            pin = await pins.find(response_id) if pins.enabled else None
         except PinStoreError as exc:
             raise StoreUnavailable(f"cannot look up response '{response_id}': {exc}") from None
+        if pin is not None and pin.caller != trace.key:   # another key's: as if it did not exist
+            pin = None
         dispatcher: Dispatcher = state.dispatcher
         decision = None if pin is None else dispatcher.at(parse_model(pin.model), pin.expert, pin.url)
         if pin is None or decision is None:
@@ -508,12 +510,15 @@ async def _responses_state(state: Any, target: ModelTarget, body: dict, caller: 
     previous = body.get("previous_response_id")
     if previous is not None:
         try:
-            pin = await pins.find(previous, caller)
+            pin = await pins.find(previous)
         except PinStoreError as exc:
             log.warning("cannot look up response %s, deciding without it: %s", previous, exc)
             pin = None
         else:
             named = target.kind == "expert"
+            if pin is not None and pin.caller != caller:   # another key's: not even its expert may be asked
+                raise ResponseNotFound(f"previous response '{previous}' not found", param="previous_response_id",
+                                       code="previous_response_not_found")
             if pin is not None and (not named or target.name == pin.expert):
                 decision = state.dispatcher.at(target, pin.expert, pin.url)
                 if decision is None:

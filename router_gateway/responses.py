@@ -10,7 +10,8 @@ sending its id back (``previous_response_id``) or fetch it later (``GET
 ``{prefix}resp:ID`` for ``responses_ttl_s`` seconds:
 
 - the expert and the URL (which replica) that answered;
-- who asked (the API key's id): for any other caller the id does not exist;
+- who asked (the API key's id): for any other caller the id does not exist, even
+  when it names the expert that holds it;
 - the model name the client asked for (``auto``, a router...), put back in ``model``.
 
 A continuation goes to that expert at that URL, with no routing and no fallback (no
@@ -83,9 +84,9 @@ class ResponsePins:
             log.warning("could not remember where response %s is stored: %s", response_id,
                         exc or type(exc).__name__)
 
-    async def find(self, response_id: str, caller: str) -> Pin | None:
-        """The pin of ``response_id`` if ``caller`` made it, else None. Raises
-        ``PinStoreError`` when Redis fails or takes over a second."""
+    async def find(self, response_id: str) -> Pin | None:
+        """The pin of ``response_id``, whoever made it (the caller checks ``Pin.caller``),
+        else None. Raises ``PinStoreError`` when Redis fails or takes over a second."""
         try:
             raw = await self._reads.call(self.key(response_id))
         except Exception as exc:
@@ -98,7 +99,7 @@ class ResponsePins:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             log.warning("unreadable pin for response %s: %r", response_id, raw[:200])
             return None
-        return pin if pin.caller == caller else None
+        return pin
 
     async def forget(self, response_id: str) -> None:
         try:
