@@ -17,7 +17,7 @@ sending its id back (``previous_response_id``) or fetch it later (``GET
 A continuation goes to that expert at that URL, with no routing and no fallback (no
 other server holds the conversation), unless the client names another expert, which is
 then asked as named. A ``previous_response_id`` the gateway does not know is a 404
-``response_not_found`` for a routed request; a named expert is asked anyway (the
+``previous_response_not_found`` for a routed request; a named expert is asked anyway (the
 response may have been made there directly) and its answer passes through. If Redis
 cannot be read, the request goes on as if it carried no known id.
 
@@ -56,8 +56,8 @@ class PinStoreError(Exception):
 class ResponsePins:
     """Pins in Redis. The reads of one event-loop turn go out as one ``MGET`` and the
     writes as one pipelined batch of ``SET PX``, each packed by hand (``resp.py``): at
-    64 concurrent requests, one redis-py command per request cost the gateway about 40%
-    of its requests per second."""
+    64 concurrent requests, one redis-py command per request had cost the gateway 45% of
+    its requests per second, batched 20% (benchmarks/README.md, "Responses API")."""
 
     def __init__(self, aredis: Any, prefix: str, ttl_s: float):
         self.aredis = aredis
