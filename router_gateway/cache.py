@@ -39,7 +39,7 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from router_gateway.errors import InvalidRequest
-from router_gateway.resp import command, roundtrip
+from router_gateway.resp import Batcher, command, mget, roundtrip
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class ResponseCache:
         self.per_key = per_key
         self.count = count
         self._tasks: set[asyncio.Task] = set()
-        self._lookups: list[tuple[str, asyncio.Future]] = []
+        self._lookups = Batcher(lambda keys: mget(aredis, keys, LOOKUP_TIMEOUT_S))
         self._stores: list[bytes] = []
         self._flights: dict[str, asyncio.Future] = {}
         self._failing = False
@@ -116,37 +116,15 @@ class ResponseCache:
     async def get(self, key: str) -> Hit | None:
         """The entry under ``key``, or None (a miss; also when Redis fails or is slow).
         Lookups asked for in one turn of the event loop go to Redis as one ``MGET``."""
-        loop = asyncio.get_running_loop()
-        answer = loop.create_future()
-        self._lookups.append((key, answer))
-        if len(self._lookups) == 1:
-            loop.call_soon(self._send_lookups)
-        raw = await answer
-        if raw is _FAILED:   # counted once for its batch
+        try:
+            raw = await self._lookups.call(key)
+        except Exception as exc:   # Redis down or slow (or anything else): this lookup misses
+            self._failed("read", exc if not isinstance(exc, TimeoutError) else f"no answer in {LOOKUP_TIMEOUT_S} s")
             return None
+        self._recovered()
         hit = _decode(raw) if raw is not None else None
         self.count("hit" if hit is not None else "miss")
         return hit
-
-    def _send_lookups(self) -> None:
-        batch, self._lookups = self._lookups, []
-        if batch:   # else drain() sent it already
-            self._spawn(self._mget(batch))
-
-    async def _mget(self, batch: list[tuple[str, asyncio.Future]]) -> None:
-        values: list = [_FAILED] * len(batch)
-        try:
-            async with asyncio.timeout(LOOKUP_TIMEOUT_S):
-                [values] = await roundtrip(self.r, command("MGET", *(k for k, _ in batch)), 1, raw=True)
-        except Exception as exc:   # Redis down or slow (or anything else): these lookups miss
-            self._failed("read", exc if not isinstance(exc, TimeoutError) else f"no answer in {LOOKUP_TIMEOUT_S} s",
-                         len(batch))
-        else:
-            self._recovered()
-        finally:   # every request waiting on this batch gets an answer, whatever happened
-            for (_, answer), value in zip(batch, values):
-                if not answer.done():   # its request may have gone (cancelled)
-                    answer.set_result(value)
 
     def put(self, key: str, content: bytes, *, stream: bool, expert: str, router: str) -> None:
         """Store an answer in the background; the answer to the client never waits on it.
@@ -218,8 +196,7 @@ class ResponseCache:
         """Send what waits and wait for what is in flight (at shutdown, and in tests)."""
         if self._stores:
             self._send_stores()
-        if self._lookups:
-            self._send_lookups()
+        await self._lookups.drain()
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -249,7 +226,6 @@ def _decode(raw: bytes) -> Hit | None:
     return Hit(content, meta["stream"], meta["expert"], meta["router"], max(0.0, time.time() - meta["t"]))
 
 
-_FAILED = object()   # a lookup that Redis did not answer
 _DONE = b"data: [DONE]\n\n"
 
 

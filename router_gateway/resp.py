@@ -68,9 +68,17 @@ class Batcher:
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
+        if not batch:   # drain() sent it already
+            return
         task = asyncio.ensure_future(self._run(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Send what waits and wait for every batch in flight (at shutdown, and in tests)."""
+        self._flush()
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
         # Results travel as (ok, value) so that a failure no caller waits for any more is
@@ -82,3 +90,10 @@ class Batcher:
         for (_, answer), result in zip(batch, results):
             if not answer.done():
                 answer.set_result(result)
+
+
+async def mget(aredis: Any, keys: list[str], timeout_s: float) -> list[bytes | None]:
+    """One ``MGET`` of ``keys`` (values as bytes), within ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        [values] = await roundtrip(aredis, command("MGET", *keys), 1, raw=True)
+    return values

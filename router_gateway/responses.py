@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from router_gateway.resp import Batcher, command, roundtrip
+from router_gateway.resp import Batcher, command, mget, roundtrip
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ResponsePins:
         self.aredis = aredis
         self.prefix = prefix
         self.ttl_ms = int(ttl_s * 1000)
-        self._reads = Batcher(self._mget)
+        self._reads = Batcher(lambda keys: mget(self.aredis, keys, TIMEOUT_S))
         self._writes = Batcher(self._set)
 
     @property
@@ -106,11 +106,6 @@ class ResponsePins:
             await self.aredis.delete(self.key(response_id))
         except Exception as exc:
             log.warning("could not forget response %s: %s", response_id, exc)
-
-    async def _mget(self, keys: list[str]) -> list[bytes | None]:
-        async with asyncio.timeout(TIMEOUT_S):
-            [values] = await roundtrip(self.aredis, command("MGET", *keys), 1, raw=True)
-        return values
 
     async def _set(self, items: list[tuple[str, bytes]]) -> list[Any]:
         ttl = str(self.ttl_ms)
