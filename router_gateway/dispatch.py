@@ -292,12 +292,14 @@ class Dispatcher:
             raise _Failed(UpstreamError(f"expert '{spec.name}' is rate limited"), "429", retry_after=retry_after,
                           response=Response(content, status_code=429, media_type="application/json",
                                             headers=headers))
+        if on_id is not None and status == 200 and answer is None:   # parsed once, for its id and usage
+            answer = _parsed(content)
         if meter is not None and status < 400:
             usage = decode_usage(content) if answer is None else usage_from(answer)
             meter(spec, usage or estimate_usage(body, len(answer_text(content))))
         if on_id is not None and status == 200:
-            rid = response_id(answer if answer is not None else content)
-            if rid is not None:
+            rid = answer.get("id") if isinstance(answer, dict) else None
+            if isinstance(rid, str) and rid:
                 await on_id(spec, rid)
         headers["x-switchyard-overhead-ms"] = _ms(time.perf_counter() - t0 - up_s)
         return JSONAnswer(content, status, headers)
@@ -489,15 +491,12 @@ def _failed(exc: UpstreamFailure) -> _Failed:
                    else "protocol")
 
 
-def response_id(answer: Any) -> str | None:
-    """The ``id`` of a Responses API answer (parsed, or its JSON bytes), if it has one."""
-    if isinstance(answer, (bytes, bytearray)):
-        try:
-            answer = orjson.loads(answer)
-        except orjson.JSONDecodeError:
-            return None
-    rid = answer.get("id") if isinstance(answer, dict) else None
-    return rid if isinstance(rid, str) and rid else None
+def _parsed(content: bytes) -> Any:
+    """``content`` as JSON, or None when it is not."""
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
 
 
 class _Failed(Exception):
