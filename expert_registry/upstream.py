@@ -67,6 +67,7 @@ class UpstreamStream:
     chunks: AsyncIterator[bytes]
     aclose: Callable[[], Awaitable[None]]
     retry_after: str | None = None
+    content_type: str = "application/json"
 
     async def read_all(self) -> bytes:
         try:
@@ -147,21 +148,20 @@ class HTTPUpstream:
         except HTTPClientError as exc:
             raise _http_failure(exc, spec) from exc
 
-    async def call(self, spec: ExpertSpec, method: str, path: str, request_id: str | None = None
-                   ) -> tuple[int, bytes, str]:
-        """``method`` on ``{base_url}/{path}`` without a body (path may carry a query):
-        status, body and content type. For the Responses API's retrieve, delete and cancel."""
-        resp = await self._send(spec, method, path, b"", request_id)
-        try:
-            return resp.status, await resp.read(), resp.headers.get("content-type", "application/json")
-        except HTTPClientError as exc:
-            raise _http_failure(exc, spec) from exc
+    async def open(self, spec: ExpertSpec, method: str, path: str, request_id: str | None = None
+                   ) -> UpstreamStream:
+        """``method`` on ``{base_url}/{path}`` without a body (path may carry a query), its
+        answer as a stream (``content_type`` says whether it is events). For the Responses
+        API's retrieve (streamed too, ``?stream=true``), delete, cancel and input items."""
+        return self._stream(spec, await self._send(spec, method, path, b"", request_id))
 
     async def open_stream(self, spec: ExpertSpec, endpoint: str, body: dict, request_id: str | None = None,
                           timeout_s: float | None = None) -> UpstreamStream:
         """``timeout_s`` bounds the wait for the answer to start and for each chunk after."""
-        resp = await self._post(spec, endpoint, body, request_id, timeout_s)
+        return self._stream(spec, await self._post(spec, endpoint, body, request_id, timeout_s))
 
+    @staticmethod
+    def _stream(spec: ExpertSpec, resp) -> UpstreamStream:
         async def chunks() -> AsyncIterator[bytes]:
             try:
                 async for chunk in resp.iter_chunks():
@@ -172,7 +172,8 @@ class HTTPUpstream:
         async def aclose() -> None:
             resp.release()
 
-        return UpstreamStream(resp.status, chunks(), aclose, resp.headers.get("retry-after"))
+        return UpstreamStream(resp.status, chunks(), aclose, resp.headers.get("retry-after"),
+                              resp.headers.get("content-type", "application/json"))
 
 
 class LiteLLMUpstream:

@@ -40,6 +40,7 @@ from router_gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
     error_body,
+    responses_error_event,
     sse_error_frame,
 )
 from router_gateway.keys import decode_usage, estimate_usage, usage_from
@@ -74,6 +75,7 @@ class RouteDecision:
     scores: str | None = None  # "expert=quality;..." when the client asked (x-switchyard-explain)
     recruited: tuple[ExpertSpec, ...] = ()  # aggregation (?k=K): the experts whose answers ``expert`` merges
     skipped: tuple[str, ...] = ()  # the named expert, when it was unhealthy and ``expert`` is its fallback
+    replica: int | None = None  # pinned to one of several URLs: which (x-switchyard-replica; 0: base_url)
 
 
 class Dispatcher:
@@ -149,26 +151,35 @@ class Dispatcher:
         spec = self.view.experts.get(expert)
         if spec is None:
             return None
-        for ep in self.view.replicas.endpoints(spec):
+        endpoints = self.view.replicas.endpoints(spec)
+        for index, ep in enumerate(endpoints):
             if ep.base_url == url:
-                return RouteDecision(target, ep.model_copy(update={"replicas": []}) if ep.replicas else ep, "pinned")
+                return RouteDecision(target, ep.model_copy(update={"replicas": []}) if ep.replicas else ep, "pinned",
+                                     replica=index if len(endpoints) > 1 else None)
         return None
 
     async def stored(self, decision: RouteDecision, method: str, path: str, client_model: str,
                      request_id: str) -> Response:
         """``method`` on ``path`` (``responses/ID...``) at the one URL of ``decision``: the
-        upstream's answer with ``model`` rewritten to ``client_model``."""
+        upstream's answer with ``model`` rewritten to ``client_model``; a streamed retrieve
+        (``?stream=true``, a background response's events) is relayed as it comes."""
         spec = decision.expert
         if not isinstance(self._upstream(spec), HTTPUpstream):
             raise InvalidRequest(f"expert '{spec.name}' is reached through litellm, which keeps no stored "
                                  "responses the gateway can fetch; ask its provider", code="unsupported_backend")
+        headers = {"x-switchyard-expert": spec.name, "x-switchyard-router": decision.router}
+        if decision.replica is not None:
+            headers["x-switchyard-replica"] = str(decision.replica)
         try:
-            status, content, content_type = await self.http.call(spec, method, path, request_id)
+            stream = await self.http.open(spec, method, path, request_id)
+            if stream.status == 200 and stream.content_type.startswith("text/event-stream"):
+                rewrite = client_model if client_model != spec.served_model else None
+                relay = self._relay(stream, rewrite, spec, responses=True)
+                return StreamingResponse(_RelayBody(relay, stream.aclose), media_type="text/event-stream",
+                                         headers=headers)
+            status, content = stream.status, await stream.read_all()
         except UpstreamFailure as exc:
             raise _failed(exc).error from exc
-        headers = {"x-switchyard-expert": spec.name, "x-switchyard-router": decision.router}
-        if content_type.startswith("text/event-stream") and status == 200:
-            return Response(content, status_code=200, media_type="text/event-stream", headers=headers)
         content, _ = _answer_or_raise(spec, status, content, client_model)
         return JSONAnswer(content, status, headers)
 
@@ -189,6 +200,8 @@ class Dispatcher:
         did not ask for it). ``timeout_s`` replaces the configured upstream timeout for
         this request; ``on_id`` (Responses API only) is told each answer's id."""
         headers = {"x-switchyard-router": decision.router}
+        if decision.replica is not None:
+            headers["x-switchyard-replica"] = str(decision.replica)
         if decision.recruited:
             in_flight = self.http.client.in_use   # each recruit asked at its first replica in order, no failover
             recruited = tuple(self.view.replicas.order(s, in_flight)[0][1] for s in decision.recruited)
@@ -345,8 +358,13 @@ class Dispatcher:
             return not (hide_usage and not obj.get("choices"))   # the usage-only chunk we asked for
 
         def inspect_event(obj: Any) -> bool:   # a Responses API event: id and usage are in its "response"
-            nonlocal chars
-            held = obj.get("response") if isinstance(obj, dict) else None
+            nonlocal chars, sequence
+            if not isinstance(obj, dict):
+                return True
+            n = obj.get("sequence_number")
+            if type(n) is int:
+                sequence = n
+            held = obj.get("response")
             if not isinstance(held, dict):
                 chars += _streamed_chars(obj)
                 return True
@@ -357,7 +375,10 @@ class Dispatcher:
                 seen.append(usage)
             return True
 
-        watch = (inspect_event if responses else inspect) if meter is not None or on_id is not None else None
+        sequence = -1   # Responses API: the last event's sequence_number, for an error event after it
+        # A Responses stream is always read (for its sequence numbers); a chat or text one
+        # only when its usage is booked.
+        watch = inspect_event if responses else inspect if meter is not None else None
         try:
             async for frame in reframe(stream.chunks, rewrite, watch):
                 while ids:
@@ -366,7 +387,7 @@ class Dispatcher:
         except UpstreamFailure as exc:
             log.warning("stream from expert %s broke: %s", spec.name, exc)
             err = UpstreamTimeout(str(exc)) if isinstance(exc, UpstreamTimedOut) else UpstreamError(str(exc))
-            yield sse_error_frame(err)
+            yield responses_error_event(err, sequence + 1) if responses else sse_error_frame(err)
         finally:
             await _end_relay(stream, spec, meter, seen[-1] if seen else None, body, chars)
 

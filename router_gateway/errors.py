@@ -138,3 +138,11 @@ def error_json(err: GatewayError) -> bytes:
 def sse_error_frame(err: GatewayError) -> bytes:
     """An error in the middle of a stream: one data frame with the error, then [DONE]."""
     return b"data: " + error_json(err) + b"\n\ndata: [DONE]\n\n"
+
+
+def responses_error_event(err: GatewayError, sequence_number: int) -> bytes:
+    """An error in the middle of a Responses API stream: that API's own ``error`` event
+    (its streams end without ``[DONE]``), numbered after the last event sent."""
+    event = {"type": "error", "code": err.code or err.error_type, "message": err.message, "param": err.param,
+             "sequence_number": sequence_number}
+    return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"

@@ -12,7 +12,7 @@ The behaviour is chosen by the ``served_model`` the gateway forwards:
   fail500      HTTP 500 with an OpenAI error body
   bad400       HTTP 400 with an OpenAI error body (passes through the gateway)
   slow         waits 5 s before answering (for timeouts)
-  breakstream  streams two chunks then drops the connection
+  breakstream  streams two chunks (or two Responses API events) then drops the connection
   slowstream   streams a chunk every 0.5 s, without end (for killing the server midway)
   slowstart    streams like echo, but only after 0.5 s (for clients that leave first)
   slowanswer   answers like echo, but only after 0.5 s (for requests that overlap)
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 from starlette.applications import Starlette
@@ -184,6 +185,24 @@ async def responses(request: Request) -> Response:
         _stored[(_server(request), answer["id"])] = answer
     if not body.get("stream"):
         return JSONResponse(answer)
+    return StreamingResponse(_typed_events(answer, break_at=2 if model == "breakstream" else None),
+                             media_type="text/event-stream")
+
+
+_held: dict[str, threading.Event] = {}   # response id -> what its streamed retrieve waits for
+
+
+def hold_stream(rid: str) -> threading.Event:
+    """Make a streamed retrieve of ``rid`` stop after its first two events until the test
+    sets the returned event; unset after 5 s, the stream ends there (no
+    ``response.completed``), as a client reading it whole would see."""
+    _held[rid] = threading.Event()
+    return _held[rid]
+
+
+async def _typed_events(answer: dict, starting_after: int = -1, break_at: int | None = None):
+    """A response's typed events (``event:`` lines), numbered from 0, those after
+    ``starting_after``; the connection drops before event ``break_at`` when given."""
     start = {**answer, "status": "in_progress", "output": [], "usage": None}
     text = answer["output"][0]["content"][0]["text"]
     events = [("response.created", {"response": start}), ("response.in_progress", {"response": start})]
@@ -191,13 +210,15 @@ async def responses(request: Request) -> Response:
                                                "content_index": 0, "delta": piece})
                for piece in (text[:6], text[6:])]
     events.append(("response.completed", {"response": answer}))
-
-    async def gen():
-        for n, (kind, data) in enumerate(events):
+    held = _held.get(answer["id"])
+    for n, (kind, data) in enumerate(events):
+        if n == break_at:
+            raise RuntimeError("upstream dropped the connection on purpose")
+        if n == 2 and held is not None and not await asyncio.to_thread(held.wait, 5):
+            return
+        if n > starting_after:
             yield f"event: {kind}\ndata: {json.dumps({**data, 'type': kind, 'sequence_number': n})}\n\n".encode()
-            await asyncio.sleep(0)
-
-    return StreamingResponse(gen(), media_type="text/event-stream")
+        await asyncio.sleep(0)
 
 
 def _stored_or_404(request: Request) -> dict | Response:
@@ -226,6 +247,9 @@ async def stored_response(request: Request) -> Response:
                              "query": str(request.url.query)})
     if request.url.path.endswith("/cancel"):
         return JSONResponse({**found, "status": "cancelled"})
+    if request.query_params.get("stream") == "true":   # a background response's events, resumed
+        after = int(request.query_params.get("starting_after", "-1"))
+        return StreamingResponse(_typed_events(found, after), media_type="text/event-stream")
     return JSONResponse(found)
 
 

@@ -36,7 +36,8 @@ def _port(url: str) -> int:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, servers) -> Iterator[Gateway]:
     """math-expert and generalist on server A, the poet on server B, 'rep' on both (A
-    first), 'lite' on A through litellm; the TF-IDF classifier as the default router."""
+    first), 'lite' on A through litellm, 'breaker' on A (its streams break after two
+    events); the TF-IDF classifier as the default router."""
     a, b = servers
     router_dir = train_router(tmp_path_factory.mktemp("router"))
     data_dir = tmp_path_factory.mktemp("responses") / "data"
@@ -46,6 +47,7 @@ def gw(tmp_path_factory, servers) -> Iterator[Gateway]:
                              served_model=f"served-{name}", input_price_per_mtok=inp, output_price_per_mtok=out))
     store.put(ExpertSpec(name="rep", backend="openai", base_url=a, replicas=[b], served_model="served-rep"))
     store.put(ExpertSpec(name="lite", backend="litellm", base_url=a, served_model="openai/served-lite"))
+    store.put(ExpertSpec(name="breaker", backend="openai", base_url=a, served_model="breakstream"))
     app = create_app(make_settings(data_dir, upstream_timeout_s=20), store)
     try:
         with serve_in_thread(app) as url:
@@ -145,11 +147,15 @@ def test_a_continuation_stays_on_the_replica_that_stored_it(gw: Gateway, servers
     ports = []
     headers, resp = create(gw, model="rep", input="hi")
     ports.append(resp.output_text.split()[1])
+    replica = headers["x-switchyard-replica"]
     for _ in range(4):
         headers, resp = create(gw, model="rep", input="more", previous_response_id=resp.id)
         assert resp.output_text.endswith(f"after {resp.previous_response_id}")
+        assert headers["x-switchyard-router"] == "pinned" and headers["x-switchyard-replica"] == replica
         ports.append(resp.output_text.split()[1])
     assert len(set(ports)) == 1
+    got = sdk(gw).responses.with_raw_response.retrieve(resp.id)
+    assert got.headers["x-switchyard-replica"] == replica and got.parse().output_text.split()[1] == ports[0]
     fresh = {create(gw, model="rep", input="hi")[1].output_text.split()[1] for _ in range(4)}
     assert fresh == {str(_port(u)) for u in servers}      # fresh requests do spread
 
@@ -171,6 +177,40 @@ def test_stored_responses_are_retrieved_cancelled_listed_and_deleted_where_they_
         lines = [ln for ln in c.get("/metrics").text.splitlines() if ln.startswith("switchyard_requests_total{")]
     assert any('route="/v1/responses"' in ln and 'code="404"' in ln for ln in lines)
     assert not any(made.id in ln for ln in lines)
+
+
+def test_a_streamed_retrieve_is_relayed_as_it_comes_and_resumes(gw: Gateway, servers):
+    """A background response's events, read again (``stream=true``) from where a client
+    left off; the upstream holds back all but the first two until the client has them."""
+    from tests.router_gateway.scripted_upstream import hold_stream
+
+    _, b = servers
+    _, made = create(gw, model="auto", input=POEM_Q)
+    release = hold_stream(made.id)
+    with sdk(gw).responses.retrieve(made.id, stream=True) as stream:
+        events = iter(stream)
+        first = next(events)
+        assert first.type == "response.created" and first.response.model == "auto"
+        release.set()
+        rest = list(events)
+    assert [e.type for e in rest] == ["response.in_progress", "response.output_text.delta",
+                                      "response.output_text.delta", "response.completed"]
+    assert rest[-1].response.model == "auto" and rest[-1].response.output_text == f"server {_port(b)} answers"
+    resumed = list(sdk(gw).responses.retrieve(made.id, stream=True, starting_after=2))
+    assert [(e.type, e.sequence_number) for e in resumed] == [("response.output_text.delta", 3),
+                                                             ("response.completed", 4)]
+
+
+def test_a_stream_that_breaks_ends_with_the_responses_error_event(gw: Gateway):
+    events = list(sdk(gw).responses.create(model="breaker", input="hi", stream=True))
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "error"]
+    error = events[-1]
+    assert error.sequence_number == 2 and error.code == "upstream_error" and "'breaker'" in error.message
+    with gw.client() as c:   # typed, and no chat-style [DONE] after it
+        r = c.post("/v1/responses", json={"model": "breaker", "input": "hi", "stream": True})
+        assert r.text.endswith('"sequence_number":2}\n\n') and "\nevent: error\ndata: {" in r.text
+        assert "[DONE]" not in r.text
+        assert c.post("/v1/responses", json={"model": "math-expert", "input": "hi"}).status_code == 200
 
 
 def test_ids_belong_to_the_key_that_made_them(gw: Gateway):
