@@ -94,6 +94,25 @@ def test_responses_api_plain_streamed_and_continued(vllm_gateway: openai.OpenAI)
     assert lite.model == "smol-litellm" and lite.output_text.strip()
 
 
+def test_a_background_stream_is_picked_up_again_where_it_was_left(vllm_gateway: openai.OpenAI):
+    """A client leaves a background stream after its first event and resumes it with a
+    streamed GET through the gateway; vLLM finished it meanwhile."""
+    with vllm_gateway.responses.create(model="smol", input="Count from one to five.", max_output_tokens=16,
+                                       temperature=0, background=True, stream=True) as stream:
+        first = next(iter(stream))
+    assert first.type == "response.created" and first.response.model == "smol"
+    rid, seen = first.response.id, first.sequence_number
+    rest = list(vllm_gateway.responses.retrieve(rid, stream=True, starting_after=seen))
+    assert rest and rest[0].sequence_number == seen + 1 and rest[-1].type == "response.completed"
+    assert [e.sequence_number for e in rest] == list(range(seen + 1, seen + 1 + len(rest)))
+    done = rest[-1].response
+    assert done.model == "smol" and done.output_text.strip()
+    assert done.output_text == "".join(e.delta for e in rest if e.type == "response.output_text.delta")
+    got = vllm_gateway.responses.retrieve(rid)    # "incomplete" when it stopped at max_output_tokens
+    assert got.status == done.status and got.status in ("completed", "incomplete")
+    assert got.output_text == done.output_text
+
+
 def test_vllm_errors_pass_through_as_openai_errors(vllm_gateway: openai.OpenAI):
     with pytest.raises(openai.BadRequestError) as info:
         vllm_gateway.chat.completions.create(model="smol", messages=MSG, max_tokens=10_000_000)
