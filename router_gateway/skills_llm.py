@@ -6,7 +6,8 @@ query's skills before scoring (``router_models.symbolic.skill_prompt`` /
 
     {prefix}skills:{expert}:{sha1(text)}   string  JSON list of skill words, 30-day TTL
 
-so a repeated query costs one Redis read. Any failure (the expert unknown or unhealthy,
+so a repeated query costs one Redis read. An expert with replicas is asked at them in
+the order the gateway's requests take them, the next after one that fails. Any failure (the expert unknown or unhealthy,
 a timeout, an HTTP error, an answer with no skill in it, Redis down) returns ``None``
 with the reason, and the router falls back to its zero-shot skills: asking for skills
 never fails a request. Failures are not cached, so a recovered expert is asked again.
@@ -86,15 +87,27 @@ class SkillAsker:
                 "temperature": 0, "stream": False}
         upstream = self.litellm if spec.backend == "litellm" else self.http
         self.asked += 1
-        try:
-            status, content = await asyncio.wait_for(upstream.send(spec, "chat/completions", body, request_id),
-                                                     timeout_s)
-        except asyncio.TimeoutError:
-            return SkillAnswer(None, f"zero-shot (skills expert '{expert}' took over {timeout_s:g} s)")
-        except UpstreamFailure as exc:
-            return SkillAnswer(None, f"zero-shot (skills expert '{expert}' failed: {exc})")
-        if status != 200:
-            return SkillAnswer(None, f"zero-shot (skills expert '{expert}' answered HTTP {status})")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        why = ""
+        # Its replicas in the order requests take them; a failed one (no connection, a 5xx,
+        # a 429) hands over to the next while time is left.
+        for _, ep in self.view.replicas.order(spec, self.http.client.in_use):
+            try:
+                status, content = await asyncio.wait_for(upstream.send(ep, "chat/completions", body, request_id),
+                                                         max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                return SkillAnswer(None, f"zero-shot (skills expert '{expert}' took over {timeout_s:g} s)")
+            except UpstreamFailure as exc:
+                why = f"failed: {exc}"
+                continue
+            if status == 200:
+                break
+            why = f"answered HTTP {status}"
+            if status < 500 and status != 429:   # the request itself is wrong: another replica says the same
+                return SkillAnswer(None, f"zero-shot (skills expert '{expert}' {why})")
+        else:
+            return SkillAnswer(None, f"zero-shot (skills expert '{expert}' {why})")
         words = parse_skill_list(answer_text(content))
         if not words:
             return SkillAnswer(None, f"zero-shot (skills expert '{expert}' listed no skills)")

@@ -134,6 +134,21 @@ def test_a_failing_skills_expert_falls_back_to_zero_shot(sym: Gateway, tagger: s
     assert not sym.store.client.keys(f"switchyard:skills:{tagger}:*")  # failures are not cached
 
 
+def test_a_skills_expert_with_a_dead_url_is_asked_at_its_live_replica(sym: Gateway, recorder):
+    from tests.router_gateway.conftest import free_port
+
+    _, upstream = recorder
+    sym.store.put(ExpertSpec(name="tagger-replicated", backend="openai", base_url=f"http://127.0.0.1:{free_port()}/v1",
+                             replicas=[upstream], served_model="skills-math"))
+    with sym.client(ADMIN_KEY) as c:
+        r = c.post("/v1/routers", json={"name": "tagger-replicated", "router_dir": str(sym.router_dir),
+                                        "expert_map": EXPERT_MAP, "skills_expert": "tagger-replicated"})
+        assert r.status_code == 201, r.text
+    for text in ("What is 5 plus 6?", "What is 7 plus 8?"):   # whichever URL comes first in turn
+        body = route(sym, "router:tagger-replicated", text)
+        assert body["skills_source"] == "llm", body["skills_source"]
+
+
 def test_chat_through_the_symbolic_router(sym: Gateway):
     with sym.client() as c:
         r = c.post("/v1/chat/completions", json={"model": "router:tagger-math?k=2",
