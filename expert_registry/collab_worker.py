@@ -1,8 +1,10 @@
 """The collaboration worker: one process hosting a group of experts, speaking the OpenAI API.
 
 ``python -m expert_registry.collab_worker --group GROUP.json --port P`` loads the group
-the file describes and serves ``GET /health``, ``GET /v1/models`` and
-``POST /v1/chat/completions`` (streamed or not), so the gateway dispatches
+the file describes and serves ``GET /health``, ``GET /v1/models``,
+``POST /v1/chat/completions`` (streamed or not) and the Responses API over the same
+decoding (``POST /v1/responses`` and its stored responses; ``collab_responses``), so the
+gateway dispatches
 ``model: "collab:<group>"`` to it as to any vLLM worker (registry backend ``collab``,
 started by ``switchyard workers up`` from the expert's ``launch`` block, engine
 ``collab``). The group file::
@@ -325,6 +327,9 @@ def create_app(engine: CollabEngine):
         }
         return JSONResponse(body, headers={"x-switchyard-collab-experts": run.experts_header()})
 
+    from expert_registry.collab_responses import install
+
+    install(app, engine)   # /v1/responses over the same decoding
     return app
 
 

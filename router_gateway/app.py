@@ -306,9 +306,6 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             raise InvalidRequest(f"embeddings come from one expert: name it in 'model' (got {body['model']!r}; "
                                  "routers and collaboration groups answer chat and text completions only)",
                                  param="model")
-        if endpoint == "responses" and target.kind == "collab":
-            raise InvalidRequest(f"collaboration groups answer chat and text completions only (got "
-                                 f"{body['model']!r}); name an expert, a router or 'auto'", param="model")
         if key is not None:
             await state.limiter.admit(key)
         pinned, on_id = (await _responses_state(state, target, body, trace.key) if endpoint == "responses"

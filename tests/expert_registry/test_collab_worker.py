@@ -105,6 +105,70 @@ def test_seeded_sampling_repeats_and_stop_strings_cut(client):
         assert wide.choices[0].message.content == full, top_k
 
 
+def test_responses_api_answers_as_chat_does_and_continues_a_conversation(client):
+    def chat(messages: list[dict]) -> tuple[str, object]:
+        r = client.chat.completions.create(model="math-solo", messages=messages, temperature=0, max_tokens=24)
+        return r.choices[0].message.content, r
+
+    kw = dict(model="math-solo", temperature=0, max_output_tokens=24)
+    first = client.responses.create(input=PROMPTS[0], **kw)
+    text, ref = chat([{"role": "user", "content": PROMPTS[0]}])
+    assert first.output_text == text and first.model == "math-solo" and first.id.startswith("resp_")
+    assert (first.usage.input_tokens, first.usage.output_tokens) == (ref.usage.prompt_tokens,
+                                                                     ref.usage.completion_tokens)
+    assert first.status == ("incomplete" if ref.choices[0].finish_reason == "length" else "completed")
+    events = list(client.responses.create(input=PROMPTS[0], stream=True, **kw))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
+    assert events[-1].response.output_text == text
+    # instructions are a system message; a continuation carries the conversation before it
+    told = client.responses.create(input=PROMPTS[1], instructions="Answer in one word.", **kw)
+    assert told.output_text == chat([{"role": "system", "content": "Answer in one word."},
+                                     {"role": "user", "content": PROMPTS[1]}])[0]
+    second = client.responses.create(input=[{"role": "user", "content": [{"type": "input_text", "text":
+                                     "Now add 8."}]}], previous_response_id=first.id, **kw)
+    assert second.output_text == chat([{"role": "user", "content": PROMPTS[0]},
+                                       {"role": "assistant", "content": text},
+                                       {"role": "user", "content": "Now add 8."}])[0]
+    assert second.previous_response_id == first.id and second.usage.input_tokens > first.usage.input_tokens
+    assert client.responses.retrieve(first.id).output_text == text
+    items = client.responses.input_items.list(second.id)
+    assert [i.content[0].text for i in items.data] == ["Now add 8."]
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.responses.create(input="more", previous_response_id=first.id, **kw)
+    assert info.value.body["code"] == "previous_response_not_found"
+    unstored = client.responses.create(input=PROMPTS[0], store=False, **{**kw, "max_output_tokens": 2})
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "math-solo"}, "input"),
+    ({"model": "math-solo", "input": []}, "input"),
+    ({"model": "math-solo", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input"),
+    ({"model": "math-solo", "input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
+    ({"model": "math-solo", "input": "hi", "max_output_tokens": 100000}, "input"),
+    ({"model": "math-solo", "input": "hi", "temperature": 9}, "temperature"),
+])
+def test_bad_responses_requests_get_openai_errors(solo, body, param):
+    spec, _, _ = solo
+    with httpx.Client(base_url=spec.base_url, timeout=60) as http:
+        r = http.post("/responses", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param
+        assert http.post("/responses", json={"model": "math-solo", "input": "hi", "max_output_tokens": 2}
+                         ).status_code == 200
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"model": "math-solo", "messages": []}, 400, "messages"),
@@ -145,6 +209,16 @@ def test_gateway_dispatches_collab_models_to_the_worker(solo, client, tmp_path):
             assert raw.parse().choices[0].message.content == direct.choices[0].message.content
             listed = {m.id for m in gw.models.list().data}
             assert "collab:math-solo" in listed
+            # The Responses API too: answered by the group, continued and fetched where it is stored.
+            raw = gw.responses.with_raw_response.create(model="collab:math-solo", input=PROMPTS[0], temperature=0,
+                                                        max_output_tokens=16)
+            first = raw.parse()
+            assert raw.headers["x-switchyard-expert"] == "math-solo" and first.model == "collab:math-solo"
+            assert first.output_text == direct.choices[0].message.content
+            raw = gw.responses.with_raw_response.create(model="collab:math-solo", input="Now add 8.", temperature=0,
+                                                        max_output_tokens=4, previous_response_id=first.id)
+            assert raw.headers["x-switchyard-router"] == "pinned" and raw.parse().previous_response_id == first.id
+            assert gw.responses.retrieve(first.id).model == "collab:math-solo"
             with pytest.raises(openai.NotFoundError):
                 gw.chat.completions.create(model="collab:no-such-group", **kw)
     finally:
