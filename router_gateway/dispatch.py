@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, NoReturn
@@ -237,7 +238,7 @@ class Dispatcher:
                 await self._note_failure(spec, exc)
         if last is None:   # every one went unhealthy before its turn (possible only after a skip)
             raise ExpertUnavailable(f"'{client_model}' and its fallbacks are unhealthy; try another model")
-        if last.response is not None:       # an upstream 429 with nobody left to ask: as it came
+        if last.response is not None:       # an upstream 429 or too-long 400 with nobody left to ask: as it came
             return last.response
         raise last.error
 
@@ -261,7 +262,7 @@ class Dispatcher:
                 if exc.counts:
                     pause = _seconds(exc.retry_after)
                     replicas.failed(ep, None if pause is None else min(pause, self.cooldown.max_retry_after_s))
-                if ep is order[-1][1]:
+                if ep is order[-1][1] or exc.reason == "context_length":   # every replica has the same window
                     raise
                 if self.metrics is not None:
                     self.metrics.upstream_failure(spec.name, exc.reason)
@@ -305,6 +306,9 @@ class Dispatcher:
             raise _Failed(UpstreamError(f"expert '{spec.name}' is rate limited"), "429", retry_after=retry_after,
                           response=Response(content, status_code=429, media_type="application/json",
                                             headers=headers))
+        if status == 400 and _too_long(content):   # another expert may have the room: not this one's fault
+            raise _Failed(InvalidRequest(f"the request does not fit expert '{spec.name}''s context window"),
+                          "context_length", counts=False, response=JSONAnswer(content, status, dict(headers)))
         if on_id is not None and status == 200 and answer is None:   # parsed once, for its id and usage
             answer = _parsed(content)
         if meter is not None and status < 400:
@@ -512,6 +516,19 @@ def _failed(exc: UpstreamFailure) -> _Failed:
                    else "protocol")
 
 
+# How upstreams say a request does not fit the model's context window: OpenAI's code
+# context_length_exceeded, vLLM's "This model's maximum context length is N tokens" and
+# "max_tokens=N cannot be greater than max_model_len=M", Anthropic's "prompt is too long",
+# litellm's ContextWindowExceededError.
+_TOO_LONG = re.compile(rb"context[_ ]?(?:length|window)|max_model_len|prompt is too long|input is too long",
+                       re.IGNORECASE)
+
+
+def _too_long(content: bytes) -> bool:
+    """Whether an upstream's 400 says the request is too long for its context window."""
+    return _TOO_LONG.search(content, 0, 4096) is not None
+
+
 def _parsed(content: bytes) -> Any:
     """``content`` as JSON, or None when it is not."""
     try:
@@ -528,7 +545,7 @@ class _Failed(Exception):
                  response: Response | None = None, counts: bool = True):
         super().__init__(error.message)
         self.error = error
-        self.reason = reason  # for metrics: timeout, unreachable, protocol, 5xx, bad_answer, 429, busy
+        self.reason = reason  # for metrics: timeout, unreachable, protocol, 5xx, bad_answer, 429, busy, context_length
         self.counts = counts  # toward the expert's cooldown
         self.retry_after = retry_after
         self.response = response

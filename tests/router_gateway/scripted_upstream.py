@@ -19,6 +19,9 @@ The behaviour is chosen by the ``served_model`` the gateway forwards:
   nousage      answers like echo, but never reports usage (not even when a stream asks)
   garbage      HTTP 200 with a body that is not JSON
   busy         HTTP 429 with ``Retry-After: 2`` and an OpenAI error body
+  short        answers like echo, but a 400 in vLLM's words ("maximum context length")
+               when the messages or prompt take over 200 characters of JSON
+  short-code   the same, with OpenAI's code ``context_length_exceeded`` instead
   skills-*     answers with a fixed list of skill keywords (``SKILL_ANSWERS``), as a
                model asked to label a query's skills would
 """
@@ -79,6 +82,17 @@ async def _serve(request: Request, chat: bool) -> Response:
     if model == "busy":
         return JSONResponse({"error": {"message": "too many requests", "type": "rate_limit_error"}},
                             status_code=429, headers={"retry-after": "2"})
+    if model in ("short", "short-code") and len(json.dumps(body.get("messages") or body.get("prompt"))) > 200:
+        said = len(json.dumps(body.get("messages") or body.get("prompt")))
+        if model == "short":   # as vLLM words it
+            err = {"message": f"This model's maximum context length is 64 tokens. However, your prompt contains "
+                              f"{said} characters (more than 200 characters, which is the upper bound for 50 input "
+                              "tokens). Please reduce the length of the input prompt.",
+                   "type": "BadRequestError", "param": "input_text", "code": 400}
+        else:                  # as OpenAI does
+            err = {"message": "Your input exceeds the limit of this model.", "type": "invalid_request_error",
+                   "param": "messages", "code": "context_length_exceeded"}
+        return JSONResponse({"error": err}, status_code=400)
     if model == "slow":
         await asyncio.sleep(5)
     if (model == "slowstart" and body.get("stream")) or model == "slowanswer":

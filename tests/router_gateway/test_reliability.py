@@ -25,11 +25,12 @@ from tests.router_gateway.conftest import Gateway, make_settings, scripted_exper
 MSGS = [{"role": "user", "content": "hi"}]
 
 
-def _body() -> dict:
-    return {"model": "router:test", "messages": MSGS}
+def _body(messages: list[dict] | None = None) -> dict:
+    return {"model": "router:test", "messages": messages or MSGS}
 
 
-def _dispatch(store: ExpertStore, first: str, *fallbacks: str, timeout_s: float = 2.0, **policy):
+def _dispatch(store: ExpertStore, first: str, *fallbacks: str, timeout_s: float = 2.0,
+              messages: list[dict] | None = None, **policy):
     """One routed request decided by hand (first choice, then fallbacks), through the real
     dispatcher and HTTP client; returns (status, headers, body) or the raised error."""
     async def go():
@@ -41,7 +42,7 @@ def _dispatch(store: ExpertStore, first: str, *fallbacks: str, timeout_s: float 
             decision = RouteDecision(parse_model("router:test"), view.experts[first], "test",
                                      fallbacks=tuple(view.experts[f] for f in fallbacks))
             try:
-                resp = await d.handle("chat/completions", _body(), decision, "rid", time.perf_counter())
+                resp = await d.handle("chat/completions", _body(messages), decision, "rid", time.perf_counter())
             except Exception as exc:  # noqa: BLE001 - the test looks at it
                 return exc
             return resp.status_code, dict(resp.headers), orjson.loads(resp.body)
@@ -55,8 +56,46 @@ def _dispatch(store: ExpertStore, first: str, *fallbacks: str, timeout_s: float 
 def experts(store: ExpertStore, scripted_upstream: str) -> ExpertStore:
     for spec in scripted_experts(scripted_upstream):
         store.put(spec)
-    store.put(ExpertSpec(name="up-busy", backend="openai", base_url=scripted_upstream, served_model="busy"))
+    for served in ("busy", "short", "short-code"):
+        store.put(ExpertSpec(name=f"up-{served}", backend="openai", base_url=scripted_upstream, served_model=served))
     return store
+
+
+LONG = [{"role": "user", "content": "word " * 100}]
+
+
+def test_a_request_too_long_for_its_expert_goes_to_the_next_that_has_the_room(experts: ExpertStore, data_dir: Path):
+    status, headers, body = _dispatch(experts, "up-short", "up-short-code", "up-echo", messages=LONG)
+    assert status == 200 and body["choices"][0]["message"]["content"]
+    assert (headers["x-switchyard-expert"], headers["x-switchyard-fallback-from"]) == ("up-echo",
+                                                                                        "up-short,up-short-code")
+    status, headers, _ = _dispatch(experts, "up-short", "up-echo")     # a short one fits
+    assert status == 200 and headers["x-switchyard-expert"] == "up-short" and "x-switchyard-fallback-from" not in headers
+    # Nobody left with the room: the last expert's own 400, as it came.
+    status, headers, body = _dispatch(experts, "up-short-code", "up-short", messages=LONG)
+    assert status == 400 and body["error"]["param"] == "input_text" and "maximum context length" in \
+        body["error"]["message"]
+    assert headers["x-switchyard-expert"] == "up-short"
+    # Any other 400 is the client's to fix, as before: no second expert is asked.
+    status, headers, body = _dispatch(experts, "up-bad400", "up-echo")
+    assert status == 400 and headers["x-switchyard-expert"] == "up-bad400" and "x-switchyard-fallback-from" \
+        not in headers
+    assert "up-short" not in experts.health() or experts.health()["up-short"].healthy   # no cooldown for it
+    # Named with fallbacks, streamed, and at replicas (only one of which is asked: they share the window).
+    other = experts.get("up-short").base_url.replace("127.0.0.1", "localhost")   # the same server, another URL
+    experts.put(experts.get("up-short").model_copy(update={"replicas": [other], "fallbacks": ["up-echo"]}))
+    with serve_in_thread(create_app(make_settings(data_dir, cooldown_failures=1), experts)) as url, \
+            Gateway(url, experts).client() as c:
+        for stream in (False, True):
+            r = c.post("/v1/chat/completions", json={"model": "up-short", "messages": LONG, "stream": stream})
+            assert r.status_code == 200, r.text
+            assert (r.headers["x-switchyard-expert"], r.headers["x-switchyard-fallback-from"]) == ("up-echo",
+                                                                                                    "up-short")
+        r = c.post("/v1/chat/completions", json={"model": "up-short", "messages": MSGS})
+        assert r.status_code == 200 and r.headers["x-switchyard-expert"] == "up-short"   # never cooled down
+        counted = [ln for ln in c.get("/metrics").text.splitlines()
+                   if ln.startswith("switchyard_upstream_failures_total{") and 'expert="up-short"' in ln]
+        assert len(counted) == 1 and 'reason="context_length"' in counted[0] and counted[0].endswith(" 2.0")
 
 
 @pytest.mark.parametrize("first", ["down", "up-fail500", "up-garbage", "up-busy"])

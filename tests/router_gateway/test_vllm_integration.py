@@ -28,6 +28,8 @@ def vllm_gateway(vllm_worker, fleet_specs, tmp_path_factory) -> Iterator[openai.
                          output_price_per_mtok=0.2, tokenizer=base.tokenizer))
     store.put(ExpertSpec(name="smol-litellm", backend="litellm", base_url=vllm_worker.base_url,
                          served_model=f"hosted_vllm/{vllm_worker.served_model}"))
+    store.put(ExpertSpec(name="smol-first", backend="vllm", base_url=vllm_worker.base_url,
+                         served_model=vllm_worker.served_model, fallbacks=["smol-litellm"]))
     for adapter in fleet_adapters(fleet_specs, vllm_worker):  # the quick fleet's LoRA experts, same worker
         store.put(adapter)
     with serve_in_thread(create_app(make_settings(data_dir, upstream_timeout_s=120, health_interval_s=1), store)) as url:
@@ -117,6 +119,18 @@ def test_vllm_errors_pass_through_as_openai_errors(vllm_gateway: openai.OpenAI):
     with pytest.raises(openai.BadRequestError) as info:
         vllm_gateway.chat.completions.create(model="smol", messages=MSG, max_tokens=10_000_000)
     assert info.value.status_code == 400
+
+
+def test_a_request_too_long_for_vllm_goes_on_to_the_fallback(vllm_gateway: openai.OpenAI):
+    """vLLM's and litellm's own words for a request that does not fit the context window
+    are read as such: the request goes on to the fallback (which, the same model, refuses
+    it too, and its 400 is the answer)."""
+    with pytest.raises(openai.BadRequestError) as info:
+        vllm_gateway.chat.completions.create(model="smol-first", messages=MSG, max_tokens=10_000_000)
+    headers = info.value.response.headers
+    assert (headers["x-switchyard-fallback-from"], headers["x-switchyard-expert"]) == ("smol-first", "smol-litellm")
+    ok = vllm_gateway.chat.completions.with_raw_response.create(model="smol-first", messages=MSG, max_tokens=4)
+    assert ok.headers["x-switchyard-expert"] == "smol-first" and "x-switchyard-fallback-from" not in ok.headers
 
 
 def test_litellm_backend_against_the_same_worker(vllm_gateway: openai.OpenAI):
