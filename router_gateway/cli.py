@@ -19,7 +19,7 @@ from rich.table import Table
 from router_gateway import cli_train
 from router_gateway.cli_cache import cache_app
 from router_gateway.cli_collab import collab_app
-from router_gateway.cli_common import console
+from router_gateway.cli_common import console, err_console
 from router_gateway.cli_common import fail as _fail
 from router_gateway.cli_common import open_store
 from router_gateway.cli_fleet import fleet_app
@@ -164,6 +164,9 @@ def experts_add(
     launch_port: Optional[int] = typer.Option(None, help="Fixed worker port"),
     launch_arg: Optional[list[str]] = typer.Option(None, help="Extra engine argument (repeatable)"),
     replace: bool = typer.Option(False, "--replace", help="Replace an existing expert of that name"),
+    check: bool = typer.Option(True, "--check/--no-check", help="Ask the server (GET BASE_URL/models) what it "
+                               "serves: pick --served-model and --context-window when not given, refuse a "
+                               "served model it does not list"),
 ) -> None:
     """Register an expert model."""
     from expert_registry.spec import ExpertSpec
@@ -190,12 +193,15 @@ def experts_add(
                 "input_price_per_mtok": input_price, "output_price_per_mtok": output_price,
                 "context_window": context_window, "tokenizer": tokenizer, "tags": tag or None, "launch": launch}
         data = {k: v for k, v in data.items() if v is not None}
+    served_given = bool(served_model) if file is None else "served_model" in data
     try:
         spec = ExpertSpec.model_validate(data)
     except ValidationError as exc:
         _fail("invalid expert spec:\n" + "\n".join(
             f"  {'.'.join(map(str, e['loc'])) or '(spec)'}: {e['msg']}" for e in exc.errors(include_url=False)))
     store = _store(Settings())
+    if check and spec.backend in ("vllm", "openai") and spec.base_url:
+        spec = _checked(spec, served_given, "context_window" in data)
     try:
         if replace:
             store.put(spec)
@@ -206,6 +212,24 @@ def experts_add(
     more = f" and {len(spec.replicas)} replica(s)" if spec.replicas else ""
     console.print(f"registered expert [bold]{spec.name}[/bold] ({spec.backend} -> {spec.base_url or spec.served_model}"
                   f"{more})")
+
+
+def _checked(spec, served_given: bool, window_given: bool):
+    """``spec`` as its server says it should be (``expert_registry.discover``); exits 1 when
+    the server does not serve it, warns when the server cannot be asked."""
+    from expert_registry.discover import NotServed, checked_spec, served_models
+
+    models = served_models(spec.base_url, spec.api_key)
+    if isinstance(models, str):
+        err_console.print(f"[yellow]could not check {spec.base_url}: {models}; registering as given[/yellow]")
+        return spec
+    try:
+        spec, notes = checked_spec(spec, models, served_given, window_given)
+    except NotServed as exc:
+        _fail(str(exc))
+    for note in notes:
+        console.print(note)
+    return spec
 
 
 @experts_app.command("list")

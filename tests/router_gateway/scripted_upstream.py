@@ -268,7 +268,7 @@ async def stored_response(request: Request) -> Response:
 
 
 async def models(_: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [{"id": "echo", "object": "model"}]})
+    return JSONResponse({"object": "list", "data": [{"id": "echo", "object": "model", "max_model_len": 2048}]})
 
 
 app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),

@@ -68,6 +68,42 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path, args, needle
     assert needle in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_add_asks_the_server_what_it_serves(tmp_path: Path, scripted_upstream: str):
+    """The scripted upstream lists one model, ``echo``, with vLLM's ``max_model_len`` 2048."""
+    d = tmp_path / "data"
+    added = sy(d, "experts", "add", "mine", "--backend", "vllm", "--base-url", scripted_upstream)
+    assert "served model: echo" in added.stdout and "context window: 2048" in added.stdout
+    sy(d, "experts", "add", "given", "--backend", "vllm", "--base-url", scripted_upstream, "--served-model", "echo",
+       "--context-window", "512")
+    wrong = sy(d, "experts", "add", "typo", "--backend", "vllm", "--base-url", scripted_upstream,
+               "--served-model", "ecco", check=False)
+    assert wrong.returncode == 1 and "does not serve 'ecco'; it serves echo" in wrong.stderr
+    sy(d, "experts", "add", "typo", "--backend", "vllm", "--base-url", scripted_upstream, "--served-model", "ecco",
+       "--no-check")
+    later = sy(d, "experts", "add", "later", "--backend", "vllm", "--base-url", "http://127.0.0.1:9/v1")
+    assert "could not check http://127.0.0.1:9/v1" in later.stderr and "registering as given" in later.stderr
+    by_name = {e["name"]: e for e in json.loads(sy(d, "experts", "list", "--json").stdout)}
+    assert (by_name["mine"]["served_model"], by_name["mine"]["context_window"]) == ("echo", 2048)
+    assert (by_name["given"]["served_model"], by_name["given"]["context_window"]) == ("echo", 512)
+    assert by_name["typo"]["served_model"] == "ecco" and by_name["later"]["served_model"] == "later"
+
+
+def test_a_served_model_is_picked_only_when_the_choice_is_clear():
+    from expert_registry.discover import NotServed, checked_spec
+    from expert_registry.spec import ExpertSpec
+
+    spec = ExpertSpec(name="math", backend="vllm", base_url="http://h:1/v1", served_model="math")
+    lora = [{"id": "/models/base", "max_model_len": 8192}, {"id": "math", "max_model_len": 8192}, {"id": "poet"}]
+    got, notes = checked_spec(spec, lora, served_given=False, window_given=False)
+    assert (got.served_model, got.context_window) == ("math", 8192) and len(notes) == 2
+    with pytest.raises(NotServed, match="serves /models/base, math, poet; say which"):
+        checked_spec(spec.model_copy(update={"name": "other"}), lora, served_given=False, window_given=False)
+    got, notes = checked_spec(spec, [{"id": "math", "max_model_len": "big"}], served_given=True, window_given=False)
+    assert got.context_window == 4096 and notes == []     # an unreadable window is left alone
+    with pytest.raises(NotServed, match="serves nothing"):
+        checked_spec(spec, [], served_given=True, window_given=False)
+
+
 def test_health_reports_unreachable_expert(tmp_path: Path):
     d = tmp_path / "data"
     sy(d, "experts", "add", "gone", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1")

@@ -133,6 +133,23 @@ def test_a_request_too_long_for_vllm_goes_on_to_the_fallback(vllm_gateway: opena
     assert ok.headers["x-switchyard-expert"] == "smol-first" and "x-switchyard-fallback-from" not in ok.headers
 
 
+def test_registration_reads_what_the_vllm_worker_serves(vllm_worker, fleet_specs):
+    """``experts add``'s check against a real worker: its model and LoRA adapters are
+    listed, and the model's max_model_len becomes the expert's context window."""
+    from expert_registry.discover import NotServed, checked_spec, served_models
+
+    models = served_models(vllm_worker.base_url)
+    ids = {m["id"] for m in models}
+    adapters = {s.served_model for s in fleet_adapters(fleet_specs, vllm_worker)}
+    assert vllm_worker.served_model in ids and adapters and adapters <= ids
+    bare = ExpertSpec(name=vllm_worker.served_model, backend="vllm", base_url=vllm_worker.base_url,
+                      served_model=vllm_worker.served_model)
+    got, _ = checked_spec(bare, models, served_given=False, window_given=False)
+    assert (got.served_model, got.context_window) == (vllm_worker.served_model, vllm_worker.spec.context_window)
+    with pytest.raises(NotServed, match="say which with --served-model"):   # several served, none of that name
+        checked_spec(bare.model_copy(update={"name": "mine"}), models, served_given=False, window_given=False)
+
+
 def test_litellm_backend_against_the_same_worker(vllm_gateway: openai.OpenAI):
     resp = vllm_gateway.chat.completions.create(model="smol-litellm", messages=MSG, max_tokens=8, temperature=0)
     assert resp.model == "smol-litellm" and resp.choices[0].message.content.strip()
