@@ -6,19 +6,21 @@ from typing import Any
 
 import anyio
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
 from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertExists, ExpertMissing, ExpertStore
 from router_gateway.app_helpers import read_json
-from router_gateway.errors import Conflict, InvalidRequest, NotFound
+from router_gateway.errors import Conflict, InvalidRequest, NotFound, UpstreamError
 from router_gateway.openapi import ADMIN, BODY, errors, json_body
 from router_gateway.protocol import invalid_from_validation
 from router_gateway.registry_view import RegistryView
 
 router = APIRouter(prefix="/v1/experts", tags=["experts"])
+CHECK = ("Ask the expert's server (GET base_url/models) first: refuse a served_model it does not list (400), "
+         "fill context_window from its max_model_len when the body has none; 502 when it cannot be asked")
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -35,6 +37,26 @@ def _spec_from(body: Any, name: str | None = None) -> ExpertSpec:
         return ExpertSpec.model_validate(body)
     except ValidationError as exc:
         raise invalid_from_validation(exc) from None
+
+
+async def _checked(check: bool, spec: ExpertSpec, body: dict) -> ExpertSpec:
+    """With ``?check=true``: ``spec`` as its server says it should be (``expert_registry.
+    discover``: its ``served_model`` must be listed; ``context_window``, when the body has
+    none, from the server's ``max_model_len``); a 400 when the server does not serve it, a
+    502 when it cannot be asked."""
+    from expert_registry.discover import NotServed, checked_spec, served_models
+
+    if not check or spec.backend not in ("vllm", "openai") or not spec.base_url:
+        return spec
+    models = await anyio.to_thread.run_sync(served_models, spec.base_url, spec.api_key)
+    if isinstance(models, str):
+        raise UpstreamError(f"cannot check expert '{spec.name}': {models} (without ?check=true it is registered "
+                            "as given)", code="expert_check_failed")
+    try:
+        return checked_spec(spec, models, True, "context_window" in body)[0]
+    except NotServed as exc:
+        raise InvalidRequest(str(exc).replace("--no-check", "without ?check=true"), param="served_model",
+                             code="model_not_served") from None
 
 
 def _entry(view: RegistryView, spec: ExpertSpec) -> dict:
@@ -56,10 +78,11 @@ async def list_experts(request: Request) -> Response:
 
 
 @router.post("", status_code=201, openapi_extra=json_body(ExpertSpec),
-             responses=errors(*BODY, *ADMIN, 409))
-async def add_expert(request: Request) -> Response:
+             responses=errors(*BODY, *ADMIN, 409, 502))
+async def add_expert(request: Request, check: bool = Query(False, description=CHECK)) -> Response:
     store, view = await _admin(request)
-    spec = _spec_from(await read_json(request, request.app.state.settings.max_body_bytes))
+    body = await read_json(request, request.app.state.settings.max_body_bytes)
+    spec = await _checked(check, _spec_from(body), body)
     try:
         await anyio.to_thread.run_sync(store.add, spec)
     except ExpertExists:
@@ -80,10 +103,11 @@ async def get_expert(name: str, request: Request) -> Response:
 
 
 @router.put("/{name:path}", openapi_extra=json_body(ExpertSpec),
-            responses=errors(*BODY, *ADMIN, ok="Replaced", created="Created"))
-async def put_expert(name: str, request: Request) -> Response:
+            responses=errors(*BODY, *ADMIN, 502, ok="Replaced", created="Created"))
+async def put_expert(name: str, request: Request, check: bool = Query(False, description=CHECK)) -> Response:
     store, view = await _admin(request)
-    spec = _spec_from(await read_json(request, request.app.state.settings.max_body_bytes), name)
+    body = await read_json(request, request.app.state.settings.max_body_bytes)
+    spec = await _checked(check, _spec_from(body, name), body)
     created = await anyio.to_thread.run_sync(store.put, spec)
     await view.refresh()
     return _json(_entry(view, spec), 201 if created else 200)

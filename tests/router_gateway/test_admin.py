@@ -49,6 +49,23 @@ def test_new_expert_is_routable_at_once(gateway: Gateway, scripted_upstream: str
     assert r.status_code == 200 and r.json()["model"] == "fresh"
 
 
+def test_check_asks_the_server_what_it_serves(gateway: Gateway, scripted_upstream: str):
+    """?check=true: the scripted upstream lists one model, echo, with max_model_len 2048."""
+    spec = {"name": "checked", "backend": "openai", "base_url": scripted_upstream, "served_model": "echo"}
+    with gateway.client(ADMIN_KEY) as c:
+        r = c.post("/v1/experts?check=true", json={**spec, "served_model": "ecco"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_served"
+        assert "it serves echo" in r.json()["error"]["message"] and r.json()["error"]["param"] == "served_model"
+        r = c.post("/v1/experts?check=true", json=spec)
+        assert r.status_code == 201 and r.json()["context_window"] == 2048
+        r = c.put("/v1/experts/checked?check=true", json={**spec, "context_window": 1024})
+        assert r.status_code == 200 and r.json()["context_window"] == 1024     # given: kept
+        r = c.post("/v1/experts?check=true", json={**spec, "name": "gone", "base_url": "http://127.0.0.1:9/v1"})
+        assert r.status_code == 502 and r.json()["error"]["code"] == "expert_check_failed"
+        assert c.post("/v1/experts", json={**spec, "name": "unchecked", "served_model": "ecco"}).status_code == 201
+    assert "gone" not in {s.name for s in gateway.store.list()}
+
+
 def test_upstream_keys_are_never_shown(gateway: Gateway):
     with gateway.client(ADMIN_KEY) as c:
         c.post("/v1/experts", json={**SPEC, "api_key": "sk-secret"}).raise_for_status()
