@@ -150,7 +150,16 @@ def install(app, engine) -> None:
     """Add ``/v1/responses`` and its stored-response routes to the worker's app."""
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    from expert_registry.collab_worker import ChatRequest, RequestError, _DecodeFailed, _error, _prepare, _Run
+    from expert_registry.collab_worker import (
+        ChatRequest,
+        RequestError,
+        _DecodeFailed,
+        _error,
+        _prepare,
+        _Run,
+        invalid,
+        json_object,
+    )
 
     store = ResponseStore()
 
@@ -164,12 +173,9 @@ def install(app, engine) -> None:
 
     @app.post("/v1/responses")
     async def responses(request: Request):
-        try:
-            raw = await request.json()
-        except ValueError:
-            return _error(400, "the request body is not valid JSON")
-        if not isinstance(raw, dict):
-            return _error(400, "the request body must be a JSON object")
+        raw, refused = await json_object(request)
+        if refused is not None:
+            return refused
         try:
             body = ResponsesBody.model_validate(raw)
             before: list[dict] = []
@@ -184,9 +190,7 @@ def install(app, engine) -> None:
                                max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p)
             prompt, params, stops = await asyncio.to_thread(_prepare, engine, chat)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            return _error(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
+            return invalid(exc)
         except RequestError as exc:
             param = "input" if exc.param == "messages" else exc.param
             return _error(exc.status, exc.message, param, exc.code, exc.error_type)

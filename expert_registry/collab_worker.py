@@ -181,6 +181,24 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
                         status_code=status)
 
 
+async def json_object(request: Request):
+    """``(body, None)`` for a request whose body is a JSON object, else ``(None, the 400)``."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return None, _error(400, "the request body is not valid JSON")
+    if not isinstance(body, dict):
+        return None, _error(400, "the request body must be a JSON object")
+    return body, None
+
+
+def invalid(exc: ValidationError):
+    """The 400 for a body pydantic refused, naming the first field it refused."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    return _error(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
+
+
 def _text_of(msg: _Message) -> str:
     if msg.content is None or isinstance(msg.content, str):
         return msg.content or ""
@@ -294,19 +312,14 @@ def create_app(engine: CollabEngine):
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "the request body is not valid JSON")
-        if not isinstance(body, dict):
-            return _error(400, "the request body must be a JSON object")
+        body, refused = await json_object(request)
+        if refused is not None:
+            return refused
         try:
             req = ChatRequest.model_validate(body)
             prompt, params, stops = await asyncio.to_thread(_prepare, engine, req)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            return _error(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
+            return invalid(exc)
         except RequestError as exc:
             return _error(exc.status, exc.message, exc.param, exc.code, exc.error_type)
         rid, created_at = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
