@@ -36,7 +36,7 @@ def served_models(base_url: str, api_key: str | None = None, timeout_s: float = 
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         resp = httpx.get(url, headers=headers, timeout=timeout_s)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:   # ValueError: a URL httpx cannot send to
         return f"GET {url} failed: {type(exc).__name__}: {exc}"
     if resp.status_code != 200:
         return f"GET {url} answered HTTP {resp.status_code}"

@@ -68,7 +68,8 @@ class ExpertSpec(BaseModel):
                                  description="Experts to try in turn when a client names this one and it fails "
                                  "before answering, or is unhealthy (names of experts; unregistered ones are skipped)")
     served_model: str = Field(description="The upstream's model id (or litellm provider model string)")
-    api_key: str | None = Field(default=None, description="Key sent to the upstream, if it needs one")
+    api_key: str | None = Field(default=None, description="Key sent to the upstream, if it needs one (printable "
+                                "ASCII, no spaces)", json_schema_extra={"pattern": "^[!-~]+$"})
     input_price_per_mtok: float = Field(default=0.0, ge=0, le=MAX_PRICE_PER_MTOK, description="USD per 1M input tokens")
     output_price_per_mtok: float = Field(default=0.0, ge=0, le=MAX_PRICE_PER_MTOK,
                                          description="USD per 1M output tokens")
@@ -96,6 +97,14 @@ class ExpertSpec(BaseModel):
         if not v.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
         return v.rstrip("/")
+
+    @field_validator("api_key")
+    @classmethod
+    def _valid_key(cls, v: str | None) -> str | None:
+        # It goes into an HTTP header: anything else would be cut, mangled or split there.
+        if v is not None and not (v and all("!" <= ch <= "~" for ch in v)):
+            raise ValueError("api_key must be printable ASCII without spaces (it is sent in an HTTP header)")
+        return v
 
     @field_validator("replicas")
     @classmethod

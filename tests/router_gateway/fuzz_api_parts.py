@@ -256,6 +256,7 @@ class Gen:
             "fallbacks": st.lists(pick(experts + ["no-such-expert"]), max_size=2),
             "replicas": st.lists(st.sampled_from([t.upstream + "/", "http://127.0.0.1:1/v1", "ftp://x"]), max_size=2),
             "served_model": st.sampled_from([*FUZZ_SCRIPTED, "fail500", "busy", "garbage", "served-poet"]),
+            "api_key": st.none() | st.from_regex(r"[!-~]{1,24}", fullmatch=True) | st.text(max_size=8),
             "router_dir": st.sampled_from([str(t.router_dir)] * 3 + [str(t.router_dir.parent), "/no/such/dir", ".", "/a\x00b"]),
             "expert_map": st.builds(dict, st.just(EXPERT_MAP)) | st.builds(dict, st.just(EXPERT_MAP)) | st.dictionaries(
                 st.sampled_from([*EXPERT_MAP, "log-unmapped", "gpt-9"]), pick(experts), max_size=4),

@@ -90,6 +90,9 @@ def test_admin_key_required(gateway: Gateway, key, status):
     ({**SPEC, "input_price_per_mtok": -1}, "'input_price_per_mtok'"),
     ({**SPEC, "launch": {"model_path": "/m", "port": 70000}}, "'launch.port'"),
     ({**SPEC, "surprise": 1}, "'surprise'"),
+    ({**SPEC, "api_key": "sk-\u20acuro"}, "api_key must be printable ASCII"),        # could not be sent at all
+    ({**SPEC, "api_key": "sk-1\r\nx-injected: 1"}, "api_key must be printable ASCII"),   # would split the header
+    ({**SPEC, "api_key": ""}, "api_key must be printable ASCII"),
     ({k: v for k, v in SPEC.items() if k not in ("base_url", "launch")}, "needs base_url"),
     ([1, 2], "JSON object"),
 ])
