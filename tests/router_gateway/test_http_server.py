@@ -86,7 +86,11 @@ def served(request, store: ExpertStore, data_dir: Path, scripted_upstream: str) 
     store.put(ExpertSpec(name="up-slowstream", backend="openai", base_url=scripted_upstream,
                          served_model="slowstream"))
     http = GatewayProtocol if request.param == "gateway-protocol" else "httptools"
-    with serve_in_thread(create_app(make_settings(data_dir), store), http=http) as url:
+    # up-slowstream sends a chunk every 0.5 s: with the tests' usual 2 s read timeout, a
+    # stall of this process (a full collection of its heap, a busy machine) could end the
+    # stream as timed out before a test has looked at it.
+    settings = make_settings(data_dir, upstream_timeout_s=30.0)
+    with serve_in_thread(create_app(settings, store), http=http) as url:
         yield url
 
 
@@ -204,8 +208,8 @@ def test_client_leaving_a_stream_closes_the_upstream_stream(served: str):
                            json={"model": "up-slowstream", "stream": True,
                                  "messages": [{"role": "user", "content": "go on"}]}) as r:
             assert r.status_code == 200
-            next(r.iter_bytes())
-            assert scripted_upstream.open_streams() == before + 1
+            first = next(r.iter_bytes())
+            assert scripted_upstream.open_streams() == before + 1, first
         # the client hung up: within a chunk or two the gateway must hang up on the expert
         deadline = time.monotonic() + 5
         while scripted_upstream.open_streams() > before and time.monotonic() < deadline:
