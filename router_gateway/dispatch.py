@@ -240,6 +240,11 @@ class Dispatcher:
             raise ExpertUnavailable(f"'{client_model}' and its fallbacks are unhealthy; try another model")
         if last.response is not None:       # an upstream 429 or too-long 400 with nobody left to ask: as it came
             return last.response
+        # The error names the last expert that failed, as an answer names the one that
+        # answered (and so do the metrics and the decision log).
+        if len(failed) > 1:
+            headers["x-switchyard-fallback-from"] = ",".join(failed[:-1])
+        last.error.headers = {**headers, "x-switchyard-expert": failed[-1], **last.error.headers}
         raise last.error
 
     async def _call_expert(self, spec: ExpertSpec, endpoint: str, body: dict, client_model: str, request_id: str,

@@ -109,7 +109,7 @@ def test_metrics_count_requests_tokens_spend_errors_and_failures(observed, scrip
     route = "/v1/chat/completions"
     assert _sample(text, "switchyard_requests_total", route=route, code="200", expert="up-echo", key=key_id) == 4
     assert _sample(text, "switchyard_requests_total", route=route, code="400", expert="", key=key_id) == 1
-    assert _sample(text, "switchyard_requests_total", route=route, code="502", expert="", key=key_id) == 1
+    assert _sample(text, "switchyard_requests_total", route=route, code="502", expert="up-fail500", key=key_id) == 1
     # 4 answers x (7 prompt + 3 completion) tokens at $1 / $2 per 1M tokens.
     assert _sample(text, "switchyard_tokens_total", expert="up-echo", key=key_id, kind="prompt") == 28
     assert _sample(text, "switchyard_tokens_total", expert="up-echo", key=key_id, kind="completion") == 12
@@ -385,6 +385,7 @@ def test_new_request_ids_are_random_unique_and_not_shared_with_a_forked_child():
         os._exit(0)
     os.close(write)
     child = os.read(read, 4096).decode().split()
+    os.close(read)
     os.waitpid(pid, 0)
     parent = [new_request_id() for _ in range(3)]
     assert len(child) == 3 and not set(child) & set(parent)

@@ -161,6 +161,10 @@ def test_a_timeout_falls_back_and_the_last_failure_is_the_answer(experts: Expert
     assert status == 200 and headers["x-switchyard-fallback-from"] == "up-slow,down"
     err = _dispatch(experts, "up-fail500", "up-slow", timeout_s=0.5)
     assert isinstance(err, UpstreamTimeout) and err.status_code == 504     # every one failed: the last error
+    # which, like an answer, names the expert it came from and those failed before it
+    assert err.headers["x-switchyard-expert"] == "up-slow" and err.headers["x-switchyard-fallback-from"] == "up-fail500"
+    alone = _dispatch(experts, "up-fail500")
+    assert alone.headers["x-switchyard-expert"] == "up-fail500" and "x-switchyard-fallback-from" not in alone.headers
 
 
 def test_failures_start_a_cooldown_every_process_sees(experts: ExpertStore, data_dir: Path, scripted_upstream):
