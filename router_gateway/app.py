@@ -28,7 +28,7 @@ from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore, close_redis, open_async_redis, open_redis
 from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream
 from router_gateway import admin_routes, router_routes
-from router_gateway import feedback_routes, key_routes
+from router_gateway import feedback_routes, key_routes, usage_routes
 from router_gateway.auth import KeyCache, KeyChecker
 from router_gateway.cache import ResponseCache, cache_mode
 from router_gateway.cors import Cors
@@ -461,6 +461,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     app.include_router(key_routes.router)
     app.include_router(router_routes.router)
     app.include_router(feedback_routes.router)
+    app.include_router(usage_routes.router)
     install_openapi(app)
     return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions,
                           "/v1/embeddings": embeddings, "/v1/responses": responses}, observe, cors)

@@ -1,4 +1,8 @@
-"""``switchyard logs``: the decision log a gateway keeps in Redis, shown and exported.
+"""``switchyard logs``: the decision log a gateway keeps in Redis, shown, summed up and
+exported.
+
+``usage`` sums it up by expert, router, key, model, endpoint or status over a window
+(``router_gateway.usage``; ``GET /v1/usage`` answers the same).
 
 ``export`` writes DESIGN.md's benchmark-log rows (JSONL, CSV or Parquet by suffix) from
 answered requests joined with the scores clients sent to ``POST /v1/feedback``, so that
@@ -7,11 +11,10 @@ answered requests joined with the scores clients sent to ``POST /v1/feedback``, 
 
 from __future__ import annotations
 
-import re
-import time
+import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -19,28 +22,18 @@ from rich.table import Table
 from router_gateway.cli_common import console, fail, open_store
 from router_gateway.settings import Settings
 
-logs_app = typer.Typer(help="The decision log: recent routing decisions, and export for retraining routers.",
-                       no_args_is_help=True)
-
-_AGO = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+logs_app = typer.Typer(help="The decision log: recent routing decisions, usage and cost by expert, router or "
+                            "key, and export for retraining routers.", no_args_is_help=True)
 
 
 def parse_when(text: Optional[str], now: float | None = None) -> float | None:
     """A point in time: ``30m``/``12h``/``7d`` ago, or an ISO date/time (UTC unless it says)."""
-    if text is None:
-        return None
-    m = _AGO.fullmatch(text.strip())
-    if m:
-        return (time.time() if now is None else now) - float(m.group(1)) * _UNIT_S[m.group(2)]
+    from router_gateway.usage import parse_when as parse
+
     try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is neither a duration like 12h / 7d nor an ISO date like "
-                                 "2026-12-01T08:00") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
+        return parse(text, now)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @logs_app.command("export")
@@ -86,4 +79,66 @@ def tail(n: int = typer.Option(20, "-n", min=1, max=10_000, help="How many of th
         table.add_row(ts, d.get("rid", ""), d.get("key") or "-", d.get("model", ""), d.get("router") or "-",
                       d.get("expert") or "-", d.get("status", ""), latency, tokens, d.get("cost_usd") or "-",
                       d.get("cache") or "-")
+    console.print(table)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@logs_app.command("usage")
+def usage(
+    since: Optional[str] = typer.Option(None, help="From this (12h, 7d, or an ISO date); default: the whole log"),
+    until: Optional[str] = typer.Option(None, help="Up to this (default: now)"),
+    by: List[str] = typer.Option(["expert"], "--by", help="Group by expert, router, key, model, endpoint or "
+                                                          "status; repeat to group by several"),
+    as_json: bool = typer.Option(False, "--json", help="Print GET /v1/usage's JSON instead of a table"),
+) -> None:
+    """Requests, errors, fallbacks, tokens, cost and latency by expert, router or key."""
+    from router_gateway.keys import KeyStore
+    from router_gateway.usage import check_grouping, key_label, usage_report
+
+    try:
+        grouping = check_grouping(by)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--by") from None
+    start = parse_when(since)
+    settings = Settings()
+    store = open_store(settings)
+    try:
+        report = usage_report(store.client, store.prefix, grouping, start, parse_when(until),
+                              settings.decision_log_max_entries)
+    except ValueError as exc:
+        fail(str(exc))
+    names = {r.id: r.name for r in KeyStore(store.client, store.prefix).list()} if "key" in grouping else {}
+    if as_json:
+        typer.echo(json.dumps(report.public(names if "key" in grouping else None), indent=2))
+        return
+    window = f"{_when(start) if start is not None else 'the start of the log'} to {_when(report.until) if until else 'now'}"
+    if report.log_starts is None:
+        console.print("The decision log is empty (is SWITCHYARD_DECISION_LOG_MAX_ENTRIES 0, or no request made yet?)")
+        return
+    if report.truncated():
+        console.print(f"[yellow]The decision log starts at {_when(report.log_starts)} UTC (it keeps the newest "
+                      f"{report.log_entries:,} entries, SWITCHYARD_DECISION_LOG_MAX_ENTRIES): earlier requests "
+                      "are not counted.[/yellow]")
+    table = Table(*grouping, "requests", "answered", "4xx", "5xx", "fallbacks", "cached", "tokens in",
+                  "tokens out", "cost USD", "share", "p50 ms", "p99 ms", title=f"Usage, {window} UTC")
+    for col in table.columns[len(grouping):]:
+        col.justify = "right"
+    total = report.total
+
+    def cells(t) -> list[str]:
+        p = t.public()["latency_ms"]
+        share = f"{t.cost_usd / total.cost_usd:.0%}" if total.cost_usd > 0 else "-"
+        return [f"{t.requests:,}", f"{t.answered:,}", f"{t.refused:,}", f"{t.failed:,}", f"{t.fallbacks:,}",
+                f"{t.cache_hits:,}", f"{t.input_tokens:,}", f"{t.output_tokens:,}", f"{t.cost_usd:.6f}", share,
+                "-" if p["p50"] is None else f"{p['p50']:.1f}", "-" if p["p99"] is None else f"{p['p99']:.1f}"]
+
+    for values, tally in report.rows():
+        labels = [key_label(v, names) + (f" ({v})" if v not in ("", "static", "admin") else "")
+                  if f == "key" else (v or "-") for f, v in zip(grouping, values)]
+        table.add_row(*labels, *cells(tally))
+    table.add_section()
+    table.add_row("total", *[""] * (len(grouping) - 1), *cells(total))
     console.print(table)

@@ -12,7 +12,8 @@ trims whole macro-nodes, so a stream holds the cap or slightly more). A decision
 has: ``rid ts key endpoint model router expert fallback_from status latency_s route_ms
 input_tokens output_tokens cost_usd scores prompt cache`` (all strings; empty when unknown;
 ``prompt`` only with ``decision_log_prompts``, the default; ``cache`` the response cache's
-verdict, see ``router_gateway.cache``).
+verdict, see ``router_gateway.cache``; ``expert`` the one that answered, or the last that
+failed). ``router_gateway.usage`` sums entries up by expert, router, key and so on.
 
 Entries are buffered and written by one background task in pipelined batches (the
 answer never waits on Redis); when Redis is down a batch is dropped, counted in

@@ -26,7 +26,7 @@ from tests.router_gateway.test_routing import EXPERT_MAP, routed_experts
 
 MODES = ("admin", "client", "anon")
 EXAMPLES = {"admin": 100, "client": 50, "anon": 15}   # per operation
-ADMIN_PREFIXES = ("/v1/experts", "/v1/keys", "/v1/routers")   # admin key only, reads included
+ADMIN_PREFIXES = ("/v1/experts", "/v1/keys", "/v1/routers", "/v1/usage")   # admin key only, reads included
 # The 5xx that are about experts, not the gateway: (status, type, code); None: any code.
 UPSTREAM_5XX = {(502, "upstream_error", None), (504, "timeout", None),
                 (503, "service_unavailable", "expert_unavailable"), (503, "service_unavailable", "no_healthy_expert"),
