@@ -93,26 +93,42 @@ def usage(
     by: List[str] = typer.Option(["expert"], "--by", help="Group by expert, router, key, model, endpoint or "
                                                           "status; repeat to group by several"),
     as_json: bool = typer.Option(False, "--json", help="Print GET /v1/usage's JSON instead of a table"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw requests and cost over time, stacked by "
+                                                            "group, into this image (.png, .svg, .pdf)"),
+    interval: Optional[str] = typer.Option(None, help="Time buckets of the plot and of the JSON's 'series' "
+                                                      "(5m, 1h, 1d); default: at most 60 over the window"),
 ) -> None:
     """Requests, errors, fallbacks, tokens, cost and latency by expert, router or key."""
     from router_gateway.keys import KeyStore
-    from router_gateway.usage import check_grouping, key_label, usage_report
+    from router_gateway.usage import check_grouping, key_label, parse_interval, plot_usage, usage_report
 
     try:
         grouping = check_grouping(by)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--by") from None
+    try:
+        step = None if interval is None else parse_interval(interval)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--interval") from None
+    if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise typer.BadParameter(f"the plot must end in .png, .svg or .pdf (got {plot.name})", param_hint="--plot")
     start = parse_when(since)
     settings = Settings()
     store = open_store(settings)
     try:
         report = usage_report(store.client, store.prefix, grouping, start, parse_when(until),
-                              settings.decision_log_max_entries)
+                              settings.decision_log_max_entries, timeline=plot is not None or interval is not None)
     except ValueError as exc:
         fail(str(exc))
     names = {r.id: r.name for r in KeyStore(store.client, store.prefix).list()} if "key" in grouping else {}
+    if plot is not None:
+        plot_usage(report, plot, step, names)
+        console.print(f"wrote {plot}")
     if as_json:
-        typer.echo(json.dumps(report.public(names if "key" in grouping else None), indent=2))
+        body = report.public(names if "key" in grouping else None)
+        if interval is not None:
+            body["series"] = report.series(step)
+        typer.echo(json.dumps(body, indent=2))
         return
     window = f"{_when(start) if start is not None else 'the start of the log'} to {_when(report.until) if until else 'now'}"
     if report.log_starts is None:

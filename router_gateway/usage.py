@@ -128,6 +128,7 @@ class UsageReport:
     last: float | None = None
     total: Tally = field(default_factory=Tally)
     groups: dict[tuple[str, ...], Tally] = field(default_factory=dict)
+    timeline: list[tuple[float, tuple[str, ...], float]] | None = None   # (ts, group, cost) when kept
 
     def add(self, entry: dict[str, str]) -> None:
         ts = _number(entry.get("ts"))
@@ -145,6 +146,29 @@ class UsageReport:
         if tally is None:
             tally = self.groups[group] = Tally()
         tally.add(entry, status)
+        if self.timeline is not None:
+            self.timeline.append((ts, group, _number(entry.get("cost_usd")) or 0.0))
+
+    def series(self, interval_s: float | None = None) -> dict[str, Any]:
+        """Requests and cost per group in time buckets of ``interval_s`` (default: the
+        first of :data:`INTERVALS` that gives at most 60 over the window), for charts;
+        needs the report made with ``timeline=True``. Buckets start at multiples of the
+        interval (UTC); empty ones are left out."""
+        if self.timeline is None:
+            raise ValueError("this report kept no timeline (usage_report(..., timeline=True))")
+        if interval_s is None:
+            interval_s = auto_interval(self.since if self.since is not None else self.first,
+                                       self.until if self.until is not None else self.last)
+        buckets: dict[float, dict[tuple[str, ...], list]] = {}
+        for ts, group, cost in self.timeline:
+            start = math.floor(ts / interval_s) * interval_s
+            cell = buckets.setdefault(start, {}).setdefault(group, [0, 0.0])
+            cell[0] += 1
+            cell[1] += cost
+        return {"interval_s": interval_s, "buckets": [
+            {"start": start, "groups": [{**dict(zip(self.by, g)), "requests": n, "cost_usd": round(c, 9)}
+                                        for g, (n, c) in sorted(cells.items())]}
+            for start, cells in sorted(buckets.items())]}
 
     def rows(self) -> list[tuple[tuple[str, ...], Tally]]:
         """The groups, costliest first (then busiest, then by name)."""
@@ -170,6 +194,73 @@ class UsageReport:
         return self.log_full and self.log_starts is not None and (self.since is None or self.since < self.log_starts)
 
 
+INTERVALS = (60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400)   # chart buckets: 1 min to 1 week
+
+
+def auto_interval(start: float | None, end: float | None, most: int = 60) -> float:
+    """The first of :data:`INTERVALS` that cuts ``start``..``end`` into at most ``most``
+    buckets."""
+    span = 0.0 if start is None or end is None else max(0.0, end - start)
+    return float(next((i for i in INTERVALS if span / i <= most), INTERVALS[-1]))
+
+
+def parse_interval(text: str) -> float:
+    """A bucket length like ``15m``, ``1h``, ``1d``: at least a minute; ``ValueError`` else."""
+    m = _AGO.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not an interval like 5m, 1h or 1d")
+    seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    if not (60 <= seconds <= 366 * 86400):
+        raise ValueError(f"interval {text!r} must be from 1 minute to a year")
+    return seconds
+
+
+def plot_usage(report: UsageReport, path: Any, interval_s: float | None = None,
+               key_names: dict[str, str] | None = None, top: int = 8) -> None:
+    """Requests (top) and cost (bottom) per time bucket, stacked by group: the ``top``
+    costliest groups and the rest as "other"; keys named by ``key_names`` (id -> name).
+    Written as PNG (or what ``path``'s suffix names) with matplotlib's Agg backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = report.series(interval_s)
+    width = series["interval_s"]
+    shown = [g for g, _ in report.rows()[:top]]
+    rest = len(report.groups) > len(shown)
+    def label(f: str, v: str) -> str:
+        return key_label(v, key_names or {}) if f == "key" else (v or "-")
+
+    names = [" / ".join(label(f, v) for f, v in zip(report.by, g)) for g in shown] + (["other"] if rest else [])
+    starts = [b["start"] for b in series["buckets"]]
+    counts = [[0.0] * len(starts) for _ in names]
+    costs = [[0.0] * len(starts) for _ in names]
+    index = {g: i for i, g in enumerate(shown)}
+    for j, bucket in enumerate(series["buckets"]):
+        for cell in bucket["groups"]:
+            i = index.get(tuple(cell[f] for f in report.by), len(shown))
+            counts[i][j] += cell["requests"]
+            costs[i][j] += cell["cost_usd"]
+    days = [datetime.fromtimestamp(t, timezone.utc) for t in starts]
+    fig = Figure(figsize=(11, 6.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_n, ax_c = fig.subplots(2, 1, sharex=True)
+    bar_w = width / 86400 * 0.9   # matplotlib dates are in days
+    for values, ax in ((counts, ax_n), (costs, ax_c)):
+        bottom = [0.0] * len(starts)
+        for name, row in zip(names, values):
+            ax.bar(days, row, width=bar_w, bottom=bottom, align="edge", label=name)
+            bottom = [b + v for b, v in zip(bottom, row)]
+    ax_n.set_ylabel("requests")
+    ax_c.set_ylabel("cost, USD")
+    ax_n.legend(title=" / ".join(report.by), fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    step = next((f"{width / u:g} {n}" for u, n in ((86400, "d"), (3600, "h"), (60, "min")) if width >= u),
+                f"{width:g} s")
+    fig.suptitle(f"Gateway usage by {', '.join(report.by)}, per {step} (UTC)")
+    ax_c.set_xlabel("time (UTC)")
+    fig.autofmt_xdate()
+    fig.savefig(path, dpi=110)
+
+
 def key_label(key_id: str, names: dict[str, str]) -> str:
     """How a report names the caller the decision log records as ``key_id``."""
     if key_id == "":
@@ -193,13 +284,14 @@ def check_grouping(by: Iterable[str]) -> tuple[str, ...]:
 
 
 def usage_report(client: Any, prefix: str, by: Iterable[str] = ("expert",), since: float | None = None,
-                 until: float | None = None, max_entries: int | None = None) -> UsageReport:
+                 until: float | None = None, max_entries: int | None = None, timeline: bool = False) -> UsageReport:
     """Sum the decision log between ``since`` and ``until`` (unix times, either None),
     grouped by the fields in ``by`` (see ``GROUPINGS``). ``client``: a sync redis client;
-    ``max_entries``: the log's cap, to tell whether it has dropped entries."""
+    ``max_entries``: the log's cap, to tell whether it has dropped entries; ``timeline``:
+    keep each entry's time, group and cost for :meth:`UsageReport.series`."""
     from router_gateway.decision_log import decisions_key, read_decisions
 
-    report = UsageReport(check_grouping(by), since, until)
+    report = UsageReport(check_grouping(by), since, until, timeline=[] if timeline else None)
     if since is not None and until is not None and since >= until:
         raise ValueError("the window is empty: 'since' must come before 'until'")
     report.log_entries = client.xlen(decisions_key(prefix))

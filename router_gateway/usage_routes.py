@@ -14,7 +14,7 @@ from starlette.responses import Response
 from router_gateway.errors import InvalidRequest, StoreUnavailable
 from router_gateway.keys import KeyStore
 from router_gateway.openapi import ADMIN, errors
-from router_gateway.usage import GROUPINGS, check_grouping, parse_when, usage_report
+from router_gateway.usage import GROUPINGS, check_grouping, parse_interval, parse_when, usage_report
 
 router = APIRouter(tags=["usage"])
 
@@ -33,7 +33,11 @@ async def usage(request: Request,
                                                                "whole log"),
                 until: Optional[str] = Query(None, description="Up to this, in the same forms; default: now"),
                 by: List[str] = Query(["expert"], description=f"Group by: {', '.join(GROUPINGS)}; repeat to "
-                                                              "group by several")) -> Response:
+                                                              "group by several"),
+                interval: Optional[str] = Query(None, description="Also answer requests and cost per group in "
+                                                                  "time buckets of this length (5m, 1h, 1d), or "
+                                                                  "'auto' (at most 60 buckets), in 'series'")
+                ) -> Response:
     """Requests, answers, errors, fallbacks, cache hits, tokens, cost and latency from the
     decision log, by group, costliest first."""
     state = request.app.state
@@ -47,14 +51,22 @@ async def usage(request: Request,
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="by") from None
     start, end = _when(since, "since"), _when(until, "until")
+    try:
+        step = None if interval is None or interval == "auto" else parse_interval(interval)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="interval") from None
     if start is not None and end is not None and start >= end:
         raise InvalidRequest("the window is empty: 'since' must come before 'until'", param="since")
     store = state.store
 
     def read() -> dict:
-        report = usage_report(store.client, store.prefix, grouping, start, end, settings.decision_log_max_entries)
+        report = usage_report(store.client, store.prefix, grouping, start, end, settings.decision_log_max_entries,
+                              timeline=interval is not None)
         names = {r.id: r.name for r in KeyStore(store.client, store.prefix).list()} if "key" in grouping else None
-        return report.public(names)
+        body = report.public(names)
+        if interval is not None:
+            body["series"] = report.series(step)
+        return body
 
     try:
         body = await anyio.to_thread.run_sync(read)

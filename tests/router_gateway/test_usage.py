@@ -22,7 +22,8 @@ from router_gateway.cli import app as cli_app
 from router_gateway.cli_common import console
 from router_gateway.decision_log import decisions_key
 from router_gateway.keys import KeyPolicy, KeyStore
-from router_gateway.usage import UsageReport, parse_when, quantile, usage_report
+from router_gateway.usage import (UsageReport, auto_interval, parse_interval, parse_when, plot_usage, quantile,
+                                  usage_report)
 from tests.router_gateway.conftest import ADMIN_KEY, make_settings, scripted_experts, serve_in_thread
 
 CALL_USD = 7 * 1.0e-6 + 3 * 2.0e-6   # the scripted upstream's usage (7 + 3 tokens) at up-*'s prices
@@ -67,6 +68,37 @@ def test_a_report_counts_groups_and_keeps_to_its_window():
     assert a["latency_ms"] == {"p50": 300.0, "p95": pytest.approx(390.0), "p99": pytest.approx(398.0)}
     assert groups[("b", "k2")]["latency_ms"]["p50"] is None and groups[("b", "k2")]["key_name"] == "(unknown key)"
     assert [(g["expert"], g["key"]) for g in body["groups"]][0] == ("a", "k1")   # costliest first
+
+
+def test_a_series_buckets_the_requests_and_cost_of_each_group():
+    report = UsageReport(("expert",), since=None, until=None, timeline=[])
+    for ts, expert in ((3600.0, "a"), (3661.0, "a"), (7199.0, "b"), (7200.0, "a"), (10 * 3600.0, "b")):
+        report.add(_entry(ts, expert))
+    series = report.series(3600)
+    assert series["interval_s"] == 3600
+    assert [(b["start"], [(g["expert"], g["requests"]) for g in b["groups"]]) for b in series["buckets"]] == [
+        (3600.0, [("a", 2), ("b", 1)]), (7200.0, [("a", 1)]), (36000.0, [("b", 1)])]   # empty hours left out
+    assert sum(g["cost_usd"] for b in series["buckets"] for g in b["groups"]) == pytest.approx(report.total.cost_usd)
+    assert report.series()["interval_s"] == 900      # 9 hours: the first interval giving at most 60 buckets
+    assert auto_interval(0, 3600) == 60 and auto_interval(0, 30 * 86400) == 86400 and auto_interval(None, 5) == 60
+    with pytest.raises(ValueError, match="timeline"):
+        UsageReport(("expert",), None, None).series()
+
+
+def test_intervals_are_a_minute_to_a_year():
+    assert parse_interval("15m") == 900 and parse_interval("1.5h") == 5400
+    for bad in ("30s", "400d", "hourly", "0m"):
+        with pytest.raises(ValueError):
+            parse_interval(bad)
+
+
+def test_a_plot_is_drawn_for_each_kind_of_grouping(tmp_path: Path):
+    report = UsageReport(("key", "expert"), since=None, until=None, timeline=[])
+    for i in range(40):   # 10 groups: the 8 costliest drawn, 2 as "other"
+        report.add(_entry(1_796_000_000 + 600 * i, f"e{i % 5}", key=f"k{i % 2}", cost_usd=str(0.001 * (i % 10))))
+    out = tmp_path / "usage.png"
+    plot_usage(report, out, key_names={"k0": "team-zero"})
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
 def test_parse_when_refuses_what_it_cannot_place():
@@ -148,6 +180,18 @@ def test_usage_by_expert_and_by_key_over_http(used):
     by_status = {g["status"]: g["requests"] for g in _get(url, by="status").json()["groups"]}
     assert by_status == {"200": 6, "502": 1, "404": 1}
 
+    charted = _get(url, interval="1m").json()
+    series = charted["series"]
+    assert series["interval_s"] == 60 and 1 <= len(series["buckets"]) <= 2   # the requests took seconds
+    summed: dict[str, int] = {}
+    for bucket in series["buckets"]:
+        assert bucket["start"] % 60 == 0
+        for g in bucket["groups"]:
+            summed[g["expert"]] = summed.get(g["expert"], 0) + g["requests"]
+    assert summed == {g["expert"]: g["requests"] for g in charted["groups"]}
+    assert _get(url, interval="auto").json()["series"]["interval_s"] == 60
+    assert "series" not in body
+
 
 def test_the_window_selects_requests_by_when_they_came(used):
     url, _, _, _ = used
@@ -163,7 +207,8 @@ def test_usage_refuses_bad_queries_and_non_admin_callers(used):
     url, _, _, _ = used
     for params, param in (({"since": "yesterday"}, "since"), ({"until": "soon"}, "until"),
                           ({"since": "9" * 400 + "s"}, "since"), ({"by": "colour"}, "by"),
-                          ({"by": ["key", "key"]}, "by"), ({"since": "1h", "until": "2h"}, "since")):
+                          ({"by": ["key", "key"]}, "by"), ({"since": "1h", "until": "2h"}, "since"),
+                          ({"interval": "5s"}, "interval"), ({"interval": "often"}, "interval")):
         r = _get(url, **params)
         assert r.status_code == 400, (params, r.text)
         assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
@@ -209,3 +254,8 @@ def test_the_cli_prints_the_same_report(used, monkeypatch):
     assert json.loads(as_json.output)["total"] == _get(url).json()["total"]
     bad = CliRunner().invoke(cli_app, ["logs", "usage", "--by", "colour"])
     assert bad.exit_code == 2 and "colour" in bad.output
+    chart = data_dir / "usage.png"
+    drawn = CliRunner().invoke(cli_app, ["logs", "usage", "--by", "key", "--plot", str(chart), "--interval", "1m"])
+    assert drawn.exit_code == 0, drawn.output
+    assert chart.read_bytes()[:4] == b"\x89PNG" and "team-a" in drawn.output   # the table still follows
+    assert CliRunner().invoke(cli_app, ["logs", "usage", "--plot", str(data_dir / "usage.gif")]).exit_code == 2
