@@ -129,7 +129,8 @@ def serve(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     try:
         uvicorn.run("router_gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    loop="uvloop", http=http_protocol(), access_log=False, log_level=settings.log_level.lower())
+                    loop="uvloop", http=http_protocol(), access_log=False, log_level=settings.log_level.lower(),
+                    timeout_graceful_shutdown=settings.shutdown_grace_s)
     finally:
         if launcher is not None:
             console.print("stopping demo workers ...")

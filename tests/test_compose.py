@@ -190,3 +190,16 @@ def test_dockerfile_runs_switchyard_serve_as_non_root() -> None:
     assert health and "/health" in health[0]
     installs = [ln for ln in lines if ln.startswith("RUN ") and "pip install" in ln]
     assert installs and not any("workers" in ln for ln in installs), "gateway image must not install workers"
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration (``45s``, ``1m30s``, ``2m``) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", str(duration))
+    assert parts and "".join(n + u for n, u in parts) == str(duration), duration
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}[u] for n, u in parts)
+
+
+def test_docker_waits_for_the_gateway_to_drain_before_killing_it(services: dict) -> None:
+    gateway = services["gateway"]
+    grace = float(_default(_env(gateway).get("SWITCHYARD_SHUTDOWN_GRACE_S", "30")))
+    assert _seconds(gateway.get("stop_grace_period", "10s")) > grace + 5   # its lifespan shutdown after the grace

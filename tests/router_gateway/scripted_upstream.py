@@ -71,9 +71,13 @@ def _chunks(model: str, include_usage: bool, chat: bool) -> list[dict]:
     return out
 
 
+received: dict[str, int] = {}   # completions asked for, by served model
+
+
 async def _serve(request: Request, chat: bool) -> Response:
     body = await request.json()
     model = body.get("model", "")
+    received[model] = received.get(model, 0) + 1
     if model == "fail500":
         return JSONResponse({"error": {"message": "engine crashed", "type": "server_error"}}, status_code=500)
     if model == "bad400":

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -164,3 +165,59 @@ def test_one_serve_with_two_workers_reports_one_set_of_metrics(tmp_path: Path, s
             assert f'switchyard_tokens_total{{expert="up-echo",key="{key["id"]}",kind="completion"}} 120.0' in text
         assert _redis_servers_in(d)
     _stopped_with_its_gateway(d)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_drains_answers_in_flight_and_cuts_streams_after_the_grace(tmp_path: Path, scripted_upstream: str,
+                                                                          monkeypatch):
+    """On SIGTERM a gateway stops accepting at once, lets an answer in flight finish, and
+    cuts a stream that outlasts SWITCHYARD_SHUTDOWN_GRACE_S; then it exits."""
+    from tests.router_gateway import scripted_upstream as upstream
+
+    d = tmp_path / "data"
+    for name in ("slow", "slowstream"):   # a 5 s answer, and a stream without end
+        sy(d, "experts", "add", f"up-{name}", "--backend", "openai", "--base-url", scripted_upstream,
+           "--served-model", name, "--no-check")
+    grace = 8.0
+    monkeypatch.setenv("SWITCHYARD_SHUTDOWN_GRACE_S", str(grace))
+    with serve_processes(d) as [(url, proc, out)], httpx.Client(base_url=url, timeout=30) as client:
+        with client.stream("POST", "/v1/chat/completions", json={"model": "up-slowstream", "stream": True,
+                                                                 "messages": MSGS}) as stream:
+            chunks = stream.iter_bytes()
+            assert next(chunks).startswith(b"data: ")
+            asked = upstream.received.get("slow", 0)
+            slow: dict = {}
+
+            def ask() -> None:
+                with contextlib.suppress(httpx.HTTPError):
+                    slow["response"] = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                                                  json={"model": "up-slow", "messages": MSGS})
+                slow["at"] = time.monotonic()
+
+            asking = threading.Thread(target=ask)
+            asking.start()
+            deadline = time.monotonic() + 10
+            while upstream.received.get("slow", 0) == asked and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert upstream.received.get("slow", 0) == asked + 1   # in flight at the expert
+            proc.terminate()
+            signalled = time.monotonic()
+            time.sleep(1.0)
+            with pytest.raises(httpx.ConnectError):     # no new connections once it is stopping
+                httpx.get(f"{url}/health", timeout=5)
+            asking.join(timeout=30)
+            assert slow["response"].status_code == 200, out.read_text()[-2000:]
+            assert slow["response"].json()["choices"][0]["message"]["content"] == "hello there"
+            received = 0
+            with pytest.raises(httpx.RemoteProtocolError):   # cut, not ended: no [DONE], no closing chunk
+                for chunk in chunks:
+                    assert b"[DONE]" not in chunk
+                    received += 1
+            cut = time.monotonic() - signalled
+        assert received >= 2 and grace - 1 <= cut <= grace + 10, (received, cut)   # it kept streaming meanwhile
+        assert proc.wait(timeout=30) is not None
+    assert "timeout graceful shutdown exceeded" in out.read_text()
+    # both requests are in the decision log it wrote on the way out (and kept on disk)
+    logged = json.loads(sy(d, "logs", "usage", "--by", "expert", "--json").stdout)
+    assert {g["expert"]: (g["requests"], g["answered"]) for g in logged["groups"]} == {
+        "up-slow": (1, 1), "up-slowstream": (1, 1)}
