@@ -459,6 +459,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
 
     app.include_router(admin_routes.router)
     app.include_router(key_routes.router)
+    app.include_router(key_routes.own)
     app.include_router(router_routes.router)
     app.include_router(feedback_routes.router)
     app.include_router(usage_routes.router)

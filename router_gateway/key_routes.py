@@ -1,4 +1,5 @@
-"""``/v1/keys``: create, list, show, change and revoke API keys (admin key required).
+"""``/v1/keys``: create, list, show, change and revoke API keys (admin key required);
+``GET /v1/key``: the calling key's own record, limits and spend (any key).
 
 ``POST /v1/keys`` answers the new secret once, in ``key``; nothing else ever shows it.
 ``DELETE`` revokes: the record and its spend stay, listed with ``revoked_at``.
@@ -6,21 +7,24 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
 import orjson
+import redis
 from fastapi import APIRouter, Request
 from pydantic import Field, ValidationError
 from starlette.responses import Response
 
 from router_gateway.app_helpers import read_json
-from router_gateway.errors import InvalidRequest, NotFound
-from router_gateway.keys import KeyMissing, KeyPolicy, KeyRecord, KeyStore
+from router_gateway.errors import AuthError, InvalidRequest, NotFound, StoreUnavailable
+from router_gateway.keys import KeyMissing, KeyPolicy, KeyRecord, KeyStore, period_end
 from router_gateway.openapi import ADMIN, BODY, errors, json_body
 from router_gateway.protocol import invalid_from_validation
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
+own = APIRouter(tags=["keys"])
 
 
 class NewKey(KeyPolicy):
@@ -112,3 +116,34 @@ async def revoke_key(key_id: str, request: Request) -> Response:
     rec = await anyio.to_thread.run_sync(store.revoke, key_id)
     await _changed(request)
     return _json({"id": rec.id, "object": "api_key", "revoked": True, "revoked_at": rec.revoked_at})
+
+
+_UNLIMITED = {"admin": "the admin key", "static": "a key from SWITCHYARD_API_KEYS", "": "no key: the gateway is open"}
+
+
+@own.get("/v1/key", responses=errors(401, 503))
+async def calling_key(request: Request) -> Response:
+    """The key that calls: its record (never the secret), allowed models, limits, this
+    budget period's spend, what is left of the budget and when the period resets; for
+    the admin key, a SWITCHYARD_API_KEYS key or an open gateway, that it has no limits."""
+    rec, who = await request.app.state.keys.caller(request)
+    if rec is None:
+        return _json({"object": "api_key", "id": who or None, "kind": who or "open", "unlimited": True,
+                      "description": _UNLIMITED.get(who, who)})
+    store: KeyStore = request.app.state.key_store
+
+    def read() -> dict:
+        now = time.time()
+        fresh = store.get(rec.id)
+        entry = {**_entry(store, fresh), "kind": "managed", "unlimited": not fresh.limited}
+        spent = entry["usage"]["period_spend_usd"]
+        entry["budget_left_usd"] = None if fresh.budget_usd is None else max(0.0, fresh.budget_usd - spent)
+        entry["period_resets_at"] = period_end(fresh.budget_period, now)
+        return entry
+
+    try:
+        return _json(await anyio.to_thread.run_sync(read))
+    except KeyMissing:   # removed from the store since this process cached it
+        raise AuthError("invalid API key") from None
+    except redis.RedisError as exc:
+        raise StoreUnavailable(f"cannot read the key's usage: the store is unreachable ({exc})") from None

@@ -345,6 +345,40 @@ def test_rate_limit_and_budget_over_http(keyed_gateway):
         assert c.get("/health").status_code == 200
 
 
+def test_a_key_reads_its_own_limits_and_spend(keyed_gateway):
+    url, app = keyed_gateway
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def own(key: str | None) -> httpx.Response:
+        return httpx.get(f"{url}/v1/key", headers={"authorization": f"Bearer {key}"} if key else {}, timeout=30)
+
+    opened = own(None).json()   # before any key: open, unlimited
+    assert (opened["kind"], opened["unlimited"], opened["id"]) == ("open", True, None)
+    with _admin(url) as admin:
+        made = admin.post("/v1/keys", json={"name": "team-a", "models": ["up-*"], "budget_usd": 1.0,
+                                            "budget_period": "day", "rpm": 60}).json()
+        other = admin.post("/v1/keys", json={"name": "team-b"}).json()
+    for _ in range(2):
+        _sdk(url, made["key"]).chat.completions.create(model="up-echo", messages=msgs)
+    _drain(app)
+    mine = own(made["key"]).json()
+    assert (mine["id"], mine["name"], mine["kind"], mine["unlimited"]) == (made["id"], "team-a", "managed", False)
+    assert (mine["models"], mine["rpm"], mine["budget_usd"], mine["budget_period"]) == (["up-*"], 60, 1.0, "day")
+    assert "hash" not in mine and made["key"] not in json.dumps(mine)       # never the secret
+    assert mine["usage"]["requests"] == 2
+    assert mine["budget_left_usd"] == pytest.approx(1.0 - 2 * ECHO_COST_NANO / 1e9)
+    day = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    assert mine["period_resets_at"] == day.timestamp()
+    theirs = own(other["key"]).json()   # another key sees only itself
+    assert (theirs["id"], theirs["usage"]["requests"], theirs["unlimited"], theirs["budget_left_usd"]) == \
+        (other["id"], 0, True, None)
+    assert own(ADMIN_KEY).json()["kind"] == "admin"
+    assert own(None).status_code == 401 and own("sy-nope").status_code == 401
+    with _admin(url) as admin:
+        admin.delete(f"/v1/keys/{made['id']}")
+    assert own(made["key"]).json()["error"]["code"] == "revoked_api_key"
+
+
 def test_embeddings_are_metered_by_their_prompt_tokens(keyed_gateway):
     url, app = keyed_gateway
     with _admin(url) as admin:
