@@ -12,6 +12,7 @@ answered requests joined with the scores clients sent to ``POST /v1/feedback``, 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
@@ -63,23 +64,81 @@ def export(
         console.print(f"  skipped {n}: {why}")
 
 
+_COLUMNS = ("time (UTC)", "request id", "key", "model", "router", "expert", "status", "latency", "tokens",
+            "cost USD", "cache")
+
+
+def _cells(d: dict) -> list[str]:
+    ts = datetime.fromtimestamp(float(d.get("ts") or 0), timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    tokens = f"{d['input_tokens']}+{d['output_tokens']}" if d.get("input_tokens") else "-"
+    latency = f"{float(d['latency_s']) * 1000:.1f} ms" if d.get("latency_s") else "-"
+    return [ts, d.get("rid", ""), d.get("key") or "-", d.get("model", ""), d.get("router") or "-",
+            d.get("expert") or "-", d.get("status", ""), latency, tokens, d.get("cost_usd") or "-",
+            d.get("cache") or "-"]
+
+
+def decision_filter(expert: Optional[str], key: Optional[str], model: Optional[str], status: Optional[str]):
+    """A test of one decision-log entry: ``expert``, ``key`` and ``model`` are names or
+    glob patterns, ``status`` a code (``429``) or a class (``5xx``); None passes all."""
+    import fnmatch
+
+    if status is not None and not re.fullmatch(r"[1-5](\d\d|xx)", status.lower()):
+        raise typer.BadParameter(f"{status!r} is neither a status code like 429 nor a class like 5xx",
+                                 param_hint="--status")
+    wanted = [(f, p) for f, p in (("expert", expert), ("key", key), ("model", model)) if p is not None]
+    klass = status.lower()[0] if status is not None and status.lower().endswith("xx") else None
+
+    def test(d: dict) -> bool:
+        if any(not fnmatch.fnmatchcase(d.get(f, ""), p) for f, p in wanted):
+            return False
+        code = d.get("status", "")
+        return status is None or (code[:1] == klass if klass else code == status)
+
+    return test
+
+
 @logs_app.command("tail")
-def tail(n: int = typer.Option(20, "-n", min=1, max=10_000, help="How many of the latest decisions")) -> None:
-    """The latest routing decisions."""
+def tail(
+    n: int = typer.Option(20, "-n", min=1, max=10_000, help="How many of the latest decisions"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Then print new decisions as they come (Ctrl-C stops)"),
+    expert: Optional[str] = typer.Option(None, help="Only this expert (a name or a glob pattern)"),
+    key: Optional[str] = typer.Option(None, help="Only this API key id (or pattern; 'admin', 'static')"),
+    model: Optional[str] = typer.Option(None, help="Only requests that asked for this model (or pattern)"),
+    status: Optional[str] = typer.Option(None, help="Only this status code (429) or class (5xx)"),
+) -> None:
+    """The latest routing decisions, optionally filtered; with -f, then the new ones live."""
     from router_gateway.decision_log import decisions_key
 
+    keep = decision_filter(expert, key, model, status)
     store = open_store(Settings())
-    entries = store.client.xrevrange(decisions_key(store.prefix), count=n)
-    table = Table("time (UTC)", "request id", "key", "model", "router", "expert", "status", "latency",
-                  "tokens", "cost USD", "cache")
-    for _, d in reversed(entries):
-        ts = datetime.fromtimestamp(float(d.get("ts") or 0), timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        tokens = f"{d['input_tokens']}+{d['output_tokens']}" if d.get("input_tokens") else "-"
-        latency = f"{float(d['latency_s']) * 1000:.1f} ms" if d.get("latency_s") else "-"
-        table.add_row(ts, d.get("rid", ""), d.get("key") or "-", d.get("model", ""), d.get("router") or "-",
-                      d.get("expert") or "-", d.get("status", ""), latency, tokens, d.get("cost_usd") or "-",
-                      d.get("cache") or "-")
+    stream = decisions_key(store.prefix)
+    found: list[dict] = []
+    last_id, before = "0-0", "+"
+    while len(found) < n:   # newest first, a page at a time, until n match or the log ends
+        page = store.client.xrevrange(stream, before, "-", count=max(n, 500))
+        if last_id == "0-0" and page:
+            last_id = page[0][0]
+        found += [d for _, d in page if keep(d)]
+        if len(page) < max(n, 500):
+            break
+        ms, seq = page[-1][0].split("-")
+        before = f"{ms}-{int(seq) - 1}" if int(seq) > 0 else f"{int(ms) - 1}-18446744073709551615"
+    table = Table(*_COLUMNS)
+    for d in reversed(found[:n]):
+        table.add_row(*_cells(d))
     console.print(table)
+    if not follow:
+        return
+    console.print("[dim]following new decisions (Ctrl-C stops) ...[/dim]")
+    try:
+        while True:
+            for _, entries in store.client.xread({stream: last_id}, block=1000, count=500) or ():
+                for entry_id, d in entries:
+                    last_id = entry_id
+                    if keep(d):
+                        console.print("  ".join(_cells(d)), highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        pass
 
 
 def _when(ts: float | None) -> str:

@@ -4,7 +4,12 @@ against a real gateway, a real Redis and the scripted upstream, called with the 
 from __future__ import annotations
 
 import json
+import os
+import queue
 import random
+import subprocess
+import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -259,3 +264,65 @@ def test_the_cli_prints_the_same_report(used, monkeypatch):
     assert drawn.exit_code == 0, drawn.output
     assert chart.read_bytes()[:4] == b"\x89PNG" and "team-a" in drawn.output   # the table still follows
     assert CliRunner().invoke(cli_app, ["logs", "usage", "--plot", str(data_dir / "usage.gif")]).exit_code == 2
+
+
+def test_tail_filters_by_expert_key_model_and_status(used, monkeypatch):
+    url, _, data_dir, key_ids = used
+    monkeypatch.setenv("SWITCHYARD_DATA_DIR", str(data_dir))
+    monkeypatch.delenv("SWITCHYARD_REDIS_URL", raising=False)
+    monkeypatch.setattr(console, "width", 250)
+
+    def rows(*args: str) -> list[list[str]]:
+        done = CliRunner().invoke(cli_app, ["logs", "tail", *args])
+        assert done.exit_code == 0, done.output
+        return [cells for line in done.output.splitlines()
+                if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 11 and cells[0] != "time (UTC)"]
+
+    everything = rows("-n", "100")
+    assert len(everything) == 8 and len(rows()) == 8 and len(rows("-n", "3")) == 3
+    assert [(r[5], r[6]) for r in rows("--status", "5xx")] == [("up-fail500", "502")]
+    assert [r[3] for r in rows("--status", "404")] == ["nobody"]
+    assert len(rows("--status", "2xx")) == 6 and len(rows("--expert", "up-*")) == 6
+    assert {r[2] for r in rows("--key", key_ids["team-b"])} == {key_ids["team-b"]} and len(rows("--key", key_ids["team-b"])) == 3
+    assert [r[5] for r in rows("--model", "flaky")] == ["up-echo"]
+    newest_two = rows("--expert", "up-echo", "-n", "2")
+    assert [r[1] for r in newest_two] == [r[1] for r in everything if r[5] == "up-echo"][-2:]
+    assert CliRunner().invoke(cli_app, ["logs", "tail", "--status", "teapot"]).exit_code == 2
+
+
+def test_tail_follows_new_decisions_as_they_come(used):
+    url, _, data_dir, key_ids = used
+    env = {**os.environ, "SWITCHYARD_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", "COLUMNS": "250"}
+    env.pop("SWITCHYARD_REDIS_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "router_gateway.cli", "logs", "tail", "-f", "-n", "1",
+                             "--status", "2xx"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+
+    def read_until(pred, timeout: float = 30.0) -> list[str]:
+        seen, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                seen.append(lines.get(timeout=0.2))
+            except queue.Empty:
+                continue
+            if pred(seen):
+                return seen
+        raise AssertionError("".join(seen))
+
+    try:
+        read_until(lambda seen: any("following new decisions" in s for s in seen))
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=ADMIN_KEY, max_retries=0)
+        msgs = [{"role": "user", "content": "hi"}]
+        rids = [sdk.chat.completions.with_raw_response.create(model="up-echo", messages=msgs)
+                .headers["x-request-id"] for _ in range(2)]
+        with pytest.raises(openai.InternalServerError):   # a 502: filtered out
+            sdk.chat.completions.create(model="up-fail500", messages=msgs)
+        failed = sdk.chat.completions.with_raw_response.create(model="echo", messages=msgs).headers["x-request-id"]
+        seen = read_until(lambda seen: sum(failed in s for s in seen) == 1)
+        followed = [s for s in seen if "up-echo" in s or " echo " in s]
+        assert [next(r for r in rids + [failed] if r in s) for s in followed] == [*rids, failed]
+        assert not any(" 502 " in s for s in seen)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
