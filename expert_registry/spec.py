@@ -67,6 +67,11 @@ class ExpertSpec(BaseModel):
     fallbacks: list[str] = Field(default_factory=list, max_length=MAX_FALLBACKS,
                                  description="Experts to try in turn when a client names this one and it fails "
                                  "before answering, or is unhealthy (names of experts; unregistered ones are skipped)")
+    max_concurrency: int | None = Field(default=None, ge=1, le=1_000_000,
+                                        description="Most requests in flight to this expert (all its replicas "
+                                        "together) from each gateway process; beyond it a routed request goes to "
+                                        "the router's next choice, one naming it to its fallbacks, else a 503 to "
+                                        "retry. None: no limit")
     served_model: str = Field(description="The upstream's model id (or litellm provider model string)")
     api_key: str | None = Field(default=None, description="Key sent to the upstream, if it needs one (printable "
                                 "ASCII, no spaces)", json_schema_extra={"pattern": "^[!-~]+$"})

@@ -155,6 +155,8 @@ def experts_add(
     fallback: Optional[list[str]] = typer.Option(None, help="An expert to try when a request naming this one "
                                                  "fails or finds it unhealthy (repeatable, in order)"),
     served_model: Optional[str] = typer.Option(None, help="The upstream's model id or litellm provider string"),
+    max_concurrency: Optional[int] = typer.Option(None, help="Most requests in flight to it from each gateway "
+                                                  "process; more go to the next choice or its fallbacks"),
     api_key: Optional[str] = typer.Option(None, help="Key sent to the upstream"),
     input_price: Optional[float] = typer.Option(None, help="USD per 1M input tokens"),
     output_price: Optional[float] = typer.Option(None, help="USD per 1M output tokens"),
@@ -189,7 +191,7 @@ def experts_add(
             if launch_port:
                 launch["port"] = launch_port
         data = {"name": name, "backend": backend, "base_url": base_url, "replicas": replica or None,
-                "fallbacks": fallback or None,
+                "fallbacks": fallback or None, "max_concurrency": max_concurrency,
                 "served_model": served_model or name, "api_key": api_key,
                 "input_price_per_mtok": input_price, "output_price_per_mtok": output_price,
                 "context_window": context_window, "tokenizer": tokenizer, "tags": tag or None, "launch": launch}

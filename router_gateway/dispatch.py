@@ -89,6 +89,7 @@ class Dispatcher:
         self.http = http
         self.litellm = litellm
         self.routing = routing
+        self.in_flight: dict[str, int] = {}   # requests held per expert with a max_concurrency
 
     # --- resolving ---------------------------------------------------------------
     def available(self) -> str:
@@ -250,6 +251,39 @@ class Dispatcher:
     async def _call_expert(self, spec: ExpertSpec, endpoint: str, body: dict, client_model: str, request_id: str,
                            t0: float, headers: dict, meter: Meter | None, hide_usage: bool,
                            timeout_s: float | None, on_id: OnId | None) -> Response:
+        """``_call_replicas`` within the expert's ``max_concurrency``: at it, a ``_Failed``
+        that the next choice or a fallback may take (not counted toward a cooldown); a
+        request holds its place until its answer is read, or its stream relayed, whole."""
+        limit = spec.max_concurrency
+        if limit is None:
+            return await self._call_replicas(spec, endpoint, body, client_model, request_id, t0, headers, meter,
+                                             hide_usage, timeout_s, on_id)
+        name, held = spec.name, self.in_flight
+        if held.get(name, 0) >= limit:
+            raise _Failed(ExpertUnavailable(
+                f"expert '{name}' is at its max_concurrency ({limit} requests in flight from this gateway "
+                "process); retry shortly", headers={"retry-after": "1"}), reason="at_capacity", counts=False)
+        held[name] = held.get(name, 0) + 1
+
+        def release() -> None:
+            held[name] -= 1
+
+        try:
+            response = await self._call_replicas(spec, endpoint, body, client_model, request_id, t0, headers,
+                                                 meter, hide_usage, timeout_s, on_id)
+        except BaseException:
+            release()
+            raise
+        relay = getattr(response, "body_iterator", None)
+        if isinstance(relay, _RelayBody):
+            relay.then(release)
+        else:
+            release()
+        return response
+
+    async def _call_replicas(self, spec: ExpertSpec, endpoint: str, body: dict, client_model: str, request_id: str,
+                             t0: float, headers: dict, meter: Meter | None, hide_usage: bool,
+                             timeout_s: float | None, on_id: OnId | None) -> Response:
         """``spec`` at its one URL, or at its replicas in the order :class:`Replicas` gives,
         the next after each failure (``x-switchyard-replica`` says which answered: 0 for
         ``base_url``, i for ``replicas[i - 1]``). Raises the last replica's ``_Failed``."""
@@ -434,23 +468,43 @@ class _RelayBody:
     then closed unread) kept one of the upstream pool's connections for good, and once the
     pool was used up every later request to that upstream waited forever."""
 
-    __slots__ = ("_gen", "_end", "_started")
+    __slots__ = ("_gen", "_end", "_started", "_then")
 
     def __init__(self, gen: AsyncIterator[bytes], end: Callable[[], Awaitable[None]]):
         self._gen, self._end, self._started = gen, end, False
+        self._then: Callable[[], None] | None = None
 
     def __aiter__(self) -> _RelayBody:
         return self
 
     def __anext__(self) -> Awaitable[bytes]:
         self._started = True
-        return self._gen.__anext__()
+        return self._gen.__anext__() if self._then is None else self._next()
+
+    async def _next(self) -> bytes:
+        try:
+            return await self._gen.__anext__()
+        except BaseException:   # the end of the stream, or its failure
+            self._done()
+            raise
+
+    def then(self, done: Callable[[], None]) -> None:
+        """Call ``done`` once when the relay is over: iterated to its end, failed, or closed."""
+        self._then = done
+
+    def _done(self) -> None:
+        done, self._then = self._then, None
+        if done is not None:
+            done()
 
     async def aclose(self) -> None:
-        await self._gen.aclose()
-        if not self._started:
-            self._started = True
-            await self._end()
+        try:
+            await self._gen.aclose()
+            if not self._started:
+                self._started = True
+                await self._end()
+        finally:
+            self._done()
 
 
 _SSE_STARTS = (b"data:", b"event:", b"id:", b"retry:", b":")

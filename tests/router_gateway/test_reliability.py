@@ -4,6 +4,7 @@ port nobody listens on), with the cooldown state in the embedded real Redis."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -257,3 +258,57 @@ def test_a_cooled_expert_comes_back_through_a_health_probe(experts: ExpertStore)
     assert during == {"up-echo": True, "down": True}
     assert after == {"up-echo": False, "down": True}
     assert experts.health()["up-echo"].until is None and experts.health()["down"].until is None
+
+
+def test_an_expert_at_its_max_concurrency_sends_the_next_request_elsewhere(experts: ExpertStore, data_dir: Path,
+                                                                          scripted_upstream: str):
+    """``max_concurrency``: a request beyond it goes to the expert's fallbacks (or is a 503
+    to retry) at once, without waiting and without a cooldown; a request holds its place
+    until its answer, streamed or not, is over or its client has left."""
+    def limited(name: str, served: str, *fallbacks: str) -> None:
+        experts.put(ExpertSpec(name=name, backend="openai", base_url=scripted_upstream, served_model=served,
+                               max_concurrency=1, fallbacks=list(fallbacks)))
+
+    limited("held", "slowstream", "up-echo")    # a stream to it never ends: it holds the one place
+    limited("solo", "slowstream")
+    limited("quick", "echo")
+    with serve_in_thread(create_app(make_settings(data_dir, cooldown_failures=1), experts)) as url, \
+            Gateway(url, experts).client() as c:
+        def ask(model: str, stream: bool = False):
+            return c.post("/v1/chat/completions", json={"model": model, "messages": MSGS, "stream": stream})
+
+        for _ in range(3):   # plain answers give their place back
+            assert ask("held").headers["x-switchyard-expert"] == "held"
+        with c.stream("POST", "/v1/chat/completions", json={"model": "held", "messages": MSGS,
+                                                            "stream": True}) as open_stream:
+            next(open_stream.iter_bytes())
+            for _ in range(2):
+                r = ask("held")
+                assert r.status_code == 200, r.text
+                assert (r.headers["x-switchyard-expert"], r.headers["x-switchyard-fallback-from"]) == \
+                    ("up-echo", "held")
+            assert ask("held", stream=True).headers["x-switchyard-expert"] == "up-echo"
+        # the client left: its place comes back once the gateway has hung up on the expert
+        deadline = time.monotonic() + 5
+        while ask("held").headers["x-switchyard-expert"] != "held":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert c.get("/health").json()["status"] == "ok"   # no cooldown for being full (threshold is 1)
+
+        with c.stream("POST", "/v1/chat/completions", json={"model": "solo", "messages": MSGS,
+                                                            "stream": True}) as open_stream:
+            next(open_stream.iter_bytes())
+            r = ask("solo")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "expert_unavailable", r.text
+            assert r.headers["retry-after"] == "1" and r.headers["x-switchyard-expert"] == "solo"
+            assert "max_concurrency" in r.json()["error"]["message"]
+
+        for _ in range(3):   # a stream read to its end gives its place back
+            r = ask("quick", stream=True)
+            assert r.headers["x-switchyard-expert"] == "quick" and r.text.rstrip().endswith("[DONE]")
+        metrics = c.get("/metrics").text
+        full = re.search(r'switchyard_upstream_failures_total\{expert="held",reason="at_capacity"\} (\S+)', metrics)
+        assert full is not None and float(full.group(1)) >= 3   # and more while the polling above waited
+        assert 'switchyard_upstream_failures_total{expert="solo",reason="at_capacity"} 1.0' in metrics
+    with pytest.raises(ValidationError):
+        ExpertSpec(name="x", backend="openai", base_url="http://a/v1", served_model="x", max_concurrency=0)
