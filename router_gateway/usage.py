@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
+from router_gateway.decision_log import _float, _text, decisions_key, read_decisions
+
 GROUPINGS = ("expert", "router", "key", "model", "endpoint", "status")
 
 _AGO = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -64,11 +66,9 @@ def quantile(ordered: list[float], q: float) -> float | None:
 
 
 def _number(text: str | None) -> float | None:
-    try:
-        x = float(text or "")
-    except ValueError:
-        return None
-    return x if math.isfinite(x) and x >= 0 else None
+    """A logged count, time or cost: finite and not negative, else None."""
+    x = _float(text or "")
+    return x if x is not None and x >= 0 else None
 
 
 @dataclass
@@ -289,8 +289,6 @@ def usage_report(client: Any, prefix: str, by: Iterable[str] = ("expert",), sinc
     grouped by the fields in ``by`` (see ``GROUPINGS``). ``client``: a sync redis client;
     ``max_entries``: the log's cap, to tell whether it has dropped entries; ``timeline``:
     keep each entry's time, group and cost for :meth:`UsageReport.series`."""
-    from router_gateway.decision_log import decisions_key, read_decisions
-
     report = UsageReport(check_grouping(by), since, until, timeline=[] if timeline else None)
     if since is not None and until is not None and since >= until:
         raise ValueError("the window is empty: 'since' must come before 'until'")
@@ -298,9 +296,8 @@ def usage_report(client: Any, prefix: str, by: Iterable[str] = ("expert",), sinc
     report.log_full = max_entries is not None and report.log_entries >= max_entries
     oldest = client.xrange(decisions_key(prefix), "-", "+", count=1)
     if oldest:
-        fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in oldest[0][1].items()}
-        ts = fields.get("ts")
-        report.log_starts = _number(ts.decode() if isinstance(ts, bytes) else ts)
+        fields = {_text(k): _text(v) for k, v in oldest[0][1].items()}
+        report.log_starts = _number(fields.get("ts"))
     # The stream's ids are Redis's clock when an entry was written, after the request
     # ended; ``ts`` is the gateway's when it began. Read from a minute before ``since``
     # (clock skew) to the end (a long request is written well after it began) and keep
