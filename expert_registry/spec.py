@@ -69,9 +69,9 @@ class ExpertSpec(BaseModel):
                                  "before answering, or is unhealthy (names of experts; unregistered ones are skipped)")
     max_concurrency: int | None = Field(default=None, ge=1, le=1_000_000,
                                         description="Most requests in flight to this expert (all its replicas "
-                                        "together) from each gateway process; beyond it a routed request goes to "
-                                        "the router's next choice, one naming it to its fallbacks, else a 503 to "
-                                        "retry. None: no limit")
+                                        "together), counted across every gateway process on the Redis; beyond "
+                                        "it a routed request goes to the router's next choice, one naming it to "
+                                        "its fallbacks, else a 503 to retry. None: no limit")
     served_model: str = Field(description="The upstream's model id (or litellm provider model string)")
     api_key: str | None = Field(default=None, description="Key sent to the upstream, if it needs one (printable "
                                 "ASCII, no spaces)", json_schema_extra={"pattern": "^[!-~]+$"})

@@ -6,6 +6,7 @@ Layout (all keys under one prefix so several deployments can share a server):
     {prefix}experts:version  int   bumped on every write; gateways poll it to refresh
     {prefix}health           hash  name -> {"healthy", "checked_at", "error", "until"} JSON
     {prefix}failures:{name}  int   failed calls in the current cooldown window
+    {prefix}inflight:{name}  zset  requests in flight under max_concurrency (router_gateway.slots)
     {prefix}routers          hash  name -> RouterDeployment JSON (router_gateway.deployments)
     {prefix}keys...          API keys, their usage and limit windows (router_gateway.keys)
 

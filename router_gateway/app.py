@@ -49,6 +49,7 @@ from router_gateway.responses import Pin, PinStoreError, ResponsePins
 from router_gateway.routing import RoutingTable, query_text
 from router_gateway.settings import Settings
 from router_gateway.skills_llm import SkillAsker
+from router_gateway.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         await keys.refresh()
         aredis = open_async_redis(st.client, settings.redis_url, settings.redis_max_connections)
         limiter = Limiter(key_store, aredis)
+        slots = Slots(aredis, st.prefix, settings.concurrency_lease_s)
         decisions = DecisionLog(aredis, st.prefix, settings.decision_log_max_entries, settings.decision_log_prompts,
                                 on_drop=metrics.log_dropped.inc)
         client = HTTP1Client(settings.upstream_max_connections, settings.upstream_connect_timeout_s,
@@ -249,10 +251,11 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             routing.skills = SkillAsker(st, view, http, litellm)
             app.state.dispatcher = Dispatcher(view, http, litellm, routing, CooldownPolicy(
                 settings.cooldown_failures, settings.cooldown_window_s, settings.cooldown_s,
-                settings.max_retry_after_s), metrics)
+                settings.max_retry_after_s), metrics, slots)
             tasks = [asyncio.create_task(view.run(), name="registry-refresh"),
                      asyncio.create_task(routing.run(), name="routers-refresh"),
-                     asyncio.create_task(keys.run(), name="keys-refresh")]
+                     asyncio.create_task(keys.run(), name="keys-refresh"),
+                     asyncio.create_task(slots.run(), name="concurrency-leases")]
             if decisions.enabled:
                 tasks.append(asyncio.create_task(decisions.run(), name="decision-log"))
             if settings.health_interval_s > 0:
@@ -267,6 +270,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await limiter.drain()
+                await slots.drain()
                 await cache.drain()
                 await decisions.flush()
                 await aredis.aclose()

@@ -155,8 +155,8 @@ def experts_add(
     fallback: Optional[list[str]] = typer.Option(None, help="An expert to try when a request naming this one "
                                                  "fails or finds it unhealthy (repeatable, in order)"),
     served_model: Optional[str] = typer.Option(None, help="The upstream's model id or litellm provider string"),
-    max_concurrency: Optional[int] = typer.Option(None, help="Most requests in flight to it from each gateway "
-                                                  "process; more go to the next choice or its fallbacks"),
+    max_concurrency: Optional[int] = typer.Option(None, help="Most requests in flight to it, counted across "
+                                                  "all gateway processes; more go to the next choice or its fallbacks"),
     api_key: Optional[str] = typer.Option(None, help="Key sent to the upstream"),
     input_price: Optional[float] = typer.Option(None, help="USD per 1M input tokens"),
     output_price: Optional[float] = typer.Option(None, help="USD per 1M output tokens"),

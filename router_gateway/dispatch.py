@@ -47,6 +47,7 @@ from router_gateway.errors import (
 from router_gateway.keys import decode_usage, estimate_usage, usage_from
 from router_gateway.model_string import ModelTarget
 from router_gateway.registry_view import RegistryView
+from router_gateway.slots import Slots
 from router_gateway.sse import reframe
 
 if TYPE_CHECKING:  # routing imports RouteDecision from here
@@ -82,14 +83,14 @@ class RouteDecision:
 class Dispatcher:
     def __init__(self, view: RegistryView, http: HTTPUpstream, litellm: LiteLLMUpstream,
                  routing: RoutingTable | None = None, cooldown: CooldownPolicy | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, slots: Slots | None = None):
         self.view = view
         self.metrics = metrics
         self.cooldown = cooldown or CooldownPolicy()
         self.http = http
         self.litellm = litellm
         self.routing = routing
-        self.in_flight: dict[str, int] = {}   # requests held per expert with a max_concurrency
+        self.slots = slots or Slots(None)   # places under the experts' max_concurrency
 
     # --- resolving ---------------------------------------------------------------
     def available(self) -> str:
@@ -258,16 +259,11 @@ class Dispatcher:
         if limit is None:
             return await self._call_replicas(spec, endpoint, body, client_model, request_id, t0, headers, meter,
                                              hide_usage, timeout_s, on_id)
-        name, held = spec.name, self.in_flight
-        if held.get(name, 0) >= limit:
+        release = await self.slots.take(spec.name, limit)
+        if release is None:
             raise _Failed(ExpertUnavailable(
-                f"expert '{name}' is at its max_concurrency ({limit} requests in flight from this gateway "
-                "process); retry shortly", headers={"retry-after": "1"}), reason="at_capacity", counts=False)
-        held[name] = held.get(name, 0) + 1
-
-        def release() -> None:
-            held[name] -= 1
-
+                f"expert '{spec.name}' is at its max_concurrency ({limit} requests in flight); retry shortly",
+                headers={"retry-after": "1"}), reason="at_capacity", counts=False)
         try:
             response = await self._call_replicas(spec, endpoint, body, client_model, request_id, t0, headers,
                                                  meter, hide_usage, timeout_s, on_id)

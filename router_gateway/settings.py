@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     cooldown_s: float = Field(default=30.0, ge=0, description="How long a failing expert stays out of rotation "
                               "(then back through a health probe)")
     max_retry_after_s: float = Field(default=300.0, ge=0, description="Upstream Retry-After honoured up to this")
+    concurrency_lease_s: float = Field(default=30.0, gt=0, description="How long a place under an expert's "
+                                       "max_concurrency outlives a gateway process that died holding it (each "
+                                       "process renews its places every third of this)")
     max_request_timeout_s: float = Field(default=600.0, gt=0, description="Largest x-switchyard-timeout a "
                                          "client may ask for")
     decision_log_max_entries: int = Field(default=100_000, ge=0, description="Decision-log entries kept in Redis "

@@ -1,0 +1,137 @@
+"""``max_concurrency`` counted across the gateway: places are leases in the embedded real
+Redis, shared by every process and gateway on it, renewed while held, lapsing when their
+holder is gone; without Redis each process counts its own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from expert_registry.spec import ExpertSpec
+from expert_registry.store import ExpertStore, open_async_redis
+from router_gateway.app import create_app
+from router_gateway.slots import Slots
+from tests.router_gateway.conftest import Gateway, make_settings, serve_in_thread
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def _in_redis(store: ExpertStore, expert: str) -> int:
+    return store.client.zcard(f"{store.prefix}inflight:{expert}")
+
+
+def test_two_gateways_on_one_redis_share_an_experts_cap(store: ExpertStore, data_dir: Path, scripted_upstream: str):
+    """A stream held open through one gateway takes the expert's only place: the other
+    gateway sends its request to the fallback, until the stream is over."""
+    store.put(ExpertSpec(name="up-echo", backend="openai", base_url=scripted_upstream, served_model="echo"))
+    store.put(ExpertSpec(name="held", backend="openai", base_url=scripted_upstream, served_model="slowstream",
+                         max_concurrency=1, fallbacks=["up-echo"]))
+    with serve_in_thread(create_app(make_settings(data_dir), store)) as one, \
+            serve_in_thread(create_app(make_settings(data_dir), store)) as two, \
+            Gateway(one, store).client() as a, Gateway(two, store).client() as b:
+        def ask(c, model: str = "held") -> str:
+            r = c.post("/v1/chat/completions", json={"model": model, "messages": MSGS})
+            assert r.status_code == 200, r.text
+            return r.headers["x-switchyard-expert"]
+
+        assert ask(a) == ask(b) == "held"   # plain answers give their place back
+        with a.stream("POST", "/v1/chat/completions", json={"model": "held", "messages": MSGS,
+                                                            "stream": True}) as open_stream:
+            next(open_stream.iter_bytes())
+            assert _in_redis(store, "held") == 1
+            assert ask(b) == "up-echo"
+            assert ask(a) == "up-echo"
+        deadline = time.monotonic() + 5   # the client left: the place comes back when the relay ends
+        while ask(b) != "held":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        while _in_redis(store, "held"):   # given back just after the answer went out
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+
+def test_a_place_lapses_when_its_holder_stops_renewing_it(store: ExpertStore):
+    async def go():
+        aredis = open_async_redis(store.client, None)
+        gone, alive, other = (Slots(aredis, store.prefix, lease_s=0.6) for _ in range(3))
+        renewing = asyncio.create_task(alive.run())
+        try:
+            assert await gone.take("x", 2) is not None   # a process that dies holding its place
+            kept = await alive.take("x", 2)               # one that lives and renews
+            assert kept is not None
+            assert await other.take("x", 2) is None
+            await asyncio.sleep(1.5)                      # 2.5 leases
+            place = await other.take("x", 2)              # the dead one's place has lapsed, not the live one's
+            assert place is not None
+            assert await other.take("x", 2) is None
+            kept()
+            place()
+            await asyncio.sleep(0.05)   # the give-backs go out on the next turn
+            assert _in_redis(store, "x") == 0
+            assert await other.take("x", 2) is not None
+        finally:
+            renewing.cancel()
+            await aredis.aclose()
+
+    asyncio.run(go())
+
+
+def test_places_given_back_are_free_for_takes_in_the_same_turn(store: ExpertStore):
+    async def go():
+        aredis = open_async_redis(store.client, None)
+        slots = Slots(aredis, store.prefix)
+        try:
+            places = await asyncio.gather(*(slots.take("x", 3) for _ in range(5)))
+            assert sum(p is not None for p in places) == 3   # one script call: exactly the cap
+            held = [p for p in places if p is not None]
+            held[0]()
+            held[0]()   # a second call gives nothing back twice
+            again = await asyncio.gather(*(slots.take("x", 3) for _ in range(2)))
+            assert [p is not None for p in again] == [True, False]
+            assert slots.local["x"] == 3 and _in_redis(store, "x") == 3
+            # a take whose request went away gives back what it got
+            waiting = asyncio.ensure_future(slots.take("y", 1))
+            await asyncio.sleep(0)
+            waiting.cancel()
+            await asyncio.sleep(0.05)
+            assert _in_redis(store, "y") == 0 and "y" not in slots.local
+            for p in [*held[1:], again[0]]:
+                p()
+            # with room to spare a give-back waits a moment for a take to travel with
+            roomy = await slots.take("z", 100)
+            roomy()
+            assert slots._later is not None and slots._ops[-1][:3] == ("r", slots.key("z"), roomy.member)
+            await slots.drain()
+            assert _in_redis(store, "x") == _in_redis(store, "z") == 0
+            assert slots.local["x"] == slots.local["z"] == 0 and not slots.held
+        finally:
+            await aredis.aclose()
+
+    asyncio.run(go())
+
+
+def test_without_redis_each_process_counts_its_own(caplog: pytest.LogCaptureFixture):
+    with socket.socket() as s:   # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def go():
+        client = open_async_redis(None, f"redis://127.0.0.1:{port}/0")   # as a gateway opens it
+        slots = Slots(client)
+        try:
+            first = await slots.take("x", 1)
+            assert first is not None and await slots.take("x", 1) is None
+            first()
+            assert await slots.take("x", 1) is not None
+        finally:
+            await client.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="router_gateway.slots"):
+        asyncio.run(go())
+    warned = [r for r in caplog.records if "per gateway process" in r.getMessage()]
+    assert len(warned) == 1   # once per outage, not per request
