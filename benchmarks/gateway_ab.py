@@ -27,6 +27,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -90,7 +91,9 @@ def summarize(runs: list[dict]) -> dict:
 def render(result: dict) -> str:
     lines = [f"{result['date']} on {result['machine']['cpu']}, {result['machine']['cores']} cores; "
              f"base {result['base']} vs this {result['this']}; c={result['settings']['concurrency']}, "
-             f"{result['settings']['duration_s']} s per run, {result['settings']['rounds']} pairs per mode",
+             f"{result['settings']['duration_s']} s per run, {result['settings']['rounds']} pairs per mode"
+             + (f"; expert added with {result['settings']['expert_args']}" if result['settings'].get('expert_args')
+                else ""),
              "", "| mode | measure | base | this | this / base | pairs where this is better |",
              "| --- | --- | --- | --- | --- | --- |"]
     for mode, row in result["summary"].items():
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--concurrency", type=int, default=64, help="connections")
     p.add_argument("--modes", nargs="+", choices=("plain", "stream"), default=["plain", "stream"])
     p.add_argument("--wrk", default=shutil.which("wrk") or "wrk", help="wrk binary")
+    p.add_argument("--expert-args", default="", help="more `switchyard experts add` options for the load-test "
+                   "expert of both builds, one string (e.g. --expert-args='--max-concurrency 1000')")
     args = p.parse_args(argv)
     if shutil.which(args.wrk) is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
@@ -132,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         upstream, _ = go.start_upstream(fleet, "asgi")
         builds = {}
         for name, source in (("base", tree), ("this", REPO)):
-            base_url, pid = go.start_gateway(fleet, upstream, name=name, source=source)
+            base_url, pid = go.start_gateway(fleet, upstream, name=name, source=source,
+                                             add_args=shlex.split(args.expert_args))
             go.check_target(name, base_url, {})
             builds[name] = (base_url, pid, redis_server_of(fleet.workdir / f"{name}-data"))
         runs = []
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python benchmarks/gateway_ab.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "base": base_commit, "this": git_commit(),
               "settings": {"rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
-                           "concurrency": args.concurrency, "upstream": "asgi"},
+                           "concurrency": args.concurrency, "upstream": "asgi",
+                           "expert_args": args.expert_args},
               "runs": runs, "summary": summarize(runs)}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"gateway_ab-{now.strftime('%Y%m%dT%H%M%SZ')}.json"

@@ -49,7 +49,9 @@ def test_the_table_names_both_builds_and_skips_missing_measures():
     assert "base abc1234 vs this def5678" in text and "c=64" in text
     assert "| stream | gateway CPU us/req | 600.0 | 500.0 | 0.833 | 1 of 1 |" in text
     assert "| stream | req/s | 1,500.0 | 2,000.0 | 1.333 | 1 of 1 |" in text
-    assert "Redis" not in text and "answers" not in text
+    assert "Redis" not in text and "answers" not in text and "expert added with" not in text
+    result["settings"]["expert_args"] = "--max-concurrency 1000"
+    assert "; expert added with --max-concurrency 1000" in ab.render(result).splitlines()[0]
 
 
 def test_a_run_without_answers_is_named_and_left_out_of_the_ratios():
