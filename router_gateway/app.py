@@ -246,6 +246,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             app.state.routing = routing
             app.state.key_store, app.state.limiter = key_store, limiter
             app.state.decisions, app.state.aredis = decisions, aredis
+            app.state.slots = slots
             app.state.keys = KeyChecker(settings.resolved_admin_key(), settings.api_keys, keys)
             http, litellm = HTTPUpstream(client), LiteLLMUpstream(settings.upstream_timeout_s)
             routing.skills = SkillAsker(st, view, http, litellm)
@@ -453,6 +454,11 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def prometheus_metrics(request: Request) -> Response:
         """Prometheus metrics (text format); see ``router_gateway.observe``."""
+        view, slots = getattr(app.state, "view", None), getattr(app.state, "slots", None)
+        if view is not None and slots is not None:
+            caps = {n: s.max_concurrency for n, s in view.experts.items() if s.max_concurrency is not None}
+            held = await slots.counts(list(caps))
+            metrics.fleet.in_flight = {n: (held[n], cap) for n, cap in caps.items()}
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def observe(trace: Trace) -> None:

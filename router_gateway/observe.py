@@ -21,6 +21,9 @@ Metrics (``GET /metrics``, Prometheus text format)::
     switchyard_expert_up{expert}                              1 healthy, 0 unhealthy or cooling (at scrape)
     switchyard_expert_cooldown{expert}                        1 while in a cooldown (at scrape)
     switchyard_store_up                                       1 while Redis answers (at scrape)
+    switchyard_expert_in_flight{expert}                       requests holding a place under its max_concurrency,
+                                                              across the gateway (at scrape; capped experts only)
+    switchyard_expert_max_concurrency{expert}                 that cap
 
 ``key`` is the API key's id (never its secret): ``static`` for keys from
 SWITCHYARD_API_KEYS, ``admin``, and ``""`` when the gateway is open. With
@@ -229,6 +232,7 @@ class _FleetCollector(Collector):
                  client_of: Callable[[], "HTTP1Client | None"] = lambda: None):
         self.view_of = view_of
         self.client_of = client_of
+        self.in_flight: dict[str, tuple[int, int]] = {}   # capped expert -> (places held, cap), set per scrape
 
     def collect(self):
         view = self.view_of()
@@ -249,6 +253,15 @@ class _FleetCollector(Collector):
         yield up
         yield cool
         yield store
+        held = GaugeMetricFamily("switchyard_expert_in_flight", "Requests holding a place under the expert's "
+                                 "max_concurrency, across the gateway", labels=["expert"])
+        caps = GaugeMetricFamily("switchyard_expert_max_concurrency", "The expert's max_concurrency",
+                                 labels=["expert"])
+        for name, (n, cap) in sorted(self.in_flight.items()):
+            held.add_metric([name], n)
+            caps.add_metric([name], cap)
+        yield held
+        yield caps
         conns = GaugeMetricFamily("switchyard_upstream_connections",
                                   "Upstream connections of this process by state (in_use, idle, limit)",
                                   labels=["origin", "state"])

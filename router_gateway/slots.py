@@ -70,6 +70,14 @@ end
 return out
 """
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+# KEYS: sorted sets; replies: the leases in each that have not lapsed.
+_COUNT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('ZCOUNT', KEYS[i], '(' .. now, '+inf') end
+return out
+"""
 MAX_OPS = 512      # ops per script call
 LINGER_S = 0.01   # at most this long a give-back waits for a take to travel with
 TIMEOUT_S = 1.0    # for one script call; past it the takes waiting on it count in this process
@@ -195,6 +203,18 @@ class Slots:
                 answer.set_result(bool(taken))
             elif taken:   # its request went away meanwhile: the place goes back at once
                 self._queue("r", key, member, 0, None)
+
+    async def counts(self, experts: list[str]) -> dict[str, int]:
+        """Places held now per expert: across the gateway, or in this process when the
+        store does not answer (for the metrics)."""
+        if self.r is not None and experts:
+            try:
+                async with asyncio.timeout(TIMEOUT_S):
+                    reply = await self.r.eval(_COUNT, len(experts), *(self.key(e) for e in experts))
+                return {e: int(n) for e, n in zip(experts, reply)}
+            except (redis.RedisError, OSError) as exc:
+                log.debug("places in flight not read from the store: %s", exc)
+        return {e: self.local.get(e, 0) for e in experts}
 
     async def run(self) -> None:
         """Renew this process's leases every third of ``lease_s``, until cancelled."""

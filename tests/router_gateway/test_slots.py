@@ -44,6 +44,10 @@ def test_two_gateways_on_one_redis_share_an_experts_cap(store: ExpertStore, data
                                                             "stream": True}) as open_stream:
             next(open_stream.iter_bytes())
             assert _in_redis(store, "held") == 1
+            gauges = b.get("/metrics").text   # the other gateway's scrape sees the place taken
+            assert 'switchyard_expert_in_flight{expert="held"} 1.0' in gauges
+            assert 'switchyard_expert_max_concurrency{expert="held"} 1.0' in gauges
+            assert 'switchyard_expert_in_flight{expert="up-echo"}' not in gauges   # no cap, no gauge
             assert ask(b) == "up-echo"
             assert ask(a) == "up-echo"
         deadline = time.monotonic() + 5   # the client left: the place comes back when the relay ends
@@ -53,6 +57,7 @@ def test_two_gateways_on_one_redis_share_an_experts_cap(store: ExpertStore, data
         while _in_redis(store, "held"):   # given back just after the answer went out
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        assert 'switchyard_expert_in_flight{expert="held"} 0.0' in a.get("/metrics").text
 
 
 def test_a_place_lapses_when_its_holder_stops_renewing_it(store: ExpertStore):
@@ -66,6 +71,7 @@ def test_a_place_lapses_when_its_holder_stops_renewing_it(store: ExpertStore):
             assert kept is not None
             assert await other.take("x", 2) is None
             await asyncio.sleep(1.5)                      # 2.5 leases
+            assert _in_redis(store, "x") == 2 and await other.counts(["x", "y"]) == {"x": 1, "y": 0}
             place = await other.take("x", 2)              # the dead one's place has lapsed, not the live one's
             assert place is not None
             assert await other.take("x", 2) is None
@@ -126,6 +132,7 @@ def test_without_redis_each_process_counts_its_own(caplog: pytest.LogCaptureFixt
         try:
             first = await slots.take("x", 1)
             assert first is not None and await slots.take("x", 1) is None
+            assert await slots.counts(["x"]) == {"x": 1}   # this process's own count
             first()
             assert await slots.take("x", 1) is not None
         finally:
