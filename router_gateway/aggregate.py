@@ -6,7 +6,9 @@ aggregator expert writes the answer from theirs (after Symbolic-MoE and Mixture-
 2. The recruited experts answer the client's request in parallel, non-streaming, with
    the client's own parameters. One that fails (transport error, timeout, non-2xx, an
    answer with no text) is left out; if all fail the request fails like a single
-   expert's would (their 4xx passes through as a 400, anything else is a 502).
+   expert's would (their 4xx passes through as a 400, anything else is a 502). A
+   recruit with a ``max_concurrency`` takes a place under it for its call; one that
+   finds no place is left out like a failed one (all of them: a 503 to retry).
 3. The aggregator answers a new request: the client's messages, preceded by a system
    message that carries the recruited answers and asks for one answer built from them.
    It streams when the client asked for a stream. The aggregator is the deployment's
@@ -29,8 +31,9 @@ import orjson
 
 from expert_registry.spec import ExpertSpec
 from expert_registry.upstream import UpstreamFailure
-from router_gateway.errors import InvalidRequest, UpstreamError
+from router_gateway.errors import ExpertUnavailable, InvalidRequest, UpstreamError
 from router_gateway.keys import decode_usage, estimate_usage
+from router_gateway.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class ExpertAnswer:
     usage: tuple[int, int] | None = None   # (prompt, completion) tokens as reported, or estimated
     error: str | None = None
     status: int | None = None
+    full: bool = False   # not asked: the expert was at its max_concurrency
 
     @property
     def tokens(self) -> int:
@@ -83,11 +87,24 @@ def aggregator_body(body: dict, answers: list[ExpertAnswer]) -> dict:
 class Aggregation:
     """Calls the recruited experts for one request (``upstream_for`` picks the transport)."""
 
-    def __init__(self, upstream_for, timeout_s: float | None = None):
+    def __init__(self, upstream_for, timeout_s: float | None = None, slots: Slots | None = None):
         self.upstream_for = upstream_for
         self.timeout_s = timeout_s
+        self.slots = slots   # places under the experts' max_concurrency
 
     async def _ask(self, spec: ExpertSpec, body: dict, request_id: str) -> ExpertAnswer:
+        cap = spec.max_concurrency
+        if cap is None or self.slots is None:
+            return await self._call(spec, body, request_id)
+        release = await self.slots.take(spec.name, cap)
+        if release is None:
+            return ExpertAnswer(spec, None, error=f"at its max_concurrency ({cap} requests in flight)", full=True)
+        try:
+            return await self._call(spec, body, request_id)
+        finally:
+            release()
+
+    async def _call(self, spec: ExpertSpec, body: dict, request_id: str) -> ExpertAnswer:
         try:
             call = self.upstream_for(spec).send(spec, "chat/completions", recruit_body(body, spec), request_id)
             status, content = await (asyncio.wait_for(call, self.timeout_s) if self.timeout_s else call)
@@ -117,5 +134,8 @@ class Aggregation:
             detail = "; ".join(f"{a.expert.name}: {a.error}" for a in bad)
             if bad and all(a.status is not None and 400 <= a.status < 500 for a in bad):
                 raise InvalidRequest(f"every recruited expert refused the request ({detail})")
+            if bad and all(a.full for a in bad):
+                raise ExpertUnavailable(f"every recruited expert is at its max_concurrency ({detail}); retry shortly",
+                                        headers={"retry-after": "1"})
             raise UpstreamError(f"every recruited expert failed ({detail})")
         return aggregator_body(body, good), good, bad

@@ -249,7 +249,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             app.state.slots = slots
             app.state.keys = KeyChecker(settings.resolved_admin_key(), settings.api_keys, keys)
             http, litellm = HTTPUpstream(client), LiteLLMUpstream(settings.upstream_timeout_s)
-            routing.skills = SkillAsker(st, view, http, litellm)
+            routing.skills = SkillAsker(st, view, http, litellm, slots)
             app.state.dispatcher = Dispatcher(view, http, litellm, routing, CooldownPolicy(
                 settings.cooldown_failures, settings.cooldown_window_s, settings.cooldown_s,
                 settings.max_retry_after_s), metrics, slots)

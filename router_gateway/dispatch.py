@@ -208,8 +208,8 @@ class Dispatcher:
         if decision.recruited:
             in_flight = self.http.client.in_use   # each recruit asked at its first replica in order, no failover
             recruited = tuple(self.view.replicas.order(s, in_flight)[0][1] for s in decision.recruited)
-            body, good, bad = await Aggregation(self._upstream).gather(endpoint, body, recruited,
-                                                                       request_id)
+            body, good, bad = await Aggregation(self._upstream, slots=self.slots).gather(endpoint, body, recruited,
+                                                                                         request_id)
             headers["x-switchyard-recruited"] = ",".join(a.expert.name for a in good)
             headers["x-switchyard-recruited-tokens"] = str(sum(a.tokens for a in good))
             if meter is not None:            # the recruits' answers are paid for too

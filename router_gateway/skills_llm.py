@@ -10,7 +10,8 @@ so a repeated query costs one Redis read. An expert with replicas is asked at th
 the order the gateway's requests take them, the next after one that fails. Any failure (the expert unknown or unhealthy,
 a timeout, an HTTP error, an answer with no skill in it, Redis down) returns ``None``
 with the reason, and the router falls back to its zero-shot skills: asking for skills
-never fails a request. Failures are not cached, so a recovered expert is asked again.
+never fails a request. A question takes a place under the expert's ``max_concurrency``
+like a request does; with none free the zero-shot skills answer at once. Failures are not cached, so a recovered expert is asked again.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from dataclasses import dataclass
 
 import orjson
 
+from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore
 from expert_registry.upstream import HTTPUpstream, LiteLLMUpstream, UpstreamFailure
 from router_gateway.aggregate import answer_text
 from router_gateway.registry_view import RegistryView
+from router_gateway.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +43,13 @@ class SkillAnswer:
 
 
 class SkillAsker:
-    def __init__(self, store: ExpertStore, view: RegistryView, http: HTTPUpstream, litellm: LiteLLMUpstream):
+    def __init__(self, store: ExpertStore, view: RegistryView, http: HTTPUpstream, litellm: LiteLLMUpstream,
+                 slots: Slots | None = None):
         self.store = store
         self.view = view
         self.http = http
         self.litellm = litellm
+        self.slots = slots  # places under the experts' max_concurrency: a question takes one like a request
         self.asked = 0  # upstream calls made (cache misses), for tests and metrics
 
     def _key(self, expert: str, text: str) -> str:
@@ -72,8 +77,6 @@ class SkillAsker:
             log.warning("skills cache write failed: %s", exc)
 
     async def skills(self, text: str, expert: str, timeout_s: float, request_id: str | None = None) -> SkillAnswer:
-        from router_models.symbolic import parse_skill_list, skill_prompt
-
         key = self._key(expert, text)
         hit = await self._cached(key)
         if hit is not None:
@@ -83,6 +86,21 @@ class SkillAsker:
             return SkillAnswer(None, f"zero-shot (skills expert '{expert}' is not registered)")
         if self.view.is_unhealthy(expert) is not None:
             return SkillAnswer(None, f"zero-shot (skills expert '{expert}' is unhealthy)")
+        if spec.max_concurrency is None or self.slots is None:
+            return await self._ask(text, spec, key, timeout_s, request_id)
+        release = await self.slots.take(expert, spec.max_concurrency)
+        if release is None:
+            return SkillAnswer(None, f"zero-shot (skills expert '{expert}' is at its max_concurrency)")
+        try:
+            return await self._ask(text, spec, key, timeout_s, request_id)
+        finally:
+            release()
+
+    async def _ask(self, text: str, spec: ExpertSpec, key: str, timeout_s: float, request_id: str | None
+                   ) -> SkillAnswer:
+        from router_models.symbolic import parse_skill_list, skill_prompt
+
+        expert = spec.name
         body = {"model": spec.served_model, "messages": skill_prompt(text), "max_tokens": SKILL_MAX_TOKENS,
                 "temperature": 0, "stream": False}
         upstream = self.litellm if spec.backend == "litellm" else self.http

@@ -149,6 +149,28 @@ def test_a_skills_expert_with_a_dead_url_is_asked_at_its_live_replica(sym: Gatew
         assert body["skills_source"] == "llm", body["skills_source"]
 
 
+def test_a_skills_expert_at_its_max_concurrency_is_not_asked(sym: Gateway):
+    sym.store.put(ExpertSpec(name="tagger-capped", backend="openai", base_url=sym.store.get("tagger-math").base_url,
+                             served_model="skills-math", max_concurrency=1))
+    with sym.client(ADMIN_KEY) as c:
+        r = c.post("/v1/routers", json={"name": "tagger-capped", "router_dir": str(sym.router_dir),
+                                        "expert_map": EXPERT_MAP, "skills_expert": "tagger-capped"})
+        assert r.status_code == 201, r.text
+    places = "switchyard:inflight:tagger-capped"
+    seconds, _ = sym.store.client.time()
+    sym.store.client.zadd(places, {"another-gateway:1": (seconds + 60) * 1000})   # its one place is taken
+    body = route(sym, "router:tagger-capped", "What is 9 plus 10?")
+    assert body["skills_source"] == "zero-shot (skills expert 'tagger-capped' is at its max_concurrency)"
+    assert body["chosen"] == "math-expert"
+    sym.store.client.zrem(places, "another-gateway:1")
+    body = route(sym, "router:tagger-capped", "What is 9 plus 10?")
+    assert body["skills_source"] == "llm", body["skills_source"]
+    deadline = time.monotonic() + 5   # and the question gives its place back (just after)
+    while sym.store.client.zcard(places):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_chat_through_the_symbolic_router(sym: Gateway):
     with sym.client() as c:
         r = c.post("/v1/chat/completions", json={"model": "router:tagger-math?k=2",

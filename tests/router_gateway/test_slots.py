@@ -12,9 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from expert_registry.http1 import HTTP1Client
 from expert_registry.spec import ExpertSpec
 from expert_registry.store import ExpertStore, open_async_redis
+from expert_registry.upstream import HTTPUpstream
+from router_gateway.aggregate import Aggregation
 from router_gateway.app import create_app
+from router_gateway.errors import ExpertUnavailable
 from router_gateway.slots import Slots
 from tests.router_gateway.conftest import Gateway, make_settings, serve_in_thread
 
@@ -142,3 +146,32 @@ def test_without_redis_each_process_counts_its_own(caplog: pytest.LogCaptureFixt
         asyncio.run(go())
     warned = [r for r in caplog.records if "per gateway process" in r.getMessage()]
     assert len(warned) == 1   # once per outage, not per request
+
+
+def test_a_recruit_at_its_cap_is_left_out_and_all_of_them_full_is_a_503(scripted_upstream: str):
+    """Aggregation: a recruited expert takes a place for its call, like a chosen one."""
+    async def go():
+        client = HTTP1Client(8, 1.0, 5.0)
+        slots = Slots(None)
+        upstream = HTTPUpstream(client)
+        capped = ExpertSpec(name="capped", backend="openai", base_url=scripted_upstream, served_model="echo",
+                            max_concurrency=1)
+        free = ExpertSpec(name="free", backend="openai", base_url=scripted_upstream, served_model="echo")
+        agg = Aggregation(lambda spec: upstream, slots=slots)
+        body = {"model": "router:x?k=2", "messages": MSGS}
+        try:
+            held = await slots.take("capped", 1)
+            _, good, bad = await agg.gather("chat/completions", body, (capped, free), "rid")
+            assert [a.expert.name for a in good] == ["free"]
+            assert [a.expert.name for a in bad] == ["capped"] and bad[0].full and "max_concurrency" in bad[0].error
+            with pytest.raises(ExpertUnavailable) as full:
+                await agg.gather("chat/completions", body, (capped,), "rid")
+            assert full.value.headers == {"retry-after": "1"} and "max_concurrency" in full.value.message
+            held()
+            _, good, bad = await agg.gather("chat/completions", body, (capped, free), "rid")
+            assert len(good) == 2 and not bad
+            assert slots.local["capped"] == 0   # its place went back after its answer
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
