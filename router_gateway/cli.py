@@ -237,19 +237,26 @@ def _checked(spec, served_given: bool, window_given: bool):
 
 @experts_app.command("list")
 def experts_list(as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
-    """List registered experts with their last known health."""
+    """List registered experts with their last known health (and, for those with a
+    max_concurrency, the requests holding a place now across the gateway)."""
+    from router_gateway.slots import held_now
+
     store = _store(Settings())
     specs, health = store.list(), store.health()
+    held = held_now(store.client, store.prefix, [s.name for s in specs if s.max_concurrency is not None])
     if as_json:
-        out = [{**s.public(), "healthy": getattr(health.get(s.name), "healthy", None)} for s in specs]
+        out = [{**s.public(), "healthy": getattr(health.get(s.name), "healthy", None),
+                **({"in_flight": held[s.name]} if s.name in held else {})} for s in specs]
         print(json.dumps(out, indent=2))
         return
-    table = Table("name", "backend", "upstream", "served model", "$/1M in", "$/1M out", "ctx", "healthy")
+    table = Table("name", "backend", "upstream", "served model", "$/1M in", "$/1M out", "ctx", "in flight",
+                  "healthy")
     for s in specs:
         rec = health.get(s.name)
         upstream = (s.base_url or "-") + (f" (+{len(s.replicas)} replicas)" if s.replicas else "")
         table.add_row(s.name, s.backend, upstream, s.served_model, f"{s.input_price_per_mtok:g}",
                       f"{s.output_price_per_mtok:g}", str(s.context_window),
+                      f"{held[s.name]}/{s.max_concurrency}" if s.name in held else "-",
                       "?" if rec is None else ("yes" if rec.healthy else "[red]no[/red]"))
     console.print(table if specs else "no experts registered")
 

@@ -84,6 +84,15 @@ TIMEOUT_S = 1.0    # for one script call; past it the takes waiting on it count 
 RETRY_S = 1.0      # after the store failed, takes count in this process this long before asking it again
 
 
+def held_now(client: Any, prefix: str, experts: list[str]) -> dict[str, int]:
+    """Places held now per expert, across the gateway, read with a synchronous ``redis``
+    client (for the CLI)."""
+    if not experts:
+        return {}
+    reply = client.eval(_COUNT, len(experts), *(f"{prefix}inflight:{e}" for e in experts))
+    return {e: int(n) for e, n in zip(experts, reply)}
+
+
 class Place:
     """A place held under an expert's cap; calling it gives the place back (once)."""
 
@@ -123,7 +132,7 @@ class Slots:
         self._retry_at = 0.0   # during an outage, when to ask the store again
 
     def key(self, expert: str) -> str:
-        return f"{self.prefix}inflight:{expert}"
+        return f"{self.prefix}inflight:{expert}"   # as held_now() reads it
 
     async def take(self, expert: str, limit: int) -> Callable[[], None] | None:
         """A place for one request to ``expert`` (call it to give the place back), or None

@@ -43,6 +43,22 @@ def test_add_list_remove_persist_across_processes(tmp_path: Path):
     assert by_name["smol"]["fallbacks"] == ["remote", "other"]
     assert by_name["remote"]["output_price_per_mtok"] == 0.6
     assert "smol-135m" in sy(d, "experts", "list").stdout
+    assert "in_flight" not in by_name["smol"]   # no cap, nothing to count
+
+    # a capped expert shows the places held across the gateway (here one, taken by hand)
+    sy(d, "experts", "add", "capped", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1",
+       "--max-concurrency", "4", "--no-check")
+    from expert_registry.store import close_redis, open_redis
+
+    client = open_redis(None, d)
+    seconds, _ = client.time()
+    client.zadd("switchyard:inflight:capped", {"a-gateway:1": (seconds + 60) * 1000, "a-gateway:2": 1})  # one lapsed
+    by_name = {e["name"]: e for e in json.loads(sy(d, "experts", "list", "--json").stdout)}
+    assert by_name["capped"]["in_flight"] == 1 and by_name["capped"]["max_concurrency"] == 4
+    row = next(line for line in sy(d, "experts", "list").stdout.splitlines() if "capped" in line)
+    assert "1/4" in row
+    close_redis(client)
+    sy(d, "experts", "remove", "capped")
 
     dup = sy(d, "experts", "add", "smol", "--backend", "openai", "--base-url", "http://x:1/v1", check=False)
     assert dup.returncode == 1 and "already exists" in dup.stderr
