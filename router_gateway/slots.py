@@ -209,7 +209,7 @@ class Slots:
             if answer is None:
                 continue
             if not answer.done():
-                answer.set_result(bool(taken))
+                answer.set_result(int(taken))   # the places held with it, 0 when none was free
             elif taken:   # its request went away meanwhile: the place goes back at once
                 self._queue("r", key, member, 0, None)
 

@@ -99,6 +99,7 @@ def test_places_given_back_are_free_for_takes_in_the_same_turn(store: ExpertStor
             places = await asyncio.gather(*(slots.take("x", 3) for _ in range(5)))
             assert sum(p is not None for p in places) == 3   # one script call: exactly the cap
             held = [p for p in places if p is not None]
+            assert [p.crowded for p in held] == [False, True, True]   # over half the cap held with it
             held[0]()
             held[0]()   # a second call gives nothing back twice
             again = await asyncio.gather(*(slots.take("x", 3) for _ in range(2)))
