@@ -10,8 +10,9 @@ so a repeated query costs one Redis read. An expert with replicas is asked at th
 the order the gateway's requests take them, the next after one that fails. Any failure (the expert unknown or unhealthy,
 a timeout, an HTTP error, an answer with no skill in it, Redis down) returns ``None``
 with the reason, and the router falls back to its zero-shot skills: asking for skills
-never fails a request. A question takes a place under the expert's ``max_concurrency``
-like a request does; with none free the zero-shot skills answer at once. Failures are not cached, so a recovered expert is asked again.
+never fails a request. Failures are not cached, so a recovered expert is asked again.
+A question takes a place under the expert's ``max_concurrency`` like a request does;
+with none free the zero-shot skills answer at once.
 """
 
 from __future__ import annotations
