@@ -59,10 +59,21 @@ async def _checked(check: bool, spec: ExpertSpec, body: dict) -> ExpertSpec:
                              code="model_not_served") from None
 
 
-def _entry(view: RegistryView, spec: ExpertSpec) -> dict:
+def _entry(view: RegistryView, spec: ExpertSpec, in_flight: dict[str, int] | None = None) -> dict:
+    """The expert as the API shows it: its spec (no upstream key), its last health, and
+    for an expert with a ``max_concurrency`` the requests holding a place across the
+    gateway (``in_flight``), when read."""
     rec = view.health.get(spec.name)
     health = None if rec is None else {"healthy": rec.healthy, "checked_at": rec.checked_at, "error": rec.error}
-    return {**spec.public(), "health": health}
+    entry = {**spec.public(), "health": health}
+    if in_flight is not None and spec.name in in_flight:
+        entry["in_flight"] = in_flight[spec.name]
+    return entry
+
+
+async def _in_flight(request: Request, specs: list[ExpertSpec]) -> dict[str, int]:
+    capped = [s.name for s in specs if s.max_concurrency is not None]
+    return await request.app.state.slots.counts(capped) if capped else {}
 
 
 async def _admin(request: Request) -> tuple[ExpertStore, RegistryView]:
@@ -74,7 +85,9 @@ async def _admin(request: Request) -> tuple[ExpertStore, RegistryView]:
 async def list_experts(request: Request) -> Response:
     _, view = await _admin(request)
     await view.refresh()
-    return _json({"object": "list", "data": [_entry(view, s) for s in view.experts.values()]})
+    specs = list(view.experts.values())
+    held = await _in_flight(request, specs)
+    return _json({"object": "list", "data": [_entry(view, s, held) for s in specs]})
 
 
 @router.post("", status_code=201, openapi_extra=json_body(ExpertSpec),
@@ -99,7 +112,7 @@ async def get_expert(name: str, request: Request) -> Response:
     spec = view.experts.get(name)
     if spec is None:
         raise NotFound(f"expert '{name}' does not exist")
-    return _json(_entry(view, spec))
+    return _json(_entry(view, spec, await _in_flight(request, [spec])))
 
 
 @router.put("/{name:path}", openapi_extra=json_body(ExpertSpec),

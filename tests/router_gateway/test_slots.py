@@ -20,7 +20,7 @@ from router_gateway.aggregate import Aggregation
 from router_gateway.app import create_app
 from router_gateway.errors import ExpertUnavailable
 from router_gateway.slots import Slots
-from tests.router_gateway.conftest import Gateway, make_settings, serve_in_thread
+from tests.router_gateway.conftest import ADMIN_KEY, Gateway, make_settings, serve_in_thread
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -52,6 +52,10 @@ def test_two_gateways_on_one_redis_share_an_experts_cap(store: ExpertStore, data
             assert 'switchyard_expert_in_flight{expert="held"} 1.0' in gauges
             assert 'switchyard_expert_max_concurrency{expert="held"} 1.0' in gauges
             assert 'switchyard_expert_in_flight{expert="up-echo"}' not in gauges   # no cap, no gauge
+            with Gateway(two, store).client(ADMIN_KEY) as admin:
+                assert admin.get("/v1/experts/held").json()["in_flight"] == 1
+                listed = {e["name"]: e for e in admin.get("/v1/experts").json()["data"]}
+                assert listed["held"]["in_flight"] == 1 and "in_flight" not in listed["up-echo"]
             assert ask(b) == "up-echo"
             assert ask(a) == "up-echo"
         deadline = time.monotonic() + 5   # the client left: the place comes back when the relay ends
