@@ -129,8 +129,9 @@ def test_health_reports_unreachable_expert(tmp_path: Path):
     assert json.loads(sy(d, "experts", "list", "--json").stdout)[0]["healthy"] is False
 
 
-def test_serve_with_two_processes_shares_one_embedded_redis(tmp_path: Path):
+def test_serve_with_two_processes_shares_one_embedded_redis(tmp_path: Path, scripted_upstream: str):
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
@@ -138,6 +139,9 @@ def test_serve_with_two_processes_shares_one_embedded_redis(tmp_path: Path):
 
     d, port = tmp_path / "data", free_port()
     sy(d, "experts", "add", "gone", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1")
+    # answers after 5 s; at most 2 at a time across both processes
+    sy(d, "experts", "add", "slow", "--backend", "openai", "--base-url", scripted_upstream, "--served-model", "slow",
+       "--max-concurrency", "2", "--no-check")
     env = {**os.environ, "SWITCHYARD_DATA_DIR": str(d), "SWITCHYARD_HEALTH_INTERVAL_S": "0"}
     env.pop("SWITCHYARD_REDIS_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "router_gateway.cli", "serve", "--port", str(port),
@@ -146,14 +150,26 @@ def test_serve_with_two_processes_shares_one_embedded_redis(tmp_path: Path):
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").json()["experts"] == 1:
+                if httpx.get(f"http://127.0.0.1:{port}/health").json()["experts"] == 2:
                     break
             except httpx.HTTPError:
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
             time.sleep(0.3)
         for _ in range(6):  # both processes answer from the same registry
-            assert [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]] == ["gone"]
+            models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
+            assert sorted(m["id"] for m in models) == ["gone", "slow"]
+
+        def ask(_: int) -> int:
+            return httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                              json={"model": "slow", "messages": [{"role": "user", "content": "hi"}]}).status_code
+
+        # The cap holds under `serve --workers 2`. Which process accepts each connection is
+        # the kernel's choice (often one takes them all); that two gateways share one cap
+        # is shown in test_slots.
+        with ThreadPoolExecutor(12) as pool:
+            codes = sorted(pool.map(ask, range(12)))
+        assert codes == [200] * 2 + [503] * 10
         servers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_redis_for(p, d)]
         assert len(servers) == 1
     finally:
