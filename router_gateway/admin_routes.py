@@ -17,6 +17,7 @@ from router_gateway.errors import Conflict, InvalidRequest, NotFound, UpstreamEr
 from router_gateway.openapi import ADMIN, BODY, errors, json_body
 from router_gateway.protocol import invalid_from_validation
 from router_gateway.registry_view import RegistryView
+from router_gateway.slots import capped
 
 router = APIRouter(prefix="/v1/experts", tags=["experts"])
 CHECK = ("Ask the expert's server (GET base_url/models) first: refuse a served_model it does not list (400), "
@@ -72,8 +73,7 @@ def _entry(view: RegistryView, spec: ExpertSpec, in_flight: dict[str, int] | Non
 
 
 async def _in_flight(request: Request, specs: list[ExpertSpec]) -> dict[str, int]:
-    capped = [s.name for s in specs if s.max_concurrency is not None]
-    return await request.app.state.slots.counts(capped) if capped else {}
+    return await request.app.state.slots.counts(capped(specs))
 
 
 async def _admin(request: Request) -> tuple[ExpertStore, RegistryView]:

@@ -90,19 +90,14 @@ class Aggregation:
     def __init__(self, upstream_for, timeout_s: float | None = None, slots: Slots | None = None):
         self.upstream_for = upstream_for
         self.timeout_s = timeout_s
-        self.slots = slots   # places under the experts' max_concurrency
+        self.slots = slots or Slots(None)   # places under the experts' max_concurrency
 
     async def _ask(self, spec: ExpertSpec, body: dict, request_id: str) -> ExpertAnswer:
-        cap = spec.max_concurrency
-        if cap is None or self.slots is None:
+        async with self.slots.place(spec) as free:
+            if not free:
+                return ExpertAnswer(spec, None, error=f"at its max_concurrency ({spec.max_concurrency} requests in "
+                                    "flight)", full=True)
             return await self._call(spec, body, request_id)
-        release = await self.slots.take(spec.name, cap)
-        if release is None:
-            return ExpertAnswer(spec, None, error=f"at its max_concurrency ({cap} requests in flight)", full=True)
-        try:
-            return await self._call(spec, body, request_id)
-        finally:
-            release()
 
     async def _call(self, spec: ExpertSpec, body: dict, request_id: str) -> ExpertAnswer:
         try:

@@ -49,7 +49,7 @@ from router_gateway.responses import Pin, PinStoreError, ResponsePins
 from router_gateway.routing import RoutingTable, query_text
 from router_gateway.settings import Settings
 from router_gateway.skills_llm import SkillAsker
-from router_gateway.slots import Slots
+from router_gateway.slots import Slots, capped
 
 log = logging.getLogger(__name__)
 
@@ -456,9 +456,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         """Prometheus metrics (text format); see ``router_gateway.observe``."""
         view, slots = getattr(app.state, "view", None), getattr(app.state, "slots", None)
         if view is not None and slots is not None:
-            caps = {n: s.max_concurrency for n, s in view.experts.items() if s.max_concurrency is not None}
-            held = await slots.counts(list(caps))
-            metrics.fleet.in_flight = {n: (held[n], cap) for n, cap in caps.items()}
+            held = await slots.counts(capped(view.experts.values()))
+            metrics.fleet.in_flight = {n: (k, view.experts[n].max_concurrency) for n, k in held.items()}
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def observe(trace: Trace) -> None:

@@ -243,7 +243,7 @@ def experts_list(as_json: bool = typer.Option(False, "--json", help="JSON output
 
     store = _store(Settings())
     specs, health = store.list(), store.health()
-    held = held_now(store.client, store.prefix, [s.name for s in specs if s.max_concurrency is not None])
+    held = held_now(store.client, store.prefix, specs)
     if as_json:
         out = [{**s.public(), "healthy": getattr(health.get(s.name), "healthy", None),
                 **({"in_flight": held[s.name]} if s.name in held else {})} for s in specs]

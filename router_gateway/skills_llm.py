@@ -50,7 +50,7 @@ class SkillAsker:
         self.view = view
         self.http = http
         self.litellm = litellm
-        self.slots = slots  # places under the experts' max_concurrency: a question takes one like a request
+        self.slots = slots or Slots(None)  # places under the experts' max_concurrency: a question takes one too
         self.asked = 0  # upstream calls made (cache misses), for tests and metrics
 
     def _key(self, expert: str, text: str) -> str:
@@ -87,15 +87,10 @@ class SkillAsker:
             return SkillAnswer(None, f"zero-shot (skills expert '{expert}' is not registered)")
         if self.view.is_unhealthy(expert) is not None:
             return SkillAnswer(None, f"zero-shot (skills expert '{expert}' is unhealthy)")
-        if spec.max_concurrency is None or self.slots is None:
+        async with self.slots.place(spec) as free:
+            if not free:
+                return SkillAnswer(None, f"zero-shot (skills expert '{expert}' is at its max_concurrency)")
             return await self._ask(text, spec, key, timeout_s, request_id)
-        release = await self.slots.take(expert, spec.max_concurrency)
-        if release is None:
-            return SkillAnswer(None, f"zero-shot (skills expert '{expert}' is at its max_concurrency)")
-        try:
-            return await self._ask(text, spec, key, timeout_s, request_id)
-        finally:
-            release()
 
     async def _ask(self, text: str, spec: ExpertSpec, key: str, timeout_s: float, request_id: str | None
                    ) -> SkillAnswer:

@@ -23,6 +23,7 @@ in the log once per outage; the places it took in Redis before lapse by themselv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -30,10 +31,11 @@ import os
 import secrets
 import socket
 import time
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import redis
 
+from expert_registry.spec import ExpertSpec
 from router_gateway.resp import command, roundtrip
 
 log = logging.getLogger(__name__)
@@ -84,9 +86,15 @@ TIMEOUT_S = 1.0    # for one script call; past it the takes waiting on it count 
 RETRY_S = 1.0      # after the store failed, takes count in this process this long before asking it again
 
 
-def held_now(client: Any, prefix: str, experts: list[str]) -> dict[str, int]:
-    """Places held now per expert, across the gateway, read with a synchronous ``redis``
-    client (for the CLI)."""
+def capped(specs: Iterable[ExpertSpec]) -> list[str]:
+    """The names of the experts with a ``max_concurrency``."""
+    return [s.name for s in specs if s.max_concurrency is not None]
+
+
+def held_now(client: Any, prefix: str, specs: Iterable[ExpertSpec]) -> dict[str, int]:
+    """Places held now per expert with a cap, across the gateway, read with a
+    synchronous ``redis`` client (for the CLI)."""
+    experts = capped(specs)
     if not experts:
         return {}
     reply = client.eval(_COUNT, len(experts), *(f"{prefix}inflight:{e}" for e in experts))
@@ -213,9 +221,25 @@ class Slots:
             elif taken:   # its request went away meanwhile: the place goes back at once
                 self._queue("r", key, member, 0, None)
 
+    @contextlib.asynccontextmanager
+    async def place(self, spec: ExpertSpec) -> AsyncIterator[bool]:
+        """A place for one call to ``spec`` for the length of the block: True when it has
+        one (always, without a cap), False when its cap is reached."""
+        if spec.max_concurrency is None:
+            yield True
+            return
+        release = await self.take(spec.name, spec.max_concurrency)
+        if release is None:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            release()
+
     async def counts(self, experts: list[str]) -> dict[str, int]:
-        """Places held now per expert: across the gateway, or in this process when the
-        store does not answer (for the metrics)."""
+        """Places held now per expert (see :func:`capped`): across the gateway, or in this
+        process when the store does not answer (for the metrics and the API)."""
         if self.r is not None and experts:
             try:
                 async with asyncio.timeout(TIMEOUT_S):
