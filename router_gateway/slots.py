@@ -17,7 +17,9 @@ reach this module.
 
 Without Redis (unreachable, or an error) each process counts its own requests against the
 cap, as if it were the only one (asking the store again after ``RETRY_S``), and says so
-in the log once per outage; the places it took in Redis before lapse by themselves.
+in the log once per outage; the places it took in Redis before lapse by themselves. When
+the store answers again, the places taken meanwhile that are still held go into it as
+leases, so that every process counts them until they are given back.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class Place:
 
     __slots__ = ("slots", "expert", "member", "crowded")
 
-    def __init__(self, slots: "Slots", expert: str, member: str | None, crowded: bool = False):
+    def __init__(self, slots: "Slots", expert: str, member: str, crowded: bool = False):
         self.slots, self.expert, self.member = slots, expert, member
         self.crowded = crowded   # over half the cap was held with it: give it back without lingering
 
@@ -116,8 +118,10 @@ class Place:
             return
         self.slots = None
         slots.local[self.expert] -= 1
-        if self.member is not None and slots.held.pop(self.member, None) is not None:
+        if slots.held.pop(self.member, None) is not None:
             slots._queue("r", slots.key(self.expert), self.member, 0, None, self.crowded)
+        else:
+            slots.unseen.pop(self.member, None)
 
 
 class Slots:
@@ -132,6 +136,7 @@ class Slots:
         self._seq = itertools.count()
         self.held: dict[str, str] = {}    # member -> its sorted set: the leases this process holds in Redis
         self.local: dict[str, int] = {}   # places this process holds, per expert
+        self.unseen: dict[str, str] = {}  # member -> its sorted set: places taken while the store failed
         self._ops: list[tuple[str, str, str, int, asyncio.Future | None]] = []
         self._sending: set[asyncio.Task] = set()
         self._soon = False                              # a flush is due at the end of this turn
@@ -161,9 +166,11 @@ class Slots:
                 return self._hold(expert, member, 2 * taken > limit)
         if self.local.get(expert, 0) >= limit:
             return None
-        return self._hold(expert, None)
+        member = f"{self._id}{next(self._seq)}"
+        self.unseen[member] = self.key(expert)
+        return self._hold(expert, member)
 
-    def _hold(self, expert: str, member: str | None, crowded: bool = False) -> Place:
+    def _hold(self, expert: str, member: str, crowded: bool = False) -> Place:
         self.local[expert] = self.local.get(expert, 0) + 1
         return Place(self, expert, member, crowded)
 
@@ -274,3 +281,7 @@ class Slots:
         if self._outage:
             self._outage = False
             log.warning("max_concurrency is counted across the gateway again (the store answers)")
+            for member, key in self.unseen.items():   # still held: from now on every process counts them
+                self.held[member] = key
+                self._queue("n", key, member, 0, None)
+            self.unseen.clear()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from expert_registry.http1 import HTTP1Client
 from expert_registry.spec import ExpertSpec
@@ -19,6 +20,7 @@ from expert_registry.upstream import HTTPUpstream
 from router_gateway.aggregate import Aggregation
 from router_gateway.app import create_app
 from router_gateway.errors import ExpertUnavailable
+from router_gateway import slots as slots_module
 from router_gateway.slots import Slots
 from tests.router_gateway.conftest import ADMIN_KEY, Gateway, make_settings, serve_in_thread
 
@@ -188,3 +190,49 @@ def test_a_recruit_at_its_cap_is_left_out_and_all_of_them_full_is_a_503(scripted
             await client.aclose()
 
     asyncio.run(go())
+
+
+def test_places_taken_while_redis_was_down_count_across_the_gateway_once_it_is_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from tests.router_gateway.test_faults import RedisProcess
+
+    monkeypatch.setattr(slots_module, "RETRY_S", 0.2)
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    sync = redis.Redis.from_url(server.url)
+
+    def in_redis() -> int:
+        return sync.zcard("switchyard:inflight:x")
+
+    async def go():
+        client, other_client = open_async_redis(None, server.url), open_async_redis(None, server.url)
+        slots, other = Slots(client), Slots(other_client)   # two gateway processes
+        try:
+            before = await slots.take("x", 3)
+            assert before is not None and in_redis() == 1
+            server.kill()
+            during = await slots.take("x", 3)              # counted in this process only
+            assert during is not None and slots.unseen
+            server.start()
+            await asyncio.sleep(0.3)
+            after = await slots.take("x", 3)               # the store answers again
+            assert after is not None
+            await slots.drain()
+            assert in_redis() == 3 and not slots.unseen    # the place taken while it was down included
+            assert await other.take("x", 3) is None        # so the other process sees the cap reached
+            during()
+            await slots.drain()
+            assert in_redis() == 2
+            assert await other.take("x", 3) is not None
+            before()
+            after()
+            await slots.drain()
+        finally:
+            await client.aclose()
+            await other_client.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        sync.close()
+        server.kill()
