@@ -236,3 +236,17 @@ def test_places_taken_while_redis_was_down_count_across_the_gateway_once_it_is_b
     finally:
         sync.close()
         server.kill()
+
+
+def test_a_script_call_is_packed_as_the_generic_packer_would():
+    from router_gateway.resp import command
+
+    slots = Slots(None, "sy:", lease_s=2.5)
+    ops = [("t", "sy:inflight:x", "host:1:ab:0", 3, None), ("r", "sy:inflight:ü-modèle", "host:1:ab:1", 0, None),
+           ("n", "sy:inflight:x", "hôte:1:ab:2", 0, None), ("t", "sy:inflight:x", "host:1:ab:3", 1000, None)]
+    args = ["2500"]
+    for kind, _, member, limit, _ in ops:
+        args += (kind, member, str(limit))
+    assert slots._pack(ops) == command("EVALSHA", slots_module._SHA, "4", *(op[1] for op in ops), *args)
+    assert slots._pack(ops[:1]) == command("EVALSHA", slots_module._SHA, "1", "sy:inflight:x", "2500", "t",
+                                           "host:1:ab:0", "3")
