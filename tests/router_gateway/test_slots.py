@@ -250,3 +250,13 @@ def test_a_script_call_is_packed_as_the_generic_packer_would():
     assert slots._pack(ops) == command("EVALSHA", slots_module._SHA, "4", *(op[1] for op in ops), *args)
     assert slots._pack(ops[:1]) == command("EVALSHA", slots_module._SHA, "1", "sy:inflight:x", "2500", "t",
                                            "host:1:ab:0", "3")
+
+
+def test_the_script_keeps_count_of_a_set_within_one_call(store: ExpertStore):
+    key = f"{store.prefix}inflight:x"
+    ops = [("t", "m0", 3), ("t", "m1", 3), ("r", "m1", 0), ("t", "m2", 3), ("t", "m3", 3), ("t", "m4", 3)]
+    args = [a for op in ops for a in (op[0], op[1], str(op[2]))]
+    replies = store.client.eval(slots_module._SCRIPT, len(ops), *[key] * len(ops), "30000", *args)
+    assert replies == [1, 2, 1, 2, 3, 0]   # places held with each take; the last finds the cap reached
+    assert sorted(store.client.zrange(key, 0, -1)) == ["m0", "m2", "m3"]
+    assert 0 < store.client.pttl(key) <= 60000   # two leases: a set nobody renews goes away
