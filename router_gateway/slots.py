@@ -177,7 +177,8 @@ class Slots:
         if self.local.get(expert, 0) >= limit:
             return None
         member = f"{self._id}{next(self._seq)}"
-        self.unseen[member] = self.key(expert)
+        if self.r is not None:   # the store failed: it hears of this place once it answers again
+            self.unseen[member] = self.key(expert)
         return self._hold(expert, member)
 
     def _hold(self, expert: str, member: str, crowded: bool = False) -> Place:
