@@ -256,7 +256,8 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             tasks = [asyncio.create_task(view.run(), name="registry-refresh"),
                      asyncio.create_task(routing.run(), name="routers-refresh"),
                      asyncio.create_task(keys.run(), name="keys-refresh"),
-                     asyncio.create_task(slots.run(), name="concurrency-leases")]
+                     asyncio.create_task(slots.run(), name="concurrency-leases"),
+                     asyncio.create_task(metrics.run(), name="metrics")]
             if decisions.enabled:
                 tasks.append(asyncio.create_task(decisions.run(), name="decision-log"))
             if settings.health_interval_s > 0:

@@ -389,3 +389,45 @@ def test_new_request_ids_are_random_unique_and_not_shared_with_a_forked_child():
     os.waitpid(pid, 0)
     parent = [new_request_id() for _ in range(3)]
     assert len(child) == 3 and not set(child) & set(parent)
+
+
+def test_metrics_counted_in_batches_scrape_as_plain_observes_would():
+    """Metrics.finish counts in dicts and folds them in at the scrape; the histogram
+    buckets, sums and counters come out as one observe / inc per request gives."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from router_gateway.observe import _LATENCY_BUCKETS, _OVERHEAD_BUCKETS, Metrics
+
+    metrics = Metrics()
+    ref = CollectorRegistry()
+    duration = Histogram("switchyard_request_duration_seconds", "", ["route", "expert"], buckets=_LATENCY_BUCKETS,
+                         registry=ref)
+    overhead = Histogram("switchyard_gateway_overhead_seconds", "", ["route"], buckets=_OVERHEAD_BUCKETS,
+                         registry=ref)
+    requests = Counter("switchyard_requests", "", ["route", "code", "expert", "key"], registry=ref)
+    tokens = Counter("switchyard_tokens", "", ["expert", "key", "kind"], registry=ref)
+    # On a bucket's bound, between bounds, above them all, zero; two routes and experts.
+    cases = [(0.005, "a", 200), (0.0049, "a", 200), (400.0, "b", 502), (0.0, "a", 200), (1.0, "b", 200),
+             (0.005, "a", 200), (0.0001, "b", 200)]
+    for i, (seconds, expert, status) in enumerate(cases):
+        route = "/v1/chat/completions" if i % 3 else "/v1/completions"
+        t = Trace(f"r{i}", 100.0, 0.0, route, status=status, expert=expert, key="k", ended=100.0 + seconds,
+                  overhead_s=seconds / 10, calls=[(expert, i, 2 * i, 0.0)])
+        metrics.finish(t)
+        if i == 3:   # a scrape between requests: what it folded is not folded again
+            metrics.render()
+        duration.labels(route, expert).observe((100.0 + seconds) - 100.0)
+        overhead.labels(route).observe(seconds / 10)
+        requests.labels(route, str(status), expert, "k").inc()
+        tokens.labels(expert, "k", "prompt").inc(i)
+        tokens.labels(expert, "k", "completion").inc(2 * i)
+
+    def samples(text: bytes, names: tuple[str, ...]) -> dict[str, float]:
+        lines = (ln.rsplit(" ", 1) for ln in text.decode().splitlines() if ln.startswith(names))
+        return {name: float(value) for name, value in lines if "_created" not in name}
+
+    names = ("switchyard_request_duration_seconds", "switchyard_gateway_overhead_seconds", "switchyard_requests_total",
+             "switchyard_tokens_total")
+    got, want = samples(metrics.render(), names), samples(generate_latest(ref), names)
+    assert len(want) > 100   # 6 histogram children of 14-20 samples each, 10 counters
+    assert got == pytest.approx(want, rel=1e-12)   # sums added up in another order

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from router_gateway.keys import cost_nano
+from router_gateway.observe import FLUSH_S
 from tests.router_gateway.conftest import free_port
 from tests.router_gateway.test_cli import sy
 
@@ -156,13 +157,24 @@ def test_one_serve_with_two_workers_reports_one_set_of_metrics(tmp_path: Path, s
     key = json.loads(sy(d, "keys", "create", "team", "--json").stdout)
     with two_gateways(d, count=1, workers=2) as (url,):
         assert set(asyncio.run(_fire([url, url], key["key"], 40))) == {200}
-        # Each scrape lands on either worker; every one sums both workers' samples.
+
+        def counted() -> tuple[float, float]:
+            """(requests, completion tokens) of the key, in one scrape."""
+            found = {}
+            for line in httpx.get(f"{url}/metrics").text.splitlines():
+                if f'key="{key["id"]}"' in line and (
+                        line.startswith("switchyard_requests_total{") and 'route="/v1/chat/completions"' in line
+                        or line.startswith("switchyard_tokens_total{") and 'kind="completion"' in line):
+                    found[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
+            return found.get("switchyard_requests_total", 0.0), found.get("switchyard_tokens_total", 0.0)
+
+        # A worker's counts reach the shared files within FLUSH_S; then each scrape, on
+        # either worker, sums both workers' samples.
+        deadline = time.monotonic() + 10 * FLUSH_S
+        while counted() != (40, 120) and time.monotonic() < deadline:
+            time.sleep(0.1)
         for _ in range(6):
-            text = httpx.get(f"{url}/metrics").text
-            line = next(ln for ln in text.splitlines() if ln.startswith("switchyard_requests_total{")
-                        and 'route="/v1/chat/completions"' in ln and f'key="{key["id"]}"' in ln)
-            assert line.endswith(" 40.0"), line
-            assert f'switchyard_tokens_total{{expert="up-echo",key="{key["id"]}",kind="completion"}} 120.0' in text
+            assert counted() == (40, 120)
         assert _redis_servers_in(d)
     _stopped_with_its_gateway(d)
 
