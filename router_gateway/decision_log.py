@@ -66,8 +66,10 @@ def entry_of(t: Trace, with_prompt: bool) -> dict[str, str]:
 
 
 class DecisionLog:
-    """Buffers decision entries, each already packed as its ``XADD`` (:meth:`packed`), and
-    appends them to the stream in the background."""
+    """Buffers the traces of ended requests and appends their entries to the stream in the
+    background, each packed as its ``XADD`` (:meth:`packed`) when its batch is written:
+    packing a batch in one loop cost less CPU per entry than packing each entry as its
+    request ended."""
 
     def __init__(self, aredis: Any, prefix: str, max_entries: int, with_prompts: bool = True,
                  on_drop: Callable[[int], None] = lambda n: None, flush_s: float = 0.1):
@@ -77,7 +79,7 @@ class DecisionLog:
         self.with_prompts = with_prompts
         self.on_drop = on_drop
         self.flush_s = flush_s
-        self._pending: deque[bytes] = deque()
+        self._pending: deque[Trace] = deque()
         self._wake = asyncio.Event()
         self._failing = False
         head = _head(self.key, max_entries).decode("utf-8", "surrogateescape")
@@ -93,7 +95,9 @@ class DecisionLog:
         if len(self._pending) >= MAX_BACKLOG:
             self._pending.popleft()
             self.on_drop(1)
-        self._pending.append(self.packed(t))
+        if t.ended is None:
+            t.ended = time.perf_counter()
+        self._pending.append(t)
         if len(self._pending) >= BATCH:
             self._wake.set()
 
@@ -146,7 +150,8 @@ class DecisionLog:
 
     async def flush(self) -> None:
         while self._pending:
-            batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
+            pending, packed = self._pending, self.packed
+            batch = [packed(pending.popleft()) for _ in range(min(BATCH, len(pending)))]
             try:
                 await self._write(batch)
             except Exception as exc:   # Redis down: these entries are lost, the answers went out
