@@ -34,7 +34,7 @@ from router_gateway.cache import ResponseCache, cache_mode
 from router_gateway.cors import Cors
 from router_gateway.dispatch import (CooldownPolicy, Dispatcher, OnId, RouteDecision, error_response,
                                      internal_error_response)
-from router_gateway.app_helpers import read_json
+from router_gateway.app_helpers import header, read_json
 from router_gateway.decision_log import DecisionLog
 from router_gateway.errors import (GatewayError, InvalidRequest, ModelNotFound, ResponseNotFound, StoreUnavailable,
                                    error_body)
@@ -299,7 +299,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
         key, trace.key = await state.keys.caller(request)
         body = await read_json(request, settings.max_body_bytes)
         validate_body(wire, body)
-        timeout_s = _timeout(request.headers.get("x-switchyard-timeout"), settings.max_request_timeout_s)
+        timeout_s = _timeout(header(request, b"x-switchyard-timeout"), settings.max_request_timeout_s)
         cache_as = cache_mode(request.headers) if caching and endpoint != "responses" else None
         trace.endpoint, trace.model = endpoint, body["model"]
         logging_decisions = state.decisions.enabled
@@ -332,7 +332,7 @@ def create_app(settings: Settings | None = None, store: ExpertStore | None = Non
             elif target.kind == "expert":  # the fast path: no awaits
                 decision = dispatcher.resolve(target)
             else:
-                explain = request.headers.get("x-switchyard-explain", "").lower() in ("1", "true", "yes")
+                explain = (header(request, b"x-switchyard-explain") or "").lower() in ("1", "true", "yes")
                 decision = await dispatcher.route(target, body, endpoint, explain or logging_decisions)
                 trace.route_s, trace.scores = decision.route_s, decision.scores
                 if not explain and decision.scores is not None:
