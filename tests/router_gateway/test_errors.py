@@ -162,3 +162,34 @@ def test_unhealthy_expert_is_not_routed_to(gateway: Gateway):
     gateway.store.set_health("up-echo", True)
     time.sleep(0.5)
     assert_still_healthy(gateway)
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_read_json_refuses_a_body_over_the_limit_read_whole_or_streamed(whole: bool):
+    """``read_json`` on a body the server read whole (``Request._body``) and on one it
+    streams: the same limit, the same empty and invalid-JSON errors."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from router_gateway.app_helpers import read_json
+    from router_gateway.errors import InvalidRequest, PayloadTooLarge
+
+    def request(body: bytes) -> Request:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": CHAT,
+                 "headers": [] if whole else [(b"content-length", str(len(body)).encode())]}
+        req = Request(scope, receive)
+        if whole:
+            req._body = body
+        return req
+
+    assert asyncio.run(read_json(request(b'{"a": [1]}'), 10)) == {"a": [1]}
+    with pytest.raises(PayloadTooLarge, match="11 bytes; the limit is 10"):
+        asyncio.run(read_json(request(b'{"a": [12]}'), 10))
+    with pytest.raises(InvalidRequest, match="empty"):
+        asyncio.run(read_json(request(b""), 10))
+    with pytest.raises(InvalidRequest, match="not valid JSON"):
+        asyncio.run(read_json(request(b"{nope"), 10))
