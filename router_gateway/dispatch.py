@@ -232,6 +232,9 @@ class Dispatcher:
             if failed:
                 headers["x-switchyard-fallback-from"] = ",".join(failed)
             try:
+                if spec.max_concurrency is None and not spec.replicas:   # what _call_expert comes down to
+                    return await self._call(spec, endpoint, body, client_model, request_id, t0, dict(headers),
+                                            meter, hide_usage, timeout_s, on_id)
                 return await self._call_expert(spec, endpoint, body, client_model, request_id, t0, headers, meter,
                                                hide_usage, timeout_s, on_id)
             except _Failed as exc:
