@@ -331,8 +331,12 @@ class HTTP1Client:
         pool = self._pool(origin)
         for attempt in (0, 1):
             conn = await pool.get(self.connect_timeout)
+            timer = None
             try:
-                status = await _wait(conn.start(raw), timeout)
+                headers_done = conn.start(raw)   # what _wait does, without a coroutine per request
+                if timeout is not None:
+                    timer = headers_done.get_loop().call_later(timeout, _expire, headers_done)
+                status = await headers_done
             except ConnectionBroken:
                 pool.discard(conn)
                 if attempt == 0 and conn.reused and not conn.got_bytes:
@@ -344,6 +348,9 @@ class HTTP1Client:
             except BaseException:
                 pool.discard(conn)  # cancelled (client went away): the connection is mid-exchange
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
             return Response(status, conn.headers, conn, pool, timeout)
         raise AssertionError("unreachable")
 
