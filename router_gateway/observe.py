@@ -358,7 +358,8 @@ class Metrics:
         if reg is not None:
             reg.register(self.fleet)
         # Label children by value, cached: prometheus_client checks and looks up the label
-        # values on every ``labels()`` call, several times per request.
+        # values on every ``labels()`` call (per label set at each flush; per lookup for
+        # the cache's results, which are counted as they happen).
         self._requests, self._duration, self._overhead, self._routing, self._tokens, self._spend, self._cache = (
             functools.lru_cache(maxsize=_CHILDREN)(m.labels)
             for m in (self.requests, self.duration, self.overhead, self.routing, self.tokens, self.spend, self.cache))
