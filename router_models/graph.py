@@ -346,8 +346,7 @@ class GraphRouter(Router):
         self.e_bias_ = np.r_[self.e_bias_, np.float32(0)]
         self.experts_.append(name)
         self.competence_ = np.r_[self.competence_, scores.mean() if len(scores) else np.nan]
-        self.cost_model_.intercept = np.r_[self.cost_model_.intercept, price]
-        self.cost_model_.slope = np.r_[self.cost_model_.slope, 0.0]
+        self.cost_model_.add_expert(price)
         self.cost_scale_ = float(max(self.cost_scale_, price))
         with _torch_threads(self.threads):
             self._refresh()
