@@ -391,3 +391,69 @@ def test_cost_model_missing_costs():
     np.testing.assert_array_equal(cm.intercept, [0.0, 2.0, 2.0])
     np.testing.assert_array_equal(cm.slope, [0.0, 0.0, 0.0])
     assert np.isfinite(cm.predict(prompts)).all()
+
+
+def kind_priced_logs(tmp_path: Path) -> BenchmarkLogs:
+    """Code and multiple-choice questions of one length: ``verbose`` writes long answers to
+    code questions ($0.01 a call) and a letter to the others ($0.001); ``flat`` costs
+    $0.002 whatever it is asked. The length-only model can only average ``verbose``."""
+    rows = []
+    for i in range(24):
+        code = i % 2 == 0
+        text = (f"Write a python function that returns item {i:02d}" if code
+                else f"Pick A or B: which letter comes first? {i:02d}")
+        for model, cost in (("verbose", 0.01 if code else 0.001), ("flat", 0.002)):
+            rows.append({"prompt_id": f"q{i}", "prompt": text.ljust(60, "."), "model": model,
+                         "score": float(code == (model == "verbose")), "cost_usd": cost,
+                         "task": "mixed"})
+    return load_logs(write_logs(rows, tmp_path / "kinds.jsonl"))
+
+
+def test_cost_model_reads_the_kind_of_question_from_the_routers_features(tmp_path):
+    logs = kind_priced_logs(tmp_path)
+    router = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(logs)
+    code = ["Write a python function that returns item 99".ljust(60, ".")]
+    choice = ["Pick A or B: which letter comes first? 99".ljust(60, ".")]
+    verbose, flat = router.experts_.index("verbose"), router.experts_.index("flat")
+    length_only = CostModel.fit(logs.prompts, logs.costs).predict(code + choice)
+    np.testing.assert_allclose(length_only[:, verbose], [0.0055, 0.0055], rtol=1e-6)
+    c = router.predict_cost(code + choice)
+    assert 0.008 < c[0, verbose] < 0.012 and 0.0005 < c[1, verbose] < 0.002, c
+    np.testing.assert_allclose(c[:, flat], 0.002, rtol=1e-6)  # its cost never varied
+    assert router.explain(code[0])["experts"]["verbose"]["cost_usd"] == pytest.approx(c[0, verbose])
+
+
+def test_cost_model_kind_part_round_trips_and_old_artifacts_load(tmp_path):
+    router = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(kind_priced_logs(tmp_path))
+    queries = ["Write a python function that returns item 7", "Pick A or B: 7", ""]
+    d = router.save(tmp_path / "r")
+    np.testing.assert_array_equal(load_router(d).predict_cost(queries), router.predict_cost(queries))
+
+    # an artifact written before the kind part: the length model alone
+    meta = json.loads((d / ROUTER_FILE).read_text())
+    assert meta["cost_model"].pop("ratio") is True
+    (d / ROUTER_FILE).write_text(json.dumps(meta))
+    old = load_router(d)
+    assert not old.cost_model_.has_ratio
+    np.testing.assert_array_equal(old.predict_cost(queries),
+                                  CostModel.from_dict(meta["cost_model"]).predict(queries))
+
+    # router.json promises a kind part that the arrays file lacks
+    meta["cost_model"]["ratio"] = True
+    (d / ROUTER_FILE).write_text(json.dumps(meta))
+    from safetensors.numpy import load_file, save_file
+    arrays = load_file(str(d / ARRAYS_FILE))
+    save_file({k: v for k, v in arrays.items() if not k.startswith("cost_model.")}, str(d / ARRAYS_FILE))
+    with pytest.raises(ArtifactError, match="lacks cost_model.ratio_coef"):
+        load_router(d)
+
+
+def test_cost_model_new_expert_costs_its_price_whatever_the_kind(tmp_path):
+    logs = kind_priced_logs(tmp_path)
+    router = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(logs)
+    cm = router.cost_model_
+    cm.add_expert(0.003)
+    X = router.featurizer_.transform(logs.prompts[:4])
+    c = cm.predict(logs.prompts[:4], X)
+    assert c.shape == (4, 3)
+    np.testing.assert_allclose(c[:, 2], 0.003, rtol=1e-6)
