@@ -361,7 +361,9 @@ def minilm_encoder() -> MiniLMEncoder:
 class MiniLMFeaturizer:
     """all-MiniLM-L6-v2 mean-pooled, L2-normalised embeddings, 384 dims.
 
-    Stateless (nothing to fit); ``cache`` may be shared across featurizers.
+    Stateless (nothing to fit); ``cache`` may be shared across featurizers. The last call's
+    texts and embeddings are kept, so that a router reading the same queries twice (quality,
+    then cost) embeds them once even with no cache.
     """
 
     name = "minilm"
@@ -371,11 +373,21 @@ class MiniLMFeaturizer:
         self.cache = cache
         self.batch_size = batch_size
         self.progress = progress
+        self._last: tuple[list[str], np.ndarray] | None = None
 
     def fit(self, texts: list[str]) -> "MiniLMFeaturizer":
         return self
 
     def transform(self, texts: list[str]) -> np.ndarray:
+        texts = list(texts)
+        last = self._last  # one read: another thread may replace it meanwhile
+        if last is not None and last[0] == texts:
+            return last[1].copy()
+        X = self._transform(texts)
+        self._last = (texts, X.copy())
+        return X
+
+    def _transform(self, texts: list[str]) -> np.ndarray:
         cut = [query_text(t) for t in texts]
         keys = [text_key(t) for t in cut]
         cache = self.cache if self.cache is not None else default_cache()

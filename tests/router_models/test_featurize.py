@@ -115,6 +115,21 @@ def test_minilm_cache_avoids_re_encoding(minilm):
     assert feat.encoded[1:] == [[TEXTS[2]]]                    # only the new text
 
 
+
+def test_minilm_reads_the_same_queries_twice_with_one_encoding(minilm):
+    """A router scores quality, then cost, of the same queries: one encoding, even when
+    no cache keeps anything (capacity 0, as the routing benchmark measures)."""
+    feat = CountingMiniLM(cache=EmbeddingCache(capacity=0))
+    first = feat.transform(TEXTS[:2])
+    first[:] = 0.0                                             # the caller's copy, not the kept one
+    second = feat.transform(list(TEXTS[:2]))
+    assert feat.encoded == [TEXTS[:2]]
+    assert np.abs(second).sum() > 0
+    feat.transform(TEXTS[1:3])                                 # other queries: encoded
+    assert feat.encoded[1:] == [TEXTS[1:3]]
+    feat.transform(TEXTS[:2])                                  # only the last call is kept
+    assert len(feat.encoded) == 3
+
 def test_minilm_sqlite_cache_serves_a_restarted_process(minilm, tmp_path):
     path = tmp_path / "emb.sqlite"
     before = CountingMiniLM(cache=EmbeddingCache(path))
