@@ -142,10 +142,12 @@ def cross_validate(name: str, logs, routers: list[str], args: argparse.Namespace
     """Fit and predict every router on every fold; pooled and per-fold curve reports."""
     from tqdm import tqdm
 
+    from router_models.base import CostModel
     from router_models.logs import kfold_by_prompt
     from router_models.metrics import baselines, evaluate_router, reference_points
 
-    pooled: dict[str, list] = {"scores": [], "costs": [], "tasks": [], **{f"q:{r}": [] for r in routers},
+    pooled: dict[str, list] = {"scores": [], "costs": [], "tasks": [], "c:length only": [],
+                               **{f"q:{r}": [] for r in routers},
                                **{f"c:{r}": [] for r in routers}}
     per_fold: dict[str, list[float]] = {r: [] for r in (*routers, *BASELINES)}
     chosen: dict[str, list[dict]] = {r: [] for r in routers}  # the head each classifier fit picked
@@ -158,6 +160,7 @@ def cross_validate(name: str, logs, routers: list[str], args: argparse.Namespace
         pooled["scores"].append(test.scores)
         pooled["costs"].append(test.costs)
         pooled["tasks"] += test.tasks
+        pooled["c:length only"].append(CostModel.fit(train.prompts, train.costs).predict(test.prompts))
         for r in routers:
             bar.set_postfix_str(r)
             t0 = time.perf_counter()
@@ -180,9 +183,11 @@ def cross_validate(name: str, logs, routers: list[str], args: argparse.Namespace
     ref = reference_points(S, C)
     reports = {r: evaluate_router(r, S, C, np.vstack(pooled[f"q:{r}"]), np.vstack(pooled[f"c:{r}"]), ref=ref)
                for r in routers}
+    cost_mae = {r: float(np.abs(np.vstack(pooled[f"c:{r}"]) - C).mean()) for r in ("length only", *routers)}
     reports |= baselines(S, C, seed=args.seed)
     reports["task_oracle"] = task_oracle(S, C, pooled["tasks"], ref)
     return {"S": S, "C": C, "ref": ref, "reports": reports, "per_fold": per_fold, "chosen": chosen,
+            "cost_mae": cost_mae,
             "fit_s": fit_s, "predict_s": predict_s}
 
 
@@ -292,6 +297,8 @@ def run_dataset(name: str, path: Path, routers: list[str], args: argparse.Namesp
         rows[r] = rep.to_dict() | extra_metrics(rep.points, ref) | {"aiq_folds": cv["per_fold"][r]}
         if cv["chosen"].get(r):
             rows[r]["models_chosen"] = cv["chosen"][r]
+        if r in cv["cost_mae"]:
+            rows[r]["cost_mae"] = cv["cost_mae"][r]
     reused = reuse_rows(name, args, ref, int(S.shape[0]), routers)
     for r, row in reused.items():
         rows[r] = row
@@ -310,6 +317,7 @@ def run_dataset(name: str, path: Path, routers: list[str], args: argparse.Namesp
         "single_experts": [{"name": n, "cost": c, "quality": q}
                            for n, c, q in single_expert_points(S, C, logs.experts)],
         "routers": routers, "rows": rows, "reused": {r: row["reused_from"] for r, row in reused.items()},
+        "cost_mae_length_only": cv["cost_mae"]["length only"], "mean_cost": float(np.mean(C)),
         "goals": goals(name, rows, routers, ref, logs.experts),
         "timing": {"load_s": load_s, "embed": embed, "fit_s": cv["fit_s"], "predict_s": cv["predict_s"],
                    "total_s": time.perf_counter() - t0},
@@ -372,6 +380,12 @@ def render(report: dict, run: dict) -> str:
                      f"{fmt_usd(r['cpt80'])} | {fmt_pct(r['cost_to_best_single'])} | "
                      f"{fmt_q(r['best_quality'], r['best_quality_cost'])} | "
                      f"{fmt_q(r['quality_at_half_best_cost'], r['cost_at_half_best_cost'])} |")
+    maes = [f"{r} {fmt_usd(rows[r]['cost_mae'])}" for r in report["routers"] if "cost_mae" in rows[r]]
+    if maes and report.get("cost_mae_length_only") is not None:
+        lines += ["", "Cost per call predicted out of fold, mean absolute error over the evaluated (prompt, "
+                  f"expert) cells (their mean cost {fmt_usd(report['mean_cost'])}): the length-only model "
+                  f"{fmt_usd(report['cost_mae_length_only'])}; each router's cost model (length times a ratio "
+                  "read from its features) " + ", ".join(maes) + "."]
     if report["goals"]:
         lines += ["", "Goals:", ""]
         lines += [f"- {g['goal']}: {'**met**' if g['met'] else '**not met**'}. {g['detail']}." for g in report["goals"]]

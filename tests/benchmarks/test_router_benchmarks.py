@@ -93,6 +93,9 @@ def test_router_quality_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> Non
         assert "symbolic's AIQ above kNN's" in named and "gnn's AIQ above kNN's" in named
         assert "symbolic or graph router's AIQ above the classifier's" in named
         assert report["timing"]["total_s"] > 0 and report["timing"]["embed"]["texts"] == n
+        assert report["cost_mae_length_only"] >= 0 and report["mean_cost"] > 0
+        assert all(rows[r]["cost_mae"] >= 0 for r in report["routers"])
+        assert "the length-only model" in bench.render(report, report)
         assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
