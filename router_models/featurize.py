@@ -358,12 +358,30 @@ def minilm_encoder() -> MiniLMEncoder:
         return _ENCODER
 
 
-class MiniLMFeaturizer:
+class _KeepsLastCall:
+    """``transform`` keeps its last call's texts and features, so that a router reading
+    the same queries twice (quality, then cost) featurizes them once, even with no cache.
+    Subclasses implement ``_transform``; a refit must clear ``_last``."""
+
+    _last: tuple[list[str], Any] | None = None
+
+    def transform(self, texts: list[str]) -> Any:
+        texts = list(texts)
+        last = self._last  # one read: another thread may replace it meanwhile
+        if last is not None and last[0] == texts:
+            return last[1].copy()
+        X = self._transform(texts)
+        self._last = (texts, X.copy())
+        return X
+
+    def _transform(self, texts: list[str]) -> Any:
+        raise NotImplementedError
+
+
+class MiniLMFeaturizer(_KeepsLastCall):
     """all-MiniLM-L6-v2 mean-pooled, L2-normalised embeddings, 384 dims.
 
-    Stateless (nothing to fit); ``cache`` may be shared across featurizers. The last call's
-    texts and embeddings are kept, so that a router reading the same queries twice (quality,
-    then cost) embeds them once even with no cache.
+    Stateless (nothing to fit); ``cache`` may be shared across featurizers.
     """
 
     name = "minilm"
@@ -373,19 +391,9 @@ class MiniLMFeaturizer:
         self.cache = cache
         self.batch_size = batch_size
         self.progress = progress
-        self._last: tuple[list[str], np.ndarray] | None = None
 
     def fit(self, texts: list[str]) -> "MiniLMFeaturizer":
         return self
-
-    def transform(self, texts: list[str]) -> np.ndarray:
-        texts = list(texts)
-        last = self._last  # one read: another thread may replace it meanwhile
-        if last is not None and last[0] == texts:
-            return last[1].copy()
-        X = self._transform(texts)
-        self._last = (texts, X.copy())
-        return X
 
     def _transform(self, texts: list[str]) -> np.ndarray:
         cut = [query_text(t) for t in texts]
@@ -421,7 +429,7 @@ class MiniLMFeaturizer:
         return cls()
 
 
-class TfidfFeaturizer:
+class TfidfFeaturizer(_KeepsLastCall):
     """Word uni+bigram TF-IDF (sublinear tf, L2 rows), fitted on the training prompts.
     Saved as its vocabulary (JSON) and idf vector; predictions after a reload are the
     same sparse rows."""
@@ -445,9 +453,10 @@ class TfidfFeaturizer:
         if len(cut) < 2 * self.min_df:
             vec.set_params(min_df=1)
         self.vectorizer_ = vec.fit(cut)
+        self._last = None
         return self
 
-    def transform(self, texts: list[str]) -> Any:
+    def _transform(self, texts: list[str]) -> Any:
         if self.vectorizer_ is None:
             raise RuntimeError("TfidfFeaturizer is not fitted")
         return self.vectorizer_.transform([query_text(t) for t in texts])

@@ -130,6 +130,18 @@ def test_minilm_reads_the_same_queries_twice_with_one_encoding(minilm):
     feat.transform(TEXTS[:2])                                  # only the last call is kept
     assert len(feat.encoded) == 3
 
+
+def test_tfidf_reads_the_same_queries_twice_with_one_transform_and_forgets_on_refit(monkeypatch):
+    feat = TfidfFeaturizer().fit(TEXTS)
+    calls = []
+    real = feat.vectorizer_.transform
+    monkeypatch.setattr(feat.vectorizer_, "transform", lambda t: calls.append(list(t)) or real(t))
+    first = feat.transform(TEXTS[:2])
+    first.data[:] = 0.0                                        # the caller's copy
+    assert feat.transform(TEXTS[:2]).nnz and len(calls) == 1
+    feat.fit(TEXTS[1:])                                        # a new vocabulary: nothing kept
+    assert feat.transform(TEXTS[:2]).shape[1] == len(feat.feature_names())
+
 def test_minilm_sqlite_cache_serves_a_restarted_process(minilm, tmp_path):
     path = tmp_path / "emb.sqlite"
     before = CountingMiniLM(cache=EmbeddingCache(path))
