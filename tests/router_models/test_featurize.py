@@ -115,7 +115,6 @@ def test_minilm_cache_avoids_re_encoding(minilm):
     assert feat.encoded[1:] == [[TEXTS[2]]]                    # only the new text
 
 
-
 def test_minilm_reads_the_same_queries_twice_with_one_encoding(minilm):
     """A router scores quality, then cost, of the same queries: one encoding, even when
     no cache keeps anything (capacity 0, as the routing benchmark measures)."""
@@ -141,6 +140,7 @@ def test_tfidf_reads_the_same_queries_twice_with_one_transform_and_forgets_on_re
     assert feat.transform(TEXTS[:2]).nnz and len(calls) == 1
     feat.fit(TEXTS[1:])                                        # a new vocabulary: nothing kept
     assert feat.transform(TEXTS[:2]).shape[1] == len(feat.feature_names())
+
 
 def test_minilm_sqlite_cache_serves_a_restarted_process(minilm, tmp_path):
     path = tmp_path / "emb.sqlite"
