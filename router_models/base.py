@@ -170,10 +170,13 @@ class Router:
             del self.experts_  # a failed fit leaves the router unfitted, not half-fitted
             raise
         features = self._cost_features(logs.prompts)
-        if features is not None and logs.n_prompts >= 2:
-            self.cost_model_.fit_ratio(features, logs.prompts, logs.costs)
+        if not self.cost_model_.has_ratio:   # else _fit fitted it (_training_costs)
+            self._fit_cost_kind(logs, features)
         costs = self.cost_model_.predict(logs.prompts, features)
         self.cost_scale_ = float(max(costs.mean(axis=0).max(), 1e-12))
+        forget = getattr(getattr(self, "featurizer_", None), "forget", None)
+        if forget is not None:   # its last call was the training matrix: not kept
+            forget()
         return self
 
     def predict_quality(self, queries: list[str]) -> np.ndarray:
@@ -187,6 +190,18 @@ class Router:
         queries = list(queries)
         features = self._cost_features(queries) if self.cost_model_.has_ratio and queries else None
         return self.cost_model_.predict(queries, features)
+
+    def _fit_cost_kind(self, logs: BenchmarkLogs, features: Any) -> None:
+        if features is not None and logs.n_prompts >= 2:
+            self.cost_model_.fit_ratio(features, logs.prompts, logs.costs)
+
+    def _training_costs(self, logs: BenchmarkLogs, features: Any) -> np.ndarray:
+        """[n, m] predicted cost of the training prompts, for a ``_fit`` that chooses its
+        hyper-parameters by AIQ: fits the cost model's kind part on ``features`` (the
+        router's own, of ``logs.prompts``) first, so that the choice is made with the cost
+        model the router will route with."""
+        self._fit_cost_kind(logs, features)
+        return self.cost_model_.predict(logs.prompts, features)
 
     def _cost_features(self, queries: list[str]) -> Any:
         """The router's own query features (``featurizer_``) for the cost model's kind

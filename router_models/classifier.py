@@ -93,7 +93,7 @@ class ClassifierRouter(Router):
         Y = np.asarray(logs.scores, dtype=float)
         candidates = self._candidates()
         if len(candidates) > 1 and self.cv >= 2 and logs.n_prompts >= 2 * self.cv:
-            c_hat = self.cost_model_.predict(logs.prompts)
+            c_hat = self._training_costs(logs, X)
             self.cv_results_ = cross_validate(X, Y, logs.costs, c_hat, candidates,
                                               k=self.cv, seed=self.seed,
                                               progress=logs.n_prompts > 1000)

@@ -361,9 +361,13 @@ def minilm_encoder() -> MiniLMEncoder:
 class _KeepsLastCall:
     """``transform`` keeps its last call's texts and features, so that a router reading
     the same queries twice (quality, then cost) featurizes them once, even with no cache.
-    Subclasses implement ``_transform``; a refit must clear ``_last``."""
+    Subclasses implement ``_transform``; a refit must call ``forget``."""
 
     _last: tuple[list[str], Any] | None = None
+
+    def forget(self) -> None:
+        """Drop the kept features (a fitted router's last call is its training matrix)."""
+        self._last = None
 
     def transform(self, texts: list[str]) -> Any:
         texts = list(texts)
@@ -453,7 +457,7 @@ class TfidfFeaturizer(_KeepsLastCall):
         if len(cut) < 2 * self.min_df:
             vec.set_params(min_df=1)
         self.vectorizer_ = vec.fit(cut)
-        self._last = None
+        self.forget()
         return self
 
     def _transform(self, texts: list[str]) -> Any:

@@ -140,7 +140,7 @@ class SymbolicRouter(Router):
         self.cv_results_: list[dict] = []
         vocabs: dict[int, SkillVocabulary] = {}
         if self.cv >= 2 and logs.n_prompts >= 2 * self.cv and cap > 1:
-            c_hat = self.cost_model_.predict(logs.prompts)
+            c_hat = self._training_costs(logs, X)
             sizes = sorted({min(s, cap) for s in GRID["n_skills"]})
             self.cv_results_ = self._cross_validate(X, Y, logs.costs, c_hat, sizes,
                                                     vocabulary, vocabs)

@@ -448,6 +448,45 @@ def test_cost_model_kind_part_round_trips_and_old_artifacts_load(tmp_path):
         load_router(d)
 
 
+@pytest.mark.parametrize("kind", ["classifier", "symbolic"])
+def test_model_selection_prices_the_kind_of_question(tmp_path, monkeypatch, kind):
+    """The inner cross-validation chooses with the cost model the router routes with:
+    the verbose expert's code questions cost it ~10x its multiple-choice ones, where the
+    length-only model priced both at $0.0055."""
+    import router_models.classifier as classifier_module
+    from router_models.symbolic import SymbolicRouter
+
+    seen = []
+    if kind == "classifier":
+        real = classifier_module.cross_validate
+        monkeypatch.setattr(classifier_module, "cross_validate",
+                            lambda X, Y, costs, c_hat, *a, **k: seen.append(c_hat) or real(X, Y, costs, c_hat, *a, **k))
+        router = ClassifierRouter(featurizer="tfidf", model="logreg", cv=2)
+    else:
+        real = SymbolicRouter._cross_validate
+        monkeypatch.setattr(SymbolicRouter, "_cross_validate",
+                            lambda self, X, Y, costs, c_hat, *a: seen.append(c_hat) or real(self, X, Y, costs, c_hat, *a))
+        router = SymbolicRouter(cv=2)
+    logs = kind_priced_logs(tmp_path)
+    router.fit(logs)
+    assert len(seen) == 1 and router.cost_model_.has_ratio
+    verbose = router.experts_.index("verbose")
+    code = np.array(["python function" in p for p in logs.prompts])
+    c = seen[0][:, verbose]
+    assert c[code].mean() > 3 * c[~code].mean(), c
+    # the same kind part routes afterwards (fitted once, during model selection)
+    np.testing.assert_allclose(router.predict_cost(logs.prompts), seen[0], rtol=1e-5)
+
+
+def test_a_fitted_router_does_not_keep_its_training_features(tmp_path):
+    for router in (ClassifierRouter(featurizer="tfidf", model="logreg", cv=0),
+                   KNNRouter(k=3)):
+        router.fit(kind_priced_logs(tmp_path))
+        assert router.featurizer_._last is None
+        router.predict_cost(["Pick A or B: 1"])   # a query's features are kept again
+        assert router.featurizer_._last is not None
+
+
 def test_cost_model_new_expert_costs_its_price_whatever_the_kind(tmp_path):
     logs = kind_priced_logs(tmp_path)
     router = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(logs)
