@@ -203,3 +203,56 @@ def test_new_expert_gives_the_graph_router_the_logs_expert_descriptions(tmp_path
     assert report["dataset"] == "llmrouter" and "descriptions" in report["described"]
     assert bench.markers("llmrouter") == ("<!-- new-expert:llmrouter:begin -->", "<!-- new-expert:llmrouter:end -->")
     assert bench.markers("routerbench") == bench.MARKERS
+
+
+def _seed_report(path: Path, seed: int, aiq_folds: dict[str, list[float]], **settings) -> Path:
+    """A router_quality.py results file with only what router_quality_seeds.py reads."""
+    report = {"dataset": "routerbench", "date": f"2026-12-05 1{seed}:00 UTC", "commit": "abc1234",
+              "machine": {"cpu": "test CPU"},
+              "settings": {"folds": 3, "seed": seed, "cv": 5, "max_prompts": None, "routers": list(aiq_folds)}
+              | settings, "rows": {r: {"aiq": float(np.mean(f)), "aiq_folds": f} for r, f in aiq_folds.items()}}
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_router_quality_seeds_pools_the_folds_of_every_seed(tmp_path: Path) -> None:
+    bench = _load("router_quality_seeds")
+    readme = bench.README.read_text()
+    res = tmp_path / "results"
+    res.mkdir()
+    for seed in (0, 1):   # symbolic is 0.01 above knn in every fold; gnn and the classifier trade places
+        _seed_report(res / f"router_quality-routerbench-2026120{5 + seed}T000000Z.json", seed, {
+            "knn": [0.80, 0.81, 0.82], "classifier-minilm": [0.85, 0.84, 0.86],
+            "symbolic": [0.81, 0.82, 0.83], "gnn": [0.86, 0.83, 0.86 - 0.02 * seed]})
+    old = _seed_report(res / "router_quality-routerbench-20261201T000000Z.json", 1, {"knn": [0.5] * 3})
+    other = _seed_report(res / "router_quality-routerbench-20261208T000000Z.json", 2, {"knn": [0.5] * 2}, folds=2)
+    with pytest.raises(SystemExit, match="at least two seeds"):   # the newest file sets the settings
+        bench.pick("routerbench", res)
+    with pytest.raises(SystemExit, match="differ"):
+        bench.pick("routerbench", res, [old, other])
+    other.unlink()   # now the newest run of each seed is picked, not the older seed-1 one
+
+    assert bench.main(["--datasets", "routerbench", "--results", str(res), "--no-readme"]) == 0
+    assert bench.README.read_text() == readme
+    (out,) = res.glob("router_quality_seeds-routerbench-*.json")
+    s = json.loads(out.read_text())
+    assert s["seeds"] == [0, 1] and s["aiq"]["knn"] == pytest.approx([0.81, 0.81])
+    comps = {(c["a"], c["b"]): c for c in s["comparisons"]}
+    assert set(comps) == {("classifier-minilm", "knn"), ("symbolic", "knn"), ("gnn", "knn"),
+                          ("symbolic", "classifier-minilm"), ("gnn", "classifier-minilm")}
+    sym = comps["symbolic", "knn"]
+    assert sym["mean"] == pytest.approx(0.01) and sym["folds"] == 6 and sym["folds_above"] == 6
+    assert sym["reading"] == "above" and sym["seeds_above"] == 2
+    assert comps["symbolic", "classifier-minilm"]["reading"] == "below"
+    gnn = comps["gnn", "classifier-minilm"]   # +0.01 -0.01 0 +0.01 -0.01 -0.02
+    assert gnn["mean"] == pytest.approx(-0.02 / 6) and gnn["reading"] == "tie"
+    assert gnn["folds_above"] == 2 and gnn["seeds_above"] == 0   # seed 0: equal, not above
+    assert s["goal"]["met"] is False and s["goal"]["top"] == "gnn"
+    assert Path(s["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = bench.render(s, "cmd")
+    assert "| gnn - classifier-minilm | -0.0033 ± " in text and "**tie**" in text and "mixed" not in text
+
+    with pytest.raises(SystemExit, match="at least two seeds"):
+        bench.pick("routerbench", res, [res / "router_quality-routerbench-20261205T000000Z.json"])
+    with pytest.raises(SystemExit, match="same seed"):
+        bench.pick("routerbench", res, [res / "router_quality-routerbench-20261206T000000Z.json", old])
