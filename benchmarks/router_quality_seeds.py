@@ -173,7 +173,7 @@ def render(summary: dict, command: str) -> str:
     n = summary["settings"]["folds"] * len(summary["seeds"])
     lines = [f"Pooled from router_quality.py's runs with seeds {seeds} ({summary['settings']['folds']} folds "
              f"each, {n} in all), at commit {', '.join(summary['commits'])}"
-             + (" (**mixed commits**: the seeds ran different code)" if len(summary["commits"]) > 1 else "")
+             + (" (**mixed commits**: check that they ran the same router code)" if len(summary["commits"]) > 1 else "")
              + f", on {', '.join(sorted(set(map(str, summary['machines']))))}; with this command:", "",
              f"    {command}", "",
              "Runs: " + "; ".join(f"seed {s} {d} ([JSON]({_rel(f)}))" for s, d, f in
