@@ -132,7 +132,7 @@ def summarize(dataset: str, reports: list[dict]) -> dict:
                 "mean_above": all(np.mean(aiq[top]) > np.mean(aiq[c]) for c in clfs), "top": top}
     commits = sorted({str(r.get("commit")) for r in reports})
     return {"dataset": dataset, "seeds": [r["settings"]["seed"] for r in reports],
-            "files": [r["_path"] for r in reports], "commits": commits,
+            "files": [_rel(r["_path"]) for r in reports], "commits": commits,
             "dates": [r.get("date") for r in reports], "machines": [r.get("machine", {}).get("cpu") for r in reports],
             "settings": {k: reports[0]["settings"].get(k) for k in SAME},
             "routers": routers, "aiq": aiq, "comparisons": comparisons, "goal": goal}
@@ -176,10 +176,10 @@ def render(summary: dict, command: str) -> str:
              + (" (**mixed commits**: check that they ran the same router code)" if len(summary["commits"]) > 1 else "")
              + f", on {', '.join(sorted(set(map(str, summary['machines']))))}; with this command:", "",
              f"    {command}", "",
-             "Runs: " + "; ".join(f"seed {s} {d} ([JSON]({_rel(f)}))" for s, d, f in
+             "Runs: " + "; ".join(f"seed {s} {d} ([JSON]({f}))" for s, d, f in
                                   zip(summary["seeds"], summary["dates"], summary["files"])) + ".", ""]
     if summary.get("plot"):
-        lines += [f"![{summary['dataset']} per-fold differences]({_rel(summary['plot'])})", ""]
+        lines += [f"![{summary['dataset']} per-fold differences]({summary['plot']})", ""]
     lines += ["| router | " + " | ".join(f"AIQ seed {s}" for s in summary["seeds"]) + " | mean |",
               "| --- | " + " | ".join("---" for _ in summary["seeds"]) + " | --- |"]
     for r in summary["routers"]:
@@ -202,6 +202,7 @@ def render(summary: dict, command: str) -> str:
 
 
 def _rel(path: str | Path) -> str:
+    """``path`` relative to benchmarks/ (where README.md links from), else absolute."""
     p = Path(path).resolve()
     try:
         return str(p.relative_to(HERE))
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in args.datasets:
         summary = summarize(dataset, pick(dataset, args.results, args.files))
         out = args.results / f"router_quality_seeds-{dataset}-{stamp}.json"
-        summary["plot"] = str(out.with_suffix(".png"))
+        summary["plot"] = _rel(out.with_suffix(".png"))   # paths relative to benchmarks/
         plot(summary, out.with_suffix(".png"))
         out.write_text(json.dumps(summary, indent=1) + "\n")
         section = render(summary, command)
