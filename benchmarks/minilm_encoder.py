@@ -6,8 +6,10 @@ that buys and what it costs:
 
 - **speed**: one forward pass of a query of L word pieces (L in 16, 32, 64, 128, 256), one
   at a time and in batches of 8 of equal length, on one torch thread (the scorer's
-  setting), both dtypes interleaved round by round so that a noisy neighbour hits both;
-  median milliseconds per query and the ratio float32 / bfloat16;
+  setting), all variants interleaved round by round so that a noisy neighbour hits each;
+  median milliseconds per query and the ratio float32 / bfloat16. bfloat16 runs twice: as
+  the encoder does (weights prepacked in oneDNN's layout for calls of up to
+  ``PACKED_MAX_ROWS`` rows) and on its plain weights, with the ratio plain / prepacked;
 - **agreement**: the cosine similarity of each query's bfloat16 vector to its float32
   vector, over real prompts of the LLMRouter and RouterBench logs (made-up text when the
   logs are absent).
@@ -36,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 DATA = HERE.parent.parent / "shared" / "data"
 LENGTHS = (16, 32, 64, 128, 256)
-DTYPES = ("float32", "bfloat16")
+VARIANTS = ("float32", "bfloat16", "bfloat16_plain")   # the last: prepacking switched off
 
 
 def real_texts(n: int) -> tuple[list[str], str]:
@@ -72,25 +74,29 @@ def measure(rounds: int, batch: int) -> dict:
     """Median ms per query of each dtype, per length and batch size, interleaved per round."""
     import torch
 
-    from router_models.featurize import MiniLMEncoder, minilm_model
+    from router_models.featurize import PACKED_MAX_ROWS, MiniLMEncoder, minilm_model
 
     torch.set_num_threads(1)
     model = minilm_model()
-    encoders = {d: MiniLMEncoder(model, dtype=d) for d in DTYPES}
+    encoders = {v: MiniLMEncoder(model, dtype=v.split("_")[0]) for v in VARIANTS}
+    encoders["bfloat16_plain"].packed = None
     rows = []
     for length in LENGTHS:
         for size in (1, batch):
             ids = [[101] + [2000 + (i * 7 + b) % 20000 for i in range(length - 2)] + [102] for b in range(size)]
-            times: dict[str, list[float]] = {d: [] for d in DTYPES}
-            for d in DTYPES:   # warm-up: oneDNN picks and caches its kernels per shape
+            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            for v in VARIANTS:   # warm-up: oneDNN picks and caches its kernels per shape
                 for _ in range(3):
-                    time_forward(encoders[d], ids)
+                    time_forward(encoders[v], ids)
             for _ in range(rounds):
-                for d in DTYPES:
-                    times[d].append(time_forward(encoders[d], ids) / size)
-            med = {d: float(np.median(times[d]) * 1e3) for d in DTYPES}
+                for v in VARIANTS:
+                    times[v].append(time_forward(encoders[v], ids) / size)
+            med = {v: float(np.median(times[v]) * 1e3) for v in VARIANTS}
             rows.append({"word_pieces": length, "batch": size, "ms_per_query": med,
-                         "ratio": med["float32"] / med["bfloat16"]})
+                         "ratio": med["float32"] / med["bfloat16"],
+                         "prepacked_gain": med["bfloat16_plain"] / med["bfloat16"],
+                         "prepacked": encoders["bfloat16"].packed is not None
+                         and length * size <= PACKED_MAX_ROWS})
     return {"rows": rows, "threads": torch.get_num_threads()}
 
 
@@ -115,14 +121,18 @@ def render(report: dict) -> str:
              f"**{m['default_dtype']}**; 1-min load average at start {m['loadavg_at_start'][0]:.2f}), "
              f"commit {report['commit']}, with this command:", "", f"    {report['command']}", "",
              f"One forward pass on {report['speed']['threads']} torch thread, median of "
-             f"{report['rounds']} rounds, float32 and bfloat16 interleaved. Raw results: "
-             f"[`{report['json']}`]({report['json']}).", "",
-             "| word pieces | batch | float32 ms/query | bfloat16 ms/query | float32 / bfloat16 |",
-             "| --- | --- | --- | --- | --- |"]
+             f"{report['rounds']} rounds, the variants interleaved; bfloat16 as the encoder runs it "
+             f"(weights prepacked for oneDNN in calls of up to {report.get('packed_max_rows')} rows: "
+             f"\"yes\" below) and on its plain weights. Raw results: [`{report['json']}`]({report['json']}).", "",
+             "| word pieces | batch | float32 ms/query | bfloat16 ms/query | float32 / bfloat16 | prepacked | "
+             "bfloat16 plain weights ms/query | plain / prepacked |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["speed"]["rows"]:
         t = r["ms_per_query"]
+        plain = t.get("bfloat16_plain")
         lines.append(f"| {r['word_pieces']} | {r['batch']} | {t['float32']:.2f} | {t['bfloat16']:.2f} | "
-                     f"{r['ratio']:.2f}x |")
+                     f"{r['ratio']:.2f}x | {'yes' if r.get('prepacked') else 'no'} | "
+                     + (f"{plain:.2f} | {r['prepacked_gain']:.2f}x |" if plain is not None else "- | - |"))
     lines += ["", f"Agreement over {a['texts']} {a['source']}: cosine of the bfloat16 vector to the float32 "
               f"one, mean {a['cos_mean']:.5f}, 1st percentile {a['cos_p1']:.5f}, min {a['cos_min']:.5f}; "
               f"largest difference in one coordinate {a['max_abs_diff']:.4f} (the vectors are unit length)."]
@@ -142,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from router_models.featurize import encoder_dtype
+    from router_models.featurize import PACKED_MAX_ROWS, encoder_dtype
 
     started = dt.datetime.now(dt.timezone.utc)
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     report = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(), "rounds": args.rounds,
-              "machine": {**machine_facts(), "torch": torch.__version__, "amx": bool(amx),
+              "packed_max_rows": PACKED_MAX_ROWS, "machine": {**machine_facts(), "torch": torch.__version__, "amx": bool(amx),
                           "default_dtype": encoder_dtype()},
               "command": shlex.join(["python", "benchmarks/minilm_encoder.py",
                                      *(sys.argv[1:] if argv is None else argv)])}

@@ -44,6 +44,9 @@ EMBED_DIM = 384
 FORWARD_COST_TOKENS = 24
 DTYPE_ENV = "SWITCHYARD_MINILM_DTYPE"
 DTYPES = ("float32", "bfloat16")
+# Up to this many rows (queries x word pieces) a bfloat16 call uses the prepacked weights;
+# past it oneDNN's plain path was as fast or faster (2-core Xeon with AMX, 2026-12-05).
+PACKED_MAX_ROWS = 128
 
 
 def query_text(prompt: str, max_chars: int = MAX_CHARS) -> str:
@@ -275,6 +278,27 @@ class MiniLMEncoder:
                 w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"],
                 w[p + "output.dense.weight"], w[p + "output.dense.bias"],
                 (w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"])))
+        self.packed = self._prepack()
+
+    def _prepack(self) -> list[tuple] | None:
+        """In bfloat16, each layer's four linear weights also in the layout oneDNN's kernels
+        read, so that a small call does not reorder them every time: a query of 16-64 word
+        pieces then takes its linears 1.3-2x faster (the same numbers; an encode 1.15-1.3x
+        at the median query). None in float32, or where this torch lacks the ops."""
+        import torch
+
+        if self.dtype != "bfloat16":
+            return None
+        try:
+            reorder = torch.ops.mkldnn._reorder_linear_weight
+            packed = [tuple(reorder(w, 1) for w in (layer[0], layer[2], layer[5], layer[7]))
+                      for layer in self.layers]
+            probe = torch.zeros((1, 1, self.dim), dtype=torch.bfloat16)
+            torch.ops.mkldnn._linear_pointwise(probe, packed[0][0], self.layers[0][1], "none", [], "")
+        except (AttributeError, RuntimeError) as exc:
+            log.info("MiniLMEncoder: no prepacked bfloat16 weights (%s); plain linears", exc)
+            return None
+        return packed
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Word-piece ids with [CLS] and [SEP], cut at ``max_length``, as the model reads them.
@@ -328,19 +352,31 @@ class MiniLMEncoder:
             tok[b, :len(x)] = torch.tensor(x)
             mask[b, :len(x)] = True
         keys = None if bool(mask.all()) else mask[:, None, None, :]   # attend to real tokens
+        packed = self.packed if self.packed is not None and B * L <= PACKED_MAX_ROWS else None
         with torch.inference_mode():
             x = F.layer_norm(F.embedding(tok, self.word) + self.type0 + self.pos[:L], (H,),
                              *self.ln0, eps=self.eps)
-            for w_qkv, b_qkv, w_o, b_o, ln1, w_1, b_1, w_2, b_2, ln2 in self.layers:
-                q, k, v = F.linear(x, w_qkv, b_qkv).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            for i, (w_qkv, b_qkv, w_o, b_o, ln1, w_1, b_1, w_2, b_2, ln2) in enumerate(self.layers):
+                if packed is not None:   # the same weights, already in oneDNN's layout
+                    w_qkv, w_o, w_1, w_2 = packed[i]
+                    linear = _packed_linear
+                else:
+                    linear = F.linear
+                q, k, v = linear(x, w_qkv, b_qkv).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
                 a = F.scaled_dot_product_attention(q, k, v, attn_mask=keys).transpose(1, 2).reshape(B, L, H)
-                x = F.layer_norm(F.linear(a, w_o, b_o) + x, (H,), *ln1, eps=self.eps)
-                x = F.layer_norm(F.linear(F.gelu(F.linear(x, w_1, b_1)), w_2, b_2) + x, (H,), *ln2,
+                x = F.layer_norm(linear(a, w_o, b_o) + x, (H,), *ln1, eps=self.eps)
+                x = F.layer_norm(linear(F.gelu(linear(x, w_1, b_1)), w_2, b_2) + x, (H,), *ln2,
                                  eps=self.eps)
             x = x.float()
             m = mask.unsqueeze(-1).to(x.dtype)
             e = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
             return F.normalize(e, p=2, dim=1).numpy()
+
+
+def _packed_linear(x: Any, packed: Any, bias: Any) -> Any:
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 _ENCODER: MiniLMEncoder | None = None

@@ -238,6 +238,26 @@ def test_bfloat16_encoder_stays_close_to_float32(minilm):
     assert np.abs(f32 - bf16).max() > 1e-5
 
 
+def test_bfloat16_encoder_prepacks_its_weights_and_gives_the_plain_path_s_vectors(minilm, monkeypatch):
+    """Small bfloat16 calls run on weights prepacked in oneDNN's layout, large ones (and
+    float32) on the plain weights; the vectors are those of the plain path."""
+    enc = MiniLMEncoder(minilm, dtype="bfloat16")
+    assert enc.packed is not None and len(enc.packed) == len(enc.layers)
+    assert MiniLMEncoder(minilm, dtype="float32").packed is None
+    calls = []
+    real = featurize._packed_linear
+    monkeypatch.setattr(featurize, "_packed_linear", lambda *a: calls.append(1) or real(*a))
+    short = ["What is 12 plus 31?", "Translate 'good morning' into German.", ""]
+    long = [" ".join(["photosynthesis"] * 60)]   # more rows than PACKED_MAX_ROWS in one call
+    packed = enc.encode(short + long)
+    assert len(calls) == 4 * len(enc.layers)   # one call for the short texts; not the long one
+    plain = MiniLMEncoder(minilm, dtype="bfloat16")
+    plain.packed = None
+    expected = plain.encode(short + long)
+    np.testing.assert_allclose(packed, expected, atol=2e-3)
+    assert (packed * expected).sum(1).min() > 0.99999
+
+
 def test_encoder_dtype_from_the_environment_or_the_cpu(monkeypatch):
     monkeypatch.setenv(featurize.DTYPE_ENV, "BFloat16 ")
     assert encoder_dtype() == "bfloat16"
