@@ -67,6 +67,10 @@ def _read(path: Path) -> dict:
     return report
 
 
+def _settings(report: dict) -> dict:
+    return {k: report["settings"].get(k) for k in SAME}
+
+
 def pick(dataset: str, results: Path, files: list[Path] | None = None) -> list[dict]:
     """One report per seed, ordered by seed: ``files`` as given (one per seed), else the
     newest file per seed in ``results`` whose settings ``SAME`` match the newest file's."""
@@ -83,16 +87,15 @@ def pick(dataset: str, results: Path, files: list[Path] | None = None) -> list[d
         reports, seeds = [], set()
         for path in found:
             r = _read(path)
-            if reports and any(r["settings"].get(k) != reports[0]["settings"].get(k) for k in SAME):
+            if reports and _settings(r) != _settings(reports[0]):
                 continue
             if r["settings"]["seed"] not in seeds:
                 seeds.add(r["settings"]["seed"])
                 reports.append(r)
-    base = {k: reports[0]["settings"].get(k) for k in SAME} if reports else {}
-    for r in reports:
-        if {k: r["settings"].get(k) for k in SAME} != base:
-            raise SystemExit(f"{r['_path']}: settings {({k: r['settings'].get(k) for k in SAME})} "
-                             f"differ from {base}: the seeds must share folds, inner CV and prompts")
+    for r in reports[1:]:
+        if _settings(r) != _settings(reports[0]):
+            raise SystemExit(f"{r['_path']}: settings {_settings(r)} differ from "
+                             f"{_settings(reports[0])}: the seeds must share folds, inner CV and prompts")
     if len(reports) < 2:
         raise SystemExit(f"{dataset}: results of at least two seeds are needed, found "
                          f"{len(reports)} (run router_quality.py with --seed N --no-readme)")
@@ -134,7 +137,7 @@ def summarize(dataset: str, reports: list[dict]) -> dict:
     return {"dataset": dataset, "seeds": [r["settings"]["seed"] for r in reports],
             "files": [_rel(r["_path"]) for r in reports], "commits": commits,
             "dates": [r.get("date") for r in reports], "machines": [r.get("machine", {}).get("cpu") for r in reports],
-            "settings": {k: reports[0]["settings"].get(k) for k in SAME},
+            "settings": _settings(reports[0]),
             "routers": routers, "aiq": aiq, "comparisons": comparisons, "goal": goal}
 
 
