@@ -114,7 +114,8 @@ def train_router(args: argparse.Namespace) -> tuple[object, list[str], dict]:
         info["queries_from"] = "generated text (no logs)"
     info["experts"] = list(router.experts_)
     info["query_chars_median"] = float(np.median([len(q) for q in pool]))
-    info["query_tokens"] = query_tokens(pool)
+    cap = getattr(getattr(router, "featurizer_", None), "max_pieces", 256)  # a MiniLM router's cut
+    info["query_tokens"] = query_tokens(pool, cap)
     return router, pool, info
 
 

@@ -3,7 +3,9 @@
 Both follow ``fit(texts) -> self``, ``transform(texts) -> X``, ``state()`` /
 ``from_state(state, arrays)`` for safe saving. Long prompts are cut to their last
 ``MAX_CHARS`` characters before featurizing: few-shot and chat prompts put the question
-last, and MiniLM reads only 256 word pieces anyway.
+last. MiniLM then reads the last ``QUERY_PIECES`` (128) word pieces of that (routers saved
+before the cut existed read the first 256, the model's own limit: ``MiniLMFeaturizer``'s
+``max_pieces`` and ``keep``).
 
 MiniLM runs through :class:`MiniLMEncoder`, a lean forward pass that gives the vectors of
 ``SentenceTransformer.encode(texts, normalize_embeddings=True)`` (to ~2e-7) in batches
@@ -47,6 +49,11 @@ DTYPES = ("float32", "bfloat16")
 # Up to this many rows (queries x word pieces) a bfloat16 call uses the prepacked weights;
 # past it oneDNN's plain path was as fast or faster (2-core Xeon with AMX, 2026-12-05).
 PACKED_MAX_ROWS = 128
+# Word pieces of a query MiniLM reads, [CLS] and [SEP] included: the last ones. A forward
+# pass costs about its length, so this bounds a decision's tail latency (the model itself
+# reads up to 256); on RouterBench and LLMRouter routers score the same with either cut.
+QUERY_PIECES = 128
+KEEPS = ("head", "tail")
 
 
 def query_text(prompt: str, max_chars: int = MAX_CHARS) -> str:
@@ -207,8 +214,10 @@ class MiniLMEncoder:
     normalize_embeddings=True)`` up to float rounding (~2e-7 max-abs).
 
     ``model.encode`` pads each batch of 64 texts to its longest and adds per-call
-    bookkeeping; here the model folder's fast tokenizer cuts at ``max_seq_length`` (256)
-    word pieces, texts are batched by length (:func:`length_groups`), and per batch, under
+    bookkeeping; here the model folder's fast tokenizer splits a text, :meth:`token_ids`
+    cuts it at ``max_seq_length`` (256) word pieces, keeping the first as ``model.encode``
+    does, or at fewer, keeping either end; texts are batched by length
+    (:func:`length_groups`), and per batch, under
     ``torch.inference_mode``, with ids and mask ``m`` of shape [B, L] (H = 384, 12 heads)::
 
         x = LayerNorm(E_word[ids] + E_type[0] + E_pos[:L])                         [B, L, H]
@@ -229,7 +238,7 @@ class MiniLMEncoder:
         self.model = model
         self.max_length = int(model.max_seq_length)
         self.tokenizer = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
-        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.no_truncation()   # token_ids cuts, at either end
         self.tokenizer.no_padding()
         self.recent_ids = 1024
         self._recent: OrderedDict[str, list[int]] = OrderedDict()
@@ -301,10 +310,19 @@ class MiniLMEncoder:
             return None
         return packed
 
-    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Word-piece ids with [CLS] and [SEP], cut at ``max_length``, as the model reads them.
-        The last ``recent_ids`` texts' ids are kept: the scorer asks for a batch's lengths
-        just before encoding it, and tokenizing costs ~0.25 ms per query."""
+    def token_ids(self, texts: Sequence[str], max_pieces: int | None = None,
+                  keep: str = "head") -> list[list[int]]:
+        """Word-piece ids with [CLS] and [SEP], as the model reads them: cut to
+        ``max_pieces`` (None, or more than the model's ``max_length`` of 256: that) by
+        keeping the first pieces (``keep="head"``, as ``SentenceTransformer`` cuts) or the
+        last ones (``"tail"``). The last ``recent_ids`` texts' whole ids are kept: the scorer
+        asks for a batch's lengths just before encoding it, and tokenizing costs ~0.25 ms
+        per query."""
+        if keep not in KEEPS:
+            raise ValueError(f"keep={keep!r}: expected one of {', '.join(KEEPS)}")
+        limit = self.max_length if max_pieces is None else min(int(max_pieces), self.max_length)
+        if limit < 2:
+            raise ValueError(f"max_pieces={max_pieces}: at least 2 ([CLS] and [SEP])")
         with self._lock:
             found = [self._recent.get(t) for t in texts]
         todo = [t for t, ids in zip(texts, found) if ids is None]
@@ -319,19 +337,23 @@ class MiniLMEncoder:
                 self._recent.update(fresh)
                 while len(self._recent) > self.recent_ids:
                     self._recent.popitem(last=False)
-        return found
+        return [_cut_ids(ids, limit, keep) for ids in found]
 
     def encode(self, texts: Sequence[str], max_items: int = 64, max_tokens: int = 4096,
-               progress: bool = False) -> np.ndarray:
-        """[len(texts), 384] float32 unit vectors; ``max_items`` and ``max_tokens`` bound a batch."""
-        if not self.lean:
+               progress: bool = False, max_pieces: int | None = None,
+               keep: str = "head") -> np.ndarray:
+        """[len(texts), 384] float32 unit vectors; ``max_items`` and ``max_tokens`` bound a
+        batch; ``max_pieces`` and ``keep`` cut each text (:meth:`token_ids`)."""
+        if not self.lean:   # SentenceTransformer cuts the head at its max_seq_length
+            if keep != "head" or (max_pieces or self.max_length) < self.max_length:
+                texts = [self.tokenizer.decode(ids) for ids in self.token_ids(texts, max_pieces, keep)]
             return np.asarray(self.model.encode(list(texts), batch_size=max_items,
                                                 normalize_embeddings=True,
                                                 show_progress_bar=progress), dtype=np.float32)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         # ties broken by text: the batches, and so the rounding, do not depend on input order
         order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), texts[i]))
-        ids = self.token_ids([texts[i] for i in order])
+        ids = self.token_ids([texts[i] for i in order], max_pieces, keep)
         groups = length_groups([len(x) for x in ids], max_items, max_tokens)
         if progress:
             from tqdm import tqdm
@@ -372,6 +394,14 @@ class MiniLMEncoder:
             m = mask.unsqueeze(-1).to(x.dtype)
             e = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
             return F.normalize(e, p=2, dim=1).numpy()
+
+
+def _cut_ids(ids: list[int], limit: int, keep: str) -> list[int]:
+    """``ids`` ([CLS] ... [SEP]) cut to ``limit`` pieces, keeping [CLS], [SEP] and the first
+    (``head``) or last (``tail``) word pieces between them."""
+    if len(ids) <= limit:
+        return ids
+    return ids[: limit - 1] + ids[-1:] if keep == "head" else ids[:1] + ids[1 - limit:]
 
 
 def _packed_linear(x: Any, packed: Any, bias: Any) -> Any:
@@ -420,25 +450,41 @@ class _KeepsLastCall:
 
 
 class MiniLMFeaturizer(_KeepsLastCall):
-    """all-MiniLM-L6-v2 mean-pooled, L2-normalised embeddings, 384 dims.
+    """all-MiniLM-L6-v2 mean-pooled, L2-normalised embeddings, 384 dims, of each text's
+    last ``MAX_CHARS`` characters cut to ``max_pieces`` word pieces: its last ones
+    (``keep="tail"``, the default) or its first (``"head"``: 256 first pieces is how
+    featurizers saved without these settings read, :meth:`from_state`).
 
-    Stateless (nothing to fit); ``cache`` may be shared across featurizers.
+    Nothing to fit; ``cache`` may be shared across featurizers (its keys tell cuts apart).
     """
 
     name = "minilm"
+    LEGACY = {"max_pieces": 256, "keep": "head"}   # what a state without the cut means
 
     def __init__(self, cache: EmbeddingCache | None = None, batch_size: int = 64,
-                 progress: bool = False):
+                 progress: bool = False, max_pieces: int = QUERY_PIECES, keep: str = "tail"):
+        if keep not in KEEPS:
+            raise ValueError(f"keep={keep!r}: expected one of {', '.join(KEEPS)}")
+        if not 2 <= int(max_pieces) <= 256:
+            raise ValueError(f"max_pieces={max_pieces}: expected 2 to 256 (MiniLM's own limit)")
         self.cache = cache
         self.batch_size = batch_size
         self.progress = progress
+        self.max_pieces = int(max_pieces)
+        self.keep = keep
 
     def fit(self, texts: list[str]) -> "MiniLMFeaturizer":
         return self
 
+    def cache_key(self, cut: str) -> str:
+        """Cache key of a cut text; the legacy cut keeps the keys of caches written before."""
+        if self.max_pieces == self.LEGACY["max_pieces"] and self.keep == self.LEGACY["keep"]:
+            return text_key(cut)
+        return text_key(f"minilm:{self.keep}{self.max_pieces}\0{cut}")
+
     def _transform(self, texts: list[str]) -> np.ndarray:
         cut = [query_text(t) for t in texts]
-        keys = [text_key(t) for t in cut]
+        keys = [self.cache_key(t) for t in cut]
         cache = self.cache if self.cache is not None else default_cache()
         found = cache.get_many(list(dict.fromkeys(keys)))
         todo = list(dict.fromkeys(k for k in keys if k not in found))
@@ -455,19 +501,26 @@ class MiniLMFeaturizer(_KeepsLastCall):
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         show = self.progress and len(texts) > 2 * self.batch_size
-        return minilm_encoder().encode(texts, max_items=self.batch_size, progress=show)
+        return minilm_encoder().encode(texts, max_items=self.batch_size, progress=show,
+                                       max_pieces=self.max_pieces, keep=self.keep)
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Word pieces the model reads of each text's featurized tail ([CLS], [SEP] included,
-        at most 256): what its forward pass costs, to group live queries by length."""
-        return [len(x) for x in minilm_encoder().token_ids([query_text(t) for t in texts])]
+        at most ``max_pieces``): what its forward pass costs, to group live queries by length."""
+        ids = minilm_encoder().token_ids([query_text(t) for t in texts], self.max_pieces, self.keep)
+        return [len(x) for x in ids]
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        return {"name": self.name}, {}
+        return {"name": self.name, "max_pieces": self.max_pieces, "keep": self.keep}, {}
 
     @classmethod
-    def from_state(cls, state: dict, arrays: dict[str, np.ndarray]) -> "MiniLMFeaturizer":
-        return cls()
+    def from_state(cls, state: dict | None, arrays: dict[str, np.ndarray] | None = None,
+                   **kwargs: Any) -> "MiniLMFeaturizer":
+        """The featurizer a saved router was trained with; a state from before the cut
+        existed (no ``max_pieces``), or none, reads the first 256 word pieces as it did."""
+        state = state or {}
+        return cls(max_pieces=state.get("max_pieces", cls.LEGACY["max_pieces"]),
+                   keep=state.get("keep", cls.LEGACY["keep"]), **kwargs)
 
 
 class TfidfFeaturizer(_KeepsLastCall):

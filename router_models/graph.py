@@ -387,12 +387,12 @@ class GraphRouter(Router):
         arrays.update({name: getattr(self, name + "_") for name in _ARRAYS})
         return ({"n_lab": self.n_lab_, "tasks": self.tasks_, "text_keys": self.text_keys_,
                  "cost_attr": [self.cost_attr_.mu, self.cost_attr_.sd],
-                 "history": self.history_}, arrays)
+                 "history": self.history_, "featurizer": self.featurizer_.state()[0]}, arrays)
 
     def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
         import torch
 
-        self.featurizer_ = MiniLMFeaturizer()
+        self.featurizer_ = MiniLMFeaturizer.from_state(state.get("featurizer"))
         self.n_lab_, self.tasks_ = int(state["n_lab"]), list(state["tasks"])
         self.text_keys_, self.history_ = list(state["text_keys"]), state["history"]
         self.cost_attr_ = CostScale(*state["cost_attr"])

@@ -59,11 +59,11 @@ class KNNRouter(Router):
                                 "similarity": round(float(sims[0, t]), 4)} for t in order]}
 
     def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        return ({"prompt_ids": self.prompt_ids_},
+        return ({"prompt_ids": self.prompt_ids_, "featurizer": self.featurizer_.state()[0]},
                 {"X": self.X_, "Y": self.Y_, "fill": self.fill_.astype(np.float32)})
 
     def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
-        self.featurizer_ = MiniLMFeaturizer()
+        self.featurizer_ = MiniLMFeaturizer.from_state(state.get("featurizer"))
         self.prompt_ids_ = list(state["prompt_ids"])
         self.X_, self.Y_ = arrays["X"], arrays["Y"]
         self.fill_ = arrays["fill"].astype(float)

@@ -304,13 +304,14 @@ class SymbolicRouter(Router):
     # ---- persistence --------------------------------------------------------------------
     def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
         return ({"names": self.vocab_.names, "phrases": self.vocab_.phrases,
-                 "params": self.params_, "cv_results": self.cv_results_},
+                 "params": self.params_, "cv_results": self.cv_results_,
+                 "featurizer": self.featurizer_.state()[0]},
                 {"skill_emb": self.vocab_.emb, "skill_key": self.vocab_.key,
                  "profile": self.profile_, "evidence": self.evidence_,
                  "competence": self.competence_})
 
     def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
-        self.featurizer_ = MiniLMFeaturizer()
+        self.featurizer_ = MiniLMFeaturizer.from_state(state.get("featurizer"))
         self.vocab_ = SkillVocabulary(list(state["names"]), [list(p) for p in state["phrases"]],
                                       arrays["skill_emb"], arrays["skill_key"])
         self.params_ = dict(state["params"])

@@ -159,7 +159,7 @@ def test_default_cache_is_shared_and_can_be_backed_by_a_file(minilm, tmp_path, m
     feat = CountingMiniLM()                                     # no cache of its own
     feat.transform(TEXTS[:1])
     assert set(EmbeddingCache(tmp_path / "shared.sqlite").get_many(
-        [featurize.text_key(TEXTS[0])])) == {featurize.text_key(TEXTS[0])}
+        [feat.cache_key(TEXTS[0])])) == {feat.cache_key(TEXTS[0])}
 
 
 # ---- the lean encoder: the same vectors as SentenceTransformer.encode ------------------------------
@@ -186,16 +186,60 @@ def test_lean_encoder_equals_sentence_transformers(minilm, float32):
     cut = [query_text(t) for t in VARIED]
     enc = minilm_encoder()
     assert enc.lean and enc.dtype == "float32"
-    lengths = MiniLMFeaturizer().token_lengths(VARIED)
+    lengths = MiniLMFeaturizer(max_pieces=256, keep="head").token_lengths(VARIED)
     assert lengths[1] == 2 and max(lengths) == 256          # the empty text; one cut at 256
     assert sum(n == 256 for n in lengths) == 1 and len(set(lengths)) > 5
-    ref = minilm.encode(cut, normalize_embeddings=True)
-    batched = MiniLMFeaturizer(cache=EmbeddingCache()).transform(VARIED)
+    ref = minilm.encode(cut, normalize_embeddings=True)     # cuts the first 256 pieces
+    batched = MiniLMFeaturizer(cache=EmbeddingCache(), max_pieces=256, keep="head").transform(VARIED)
     single = np.concatenate([enc.encode([t]) for t in cut])
     for got in (batched, single):
         assert got.shape == ref.shape and got.dtype == np.float32
         assert np.abs(got - ref).max() < 1e-5
     assert len(length_groups(lengths)) > 1                   # the batch really was split and padded
+
+
+def test_featurizer_reads_the_last_word_pieces_of_a_long_query(minilm, float32):
+    """By default a query is cut to its last QUERY_PIECES word pieces between [CLS] and
+    [SEP] (the question of a few-shot prompt comes last); the legacy head cut keeps the
+    first 256. Each cut has its own cache keys, so a shared cache never mixes them."""
+    long_text = " ".join(f"Step {i}: add {i} apples to the basket." for i in range(40))[-990:]
+    assert query_text(long_text) == long_text
+    full = minilm.tokenizer(long_text, truncation=False)["input_ids"]     # the model's own tokenizer
+    assert len(full) > 256
+    tail, head = MiniLMFeaturizer(), MiniLMFeaturizer(max_pieces=256, keep="head")
+    assert (tail.max_pieces, tail.keep) == (featurize.QUERY_PIECES, "tail") == (128, "tail")
+    enc = minilm_encoder()
+    ids_tail = enc.token_ids([long_text], 128, "tail")[0]
+    assert ids_tail == full[:1] + full[-127:] and len(ids_tail) == 128
+    assert enc.token_ids([long_text], 256, "head")[0] == full[:255] + full[-1:]
+    assert tail.token_lengths([long_text, "What is 2 plus 2?"]) == [128, len(minilm.tokenizer("What is 2 plus 2?")["input_ids"])]
+
+    cache = EmbeddingCache()
+    v_tail = MiniLMFeaturizer(cache=cache).transform([long_text, "What is 2 plus 2?"])
+    v_head = MiniLMFeaturizer(cache=cache, max_pieces=256, keep="head").transform([long_text, "What is 2 plus 2?"])
+    np.testing.assert_allclose(v_tail[0], enc.forward([ids_tail])[0], atol=1e-6)
+    np.testing.assert_allclose(v_head[0], minilm.encode([long_text], normalize_embeddings=True)[0], atol=1e-5)
+    assert float(v_tail[0] @ v_head[0]) < 0.999                 # the two cuts read different text
+    np.testing.assert_allclose(v_tail[1], v_head[1], atol=1e-6)  # a short query is read whole by both
+    assert head.cache_key(long_text) == featurize.text_key(long_text)   # caches written before stay valid
+    assert tail.cache_key(long_text) != head.cache_key(long_text)
+    assert MiniLMFeaturizer(max_pieces=64).cache_key(long_text) != tail.cache_key(long_text)
+
+
+def test_featurizer_state_names_its_cut_and_old_states_read_the_head():
+    state, arrays = MiniLMFeaturizer(max_pieces=96).state()
+    assert state == {"name": "minilm", "max_pieces": 96, "keep": "tail"} and arrays == {}
+    back = MiniLMFeaturizer.from_state(state, arrays)
+    assert (back.max_pieces, back.keep) == (96, "tail")
+    for old in ({"name": "minilm"}, None):                       # saved before the cut existed
+        f = MiniLMFeaturizer.from_state(old, {})
+        assert (f.max_pieces, f.keep) == (256, "head")
+    with pytest.raises(ValueError, match="keep"):
+        MiniLMFeaturizer(keep="middle")
+    with pytest.raises(ValueError, match="max_pieces"):
+        MiniLMFeaturizer(max_pieces=300)
+    with pytest.raises(ValueError, match="max_pieces"):
+        MiniLMFeaturizer(max_pieces=1)
 
 
 def test_lean_encoder_equals_sentence_transformers_on_mixed_batches(minilm, float32):

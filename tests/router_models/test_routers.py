@@ -266,6 +266,37 @@ def test_save_load_round_trip_is_identical_and_never_unpickles(fitted, kind, tmp
     assert loaded.explain(QUERIES[0]) == router.explain(QUERIES[0])
 
 
+LONG_QUERY = " ".join(f"Example {i}: what is {i} plus {i}? Answer: {2 * i}." for i in range(30)) + \
+    " Now write a short poem about the moon."
+
+
+@pytest.mark.parametrize("name", ["knn", "classifier", "symbolic", "gnn"])
+def test_a_loaded_router_cuts_queries_as_it_was_trained(logs, minilm, name, tmp_path):
+    """Every MiniLM router saves its featurizer's cut (the last 128 word pieces by
+    default); one saved before the cut existed reads the first 256, as it was trained."""
+    params = {"knn": {"k": 5}, "classifier": {"model": "logreg", "cv": 1},
+              "symbolic": {"cv": 1}, "gnn": {"epochs": 20}}[name]
+    router = ROUTERS[name](**params).fit(logs)
+    assert router.featurizer_.state()[0] == {"name": "minilm", "max_pieces": 128, "keep": "tail"}
+    d = router.save(tmp_path / name)
+    loaded = load_router(d)
+    assert loaded.featurizer_.state()[0] == router.featurizer_.state()[0]
+    queries = [LONG_QUERY, HELD_OUT_MATH[0]]
+    np.testing.assert_array_equal(loaded.predict_quality(queries), router.predict_quality(queries))
+
+    meta = json.loads((d / ROUTER_FILE).read_text())
+    if name == "classifier":
+        meta["state"]["featurizer"] = {"name": "minilm"}
+    else:
+        del meta["state"]["featurizer"]
+    (d / ROUTER_FILE).write_text(json.dumps(meta))
+    old = load_router(d)
+    assert (old.featurizer_.max_pieces, old.featurizer_.keep) == (256, "head")
+    q_old, q_new = old.predict_quality(queries), loaded.predict_quality(queries)
+    assert np.abs(q_old[0] - q_new[0]).max() > 1e-6       # the long query is read differently
+    np.testing.assert_allclose(q_old[1], q_new[1], atol=1e-6)   # a short one alike
+
+
 def test_round_trip_keeps_cv_results(logs, tmp_path):
     router = ClassifierRouter(featurizer="tfidf", model="logreg", cv=2).fit(logs)
     assert len(router.cv_results_) == len(CANDIDATES["logreg"])
