@@ -339,6 +339,11 @@ class MiniLMEncoder:
                     self._recent.popitem(last=False)
         return [_cut_ids(ids, limit, keep) for ids in found]
 
+    def forget_ids(self) -> None:
+        """Drop the kept ids of recent texts (a benchmark's next cell then tokenizes anew)."""
+        with self._lock:
+            self._recent.clear()
+
     def encode(self, texts: Sequence[str], max_items: int = 64, max_tokens: int = 4096,
                progress: bool = False, max_pieces: int | None = None,
                keep: str = "head") -> np.ndarray:
