@@ -31,8 +31,10 @@ Shapes: ``x_dict[v] [N_v, F_v]``, ``edge_index_dict[r] [2, E_r]``, ``edge_attr_d
 [E_r, D_r]``; every state ``[N_v, H]``.
 
 :meth:`HeteroGNN.forward_new` computes only new query nodes (incoming edges only) from the
-cached states of every other node, layer by layer; it calls the same conv modules as the
-full graph, so both give the same numbers.
+cached states of every other node, layer by layer, with the same conv modules' weights as
+the full graph, so both give the same numbers. For a live query it runs each relation's
+formula above in a few tensor ops (:func:`messages_into_new`) rather than through PyG's
+``propagate``, whose per-call bookkeeping was most of the graph's part of a decision.
 """
 
 from __future__ import annotations
@@ -144,6 +146,35 @@ class ScoreGatedConv(MessagePassing):
         return s * hi_j + (1 - s) * lo_j + self.lin_edge(edge_attr)
 
 
+def messages_into_new(conv: MessagePassing, x: tuple[Tensor, Tensor], edge_index: Tensor,
+                      edge_attr: Tensor | None) -> Tensor:
+    """``conv(x, edge_index, edge_attr)`` for one relation into new nodes, written out for
+    :class:`SourceFirstGeneralConv` and :class:`ScoreGatedConv` (their class docs' formulas,
+    the same numbers as ``propagate`` to float rounding); any other conv is called."""
+    src, dst = edge_index[0], edge_index[1]
+    n_t = len(x[1])
+    if type(conv) is SourceFirstGeneralConv and conv.attention and conv.directed_msg \
+            and conv.attention_type == "additive" and not conv.normalize_l2:
+        m = conv.lin_msg(x[0]).index_select(0, src)
+        if edge_attr is not None:
+            m = m + conv.lin_edge(edge_attr)
+        m = m.view(-1, conv.heads, conv.out_channels)
+        alpha = softmax(torch.nn.functional.leaky_relu((m * conv.att_msg).sum(dim=-1), 0.2),
+                        dst, num_nodes=n_t)
+        out = m.new_zeros((n_t, conv.heads, conv.out_channels)).index_add_(0, dst, m * alpha.unsqueeze(-1))
+        return out.mean(dim=1) + conv.lin_self(x[1])
+    if type(conv) is ScoreGatedConv:
+        out = conv.lin_self(x[1])
+        if src.numel():
+            score = edge_attr[:, :1]
+            m = (score * conv.lin_hi(x[0]).index_select(0, src)
+                 + (1 - score) * conv.lin_lo(x[0]).index_select(0, src) + conv.lin_edge(edge_attr))
+            count = torch.bincount(dst, minlength=n_t).clamp(min=1).unsqueeze(-1).to(m.dtype)
+            out = out + m.new_zeros((n_t, m.shape[1])).index_add_(0, dst, m) / count
+        return out   # a node without edges: PyG's mean over nothing is 0
+    return conv(x, edge_index) if edge_attr is None else conv(x, edge_index, edge_attr=edge_attr)
+
+
 class HeteroGNN(torch.nn.Module):
     """Encoders, ``layers`` x HeteroConv and the pair decoder (module docstring)."""
 
@@ -202,11 +233,12 @@ class HeteroGNN(torch.nn.Module):
         return states
 
     def forward_new(self, x_new: Tensor, states: list[State], edge_index_dict: dict,
-                    edge_attr_dict: dict) -> Tensor:
+                    edge_attr_dict: dict, propagate: bool = False) -> Tensor:
         """``h^L [b, H]`` of ``b`` new query nodes, from cached ``states`` (:meth:`forward`
         of the graph without them). ``edge_index_dict[r]`` for each relation ``r`` into
         ``query``: ``[2, E_r]`` with src indexing the cached nodes of ``r``'s source type
-        and dst in ``0..b-1`` (empty where a new node has no such edge)."""
+        and dst in ``0..b-1`` (empty where a new node has no such edge). The relations run
+        through :func:`messages_into_new`; ``propagate=True`` calls the conv modules."""
         h = self.encoders[Q](x_new)
         for layer, conv in enumerate(self.convs):
             outs = []
@@ -217,10 +249,11 @@ class HeteroGNN(torch.nn.Module):
                 used, src = torch.unique(edge_index_dict[et][0], return_inverse=True)
                 ei = torch.stack([src.view(-1), edge_index_dict[et][1]])
                 x = (states[layer][et[0]][used], h)
-                if et in edge_attr_dict:
-                    outs.append(c(x, ei, edge_attr=edge_attr_dict[et]))
+                attr = edge_attr_dict.get(et)
+                if propagate:
+                    outs.append(c(x, ei) if attr is None else c(x, ei, edge_attr=attr))
                 else:
-                    outs.append(c(x, ei))
+                    outs.append(messages_into_new(c, x, ei, attr))
             h = self._update(layer, Q, h, group(outs, conv.aggr))
         return h
 

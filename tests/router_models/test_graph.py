@@ -38,7 +38,7 @@ from router_models.graph_data import (
     task_expert_stats,
     with_probe,
 )
-from router_models.graph_model import HeteroGNN
+from router_models.graph_model import HeteroGNN, ScoreGatedConv, SourceFirstGeneralConv, messages_into_new
 from router_models.logs import BenchmarkLogs, load_logs, write_logs
 from tests.router_models.test_routers import (
     EXPERTS,
@@ -219,6 +219,31 @@ def test_router_learns_the_signal_and_training_reduces_the_loss(router, logs):
     loss = np.array(router.history_["train_loss"])
     assert loss[0] - floor > 0.005  # the untrained network is not already there
     assert np.mean(loss[-10:]) - floor < 0.3 * (loss[0] - floor)
+
+
+@pytest.mark.parametrize("conv", [
+    SourceFirstGeneralConv((6, 6), 5, 1, aggr="add", skip_linear=True, heads=1, attention=True),
+    SourceFirstGeneralConv((6, 6), 5, 3, aggr="add", skip_linear=True, heads=2, attention=True),
+    ScoreGatedConv(6, 5, 2),
+], ids=["attention-1-head", "attention-2-heads", "score-gated"])
+@pytest.mark.parametrize("n_edges", [0, 1, 9])
+def test_messages_into_new_nodes_equal_pyg_propagate(conv, n_edges):
+    """The written-out relation (the live path) gives PyG's numbers, for several target
+    nodes of which some receive no edge, and for no edge at all."""
+    torch.manual_seed(0)
+    x = (torch.randn(7, 6), torch.randn(4, 6))
+    ei = torch.stack([torch.randint(0, 7, (n_edges,)), torch.randint(0, 3, (n_edges,))])  # node 3: none
+    dim = conv.lin_edge.weight.shape[1]
+    attr = torch.rand(n_edges, dim)
+    with torch.no_grad():
+        got = messages_into_new(conv, x, ei, attr)
+        want = conv(x, ei, edge_attr=attr)
+    assert got.shape == want.shape == (4, 5)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    if n_edges:
+        with torch.no_grad():
+            other = messages_into_new(conv, x, ei, 1 - attr)
+        assert not torch.allclose(other[ei[1].unique()], got[ei[1].unique()])  # the edges count
 
 
 def test_cached_inference_equals_the_full_graph_with_the_queries_inserted(router):
