@@ -93,12 +93,13 @@ def load_dataset(name: str, path: Path, max_prompts: int | None, seed: int):
 
 def embed_all(prompts: list[str]) -> dict:
     """MiniLM-embed every prompt once (into the cache): routers then only read it back."""
-    from router_models.featurize import MiniLMFeaturizer, default_cache, text_key, query_text
+    from router_models.featurize import MiniLMFeaturizer, default_cache, query_text
 
-    keys = list(dict.fromkeys(text_key(query_text(p)) for p in prompts))
+    featurizer = MiniLMFeaturizer(progress=True)   # the routers' cut, and its cache keys
+    keys = list(dict.fromkeys(featurizer.cache_key(query_text(p)) for p in prompts))
     new = len(keys) - len(default_cache().get_many(keys))
     t0 = time.perf_counter()
-    MiniLMFeaturizer(progress=True).transform(prompts)
+    featurizer.transform(prompts)
     return {"texts": len(keys), "new": new, "seconds": time.perf_counter() - t0}
 
 
