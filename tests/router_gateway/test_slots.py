@@ -31,6 +31,15 @@ def _in_redis(store: ExpertStore, expert: str) -> int:
     return store.client.zcard(f"{store.prefix}inflight:{expert}")
 
 
+def _given_back_now(store: ExpertStore, expert: str, within_s: float = 5.0) -> bool:
+    """Wait (blocking: the gateways run in other threads) until ``expert`` holds no place
+    in Redis."""
+    deadline = time.monotonic() + within_s
+    while _in_redis(store, expert) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _in_redis(store, expert) == 0
+
+
 async def _given_back(store: ExpertStore, expert: str, within_s: float = 5.0) -> bool:
     """Wait until ``expert`` holds no place in Redis (give-backs go out on a later turn,
     within a few ms unless the machine is busy)."""
@@ -54,9 +63,11 @@ def test_two_gateways_on_one_redis_share_an_experts_cap(store: ExpertStore, data
             assert r.status_code == 200, r.text
             return r.headers["x-switchyard-expert"]
 
-        assert ask(a) == ask(b) == "held"   # plain answers give their place back
+        assert ask(a) == ask(b) == "held"   # plain answers give their place back,
+        assert _given_back_now(store, "held")  # on a later turn than the answer went out
         with a.stream("POST", "/v1/chat/completions", json={"model": "held", "messages": MSGS,
                                                             "stream": True}) as open_stream:
+            assert open_stream.headers["x-switchyard-expert"] == "held"
             next(open_stream.iter_bytes())
             assert _in_redis(store, "held") == 1
             gauges = b.get("/metrics").text   # the other gateway's scrape sees the place taken
@@ -73,9 +84,7 @@ def test_two_gateways_on_one_redis_share_an_experts_cap(store: ExpertStore, data
         while ask(b) != "held":
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        while _in_redis(store, "held"):   # given back just after the answer went out
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        assert _given_back_now(store, "held")   # given back just after the answer went out
         assert 'switchyard_expert_in_flight{expert="held"} 0.0' in a.get("/metrics").text
 
 
