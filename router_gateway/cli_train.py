@@ -21,6 +21,10 @@ from router_gateway.cli_common import console
 from router_gateway.cli_common import fail as _fail
 
 
+# rich markup would eat an unescaped "[input, output]"
+PRICES_HELP = "JSON {model: \\[input, output] USD per 1M tokens} to derive costs"
+
+
 def _prices(path: Optional[Path]) -> dict | None:
     """``{"model": [input_per_1m, output_per_1m], ...}`` from a JSON file."""
     if path is None:
@@ -58,6 +62,16 @@ def _router_params(router: str, featurizer: str, model: str, k: int, cv: int, se
     return {}
 
 
+def _cut_params(router: str, featurizer: str, pieces: Optional[int], keep: Optional[str]) -> dict:
+    """``--query-pieces`` / ``--query-keep`` as the router's hyper-parameters (every
+    router reads MiniLM features but the TF-IDF classifier)."""
+    given = {k: v for k, v in (("query_pieces", pieces), ("query_keep", keep)) if v is not None}
+    if given and router == "classifier" and featurizer != "minilm":
+        _fail(f"--query-pieces and --query-keep cut MiniLM's input; --featurizer {featurizer} "
+              "reads the whole query (its last 1,000 characters)")
+    return given
+
+
 def _extra_params(cls: type, pairs: list[str]) -> dict:
     """``--param NAME=VALUE`` pairs (VALUE read as JSON, else as a string), checked
     against the router's hyper-parameters."""
@@ -89,8 +103,13 @@ def train(
     k: int = typer.Option(40, help="knn: neighbours"),
     cv: int = typer.Option(5, help="classifier: folds for model selection (0 = no selection)"),
     seed: int = typer.Option(0, help="Seed for splits and cross-validation"),
+    query_pieces: Optional[int] = typer.Option(
+        None, help="MiniLM features: word pieces read of a long query, 2-256 (default 128)"),
+    query_keep: Optional[str] = typer.Option(
+        None, help="MiniLM features: read a long query's tail (the question, in few-shot and "
+                   "chat prompts) or its head (default tail)"),
     holdout: float = typer.Option(0.0, help="Fraction of prompts held out (written to OUT/heldout.jsonl for eval)"),
-    prices_file: Optional[Path] = typer.Option(None, help="JSON {model: [input, output] USD per 1M tokens} to derive costs"),
+    prices_file: Optional[Path] = typer.Option(None, help=PRICES_HELP),
     param: Optional[list[str]] = typer.Option(None, "--param",
                                               help="Any router hyper-parameter, NAME=VALUE (JSON value); repeatable"),
 ) -> None:
@@ -111,7 +130,9 @@ def train(
         write_logs(held, out / "heldout.jsonl")
         console.print(f"held out {held.n_prompts} prompts -> {out / 'heldout.jsonl'}")
     try:
-        params = _router_params(router, featurizer, model, k, cv, seed) | _extra_params(ROUTERS[router], param or [])
+        params = (_router_params(router, featurizer, model, k, cv, seed)
+                  | _cut_params(router, featurizer, query_pieces, query_keep)
+                  | _extra_params(ROUTERS[router], param or []))
         est = ROUTERS[router](**params)
         t0 = time.perf_counter()
         est.fit(data)
@@ -202,7 +223,7 @@ def eval_cmd(
     format: Optional[str] = typer.Option(None, "--format", help="Log layout; guessed when omitted"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (fixed layout)"),
     plot: Optional[Path] = typer.Option(None, help="Draw the quality-cost curves into this PNG"),
-    prices_file: Optional[Path] = typer.Option(None, help="JSON {model: [input, output] USD per 1M tokens} to derive costs"),
+    prices_file: Optional[Path] = typer.Option(None, help=PRICES_HELP),
 ) -> None:
     """Evaluate a router: AIQ, APGR, CPT(50%/80%), quality-cost points, and baselines."""
     if as_json:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from router_models.base import Router
-from router_models.featurize import FEATURIZERS, make_featurizer
+from router_models.featurize import FEATURIZERS, QUERY_PIECES, QueryCut, make_featurizer
 from router_models.logs import BenchmarkLogs
 from router_models.metrics import evaluate_router, reference_points
 
@@ -64,15 +64,17 @@ def cross_validate(X: Any, Y: np.ndarray, costs: np.ndarray, c_hat: np.ndarray,
     return rows
 
 
-class ClassifierRouter(Router):
+class ClassifierRouter(QueryCut, Router):
     name = "classifier"
 
     def __init__(self, featurizer: str = "minilm", model: str = "auto", cv: int = 5,
-                 seed: int = 0):
+                 seed: int = 0, query_pieces: int = QUERY_PIECES, query_keep: str = "tail"):
         self.featurizer = featurizer
         self.model = model
         self.cv = cv
         self.seed = seed
+        self.query_pieces = query_pieces   # MiniLM's cut; TF-IDF reads the whole query
+        self.query_keep = query_keep
 
     def _candidates(self) -> list[dict]:
         if self.model == "auto":
@@ -88,7 +90,8 @@ class ClassifierRouter(Router):
         if self.featurizer not in FEATURIZERS:
             raise ValueError(f"unknown featurizer {self.featurizer!r}; choose one of "
                              f"{sorted(FEATURIZERS)}")
-        self.featurizer_ = make_featurizer(self.featurizer).fit(logs.prompts)
+        self.featurizer_ = (self._minilm() if self.featurizer == "minilm"
+                            else make_featurizer(self.featurizer)).fit(logs.prompts)
         X = self.featurizer_.transform(logs.prompts)
         Y = np.asarray(logs.scores, dtype=float)
         candidates = self._candidates()
@@ -135,7 +138,10 @@ class ClassifierRouter(Router):
     def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
         from router_models.estimators import head_from_state
 
-        self.featurizer_ = FEATURIZERS[state["featurizer"]["name"]].from_state(
-            state["featurizer"], arrays)
+        if state["featurizer"]["name"] == "minilm":
+            self.featurizer_ = self._minilm_from_state(state["featurizer"])
+        else:
+            self.featurizer_ = FEATURIZERS[state["featurizer"]["name"]].from_state(
+                state["featurizer"], arrays)
         self.head_ = head_from_state(state["head"], arrays)
         self.cv_results_ = state["cv_results"]

@@ -454,6 +454,16 @@ class _KeepsLastCall:
         raise NotImplementedError
 
 
+def _checked_cut(pieces: Any, keep: Any, names: tuple[str, str] = ("max_pieces", "keep")) -> int:
+    """``pieces`` as an int, after checking both settings of a cut (``names`` for the error)."""
+    if keep not in KEEPS:
+        raise ValueError(f"{names[1]}={keep!r}: expected one of {', '.join(KEEPS)}")
+    if isinstance(pieces, bool) or not isinstance(pieces, (int, np.integer)) or not 2 <= pieces <= 256:
+        raise ValueError(f"{names[0]}={pieces!r}: expected a whole number from 2 to 256 "
+                         "(MiniLM reads at most 256 word pieces)")
+    return int(pieces)
+
+
 class MiniLMFeaturizer(_KeepsLastCall):
     """all-MiniLM-L6-v2 mean-pooled, L2-normalised embeddings, 384 dims, of each text's
     last ``MAX_CHARS`` characters cut to ``max_pieces`` word pieces: its last ones
@@ -468,14 +478,10 @@ class MiniLMFeaturizer(_KeepsLastCall):
 
     def __init__(self, cache: EmbeddingCache | None = None, batch_size: int = 64,
                  progress: bool = False, max_pieces: int = QUERY_PIECES, keep: str = "tail"):
-        if keep not in KEEPS:
-            raise ValueError(f"keep={keep!r}: expected one of {', '.join(KEEPS)}")
-        if not 2 <= int(max_pieces) <= 256:
-            raise ValueError(f"max_pieces={max_pieces}: expected 2 to 256 (MiniLM's own limit)")
         self.cache = cache
         self.batch_size = batch_size
         self.progress = progress
-        self.max_pieces = int(max_pieces)
+        self.max_pieces = _checked_cut(max_pieces, keep)
         self.keep = keep
 
     def fit(self, texts: list[str]) -> "MiniLMFeaturizer":
@@ -526,6 +532,25 @@ class MiniLMFeaturizer(_KeepsLastCall):
         state = state or {}
         return cls(max_pieces=state.get("max_pieces", cls.LEGACY["max_pieces"]),
                    keep=state.get("keep", cls.LEGACY["keep"]), **kwargs)
+
+
+class QueryCut:
+    """For a router on MiniLM features: the query cut as two hyper-parameters,
+    ``query_pieces`` (2-256 word pieces) and ``query_keep`` (``"tail"`` or ``"head"``),
+    which its ``__init__`` sets. A router loaded from a save takes them from its saved
+    featurizer, so an artifact from before the cut existed says 256 / head."""
+
+    query_pieces: int
+    query_keep: str
+
+    def _minilm(self, **kwargs: Any) -> MiniLMFeaturizer:
+        pieces = _checked_cut(self.query_pieces, self.query_keep, ("query_pieces", "query_keep"))
+        return MiniLMFeaturizer(max_pieces=pieces, keep=self.query_keep, **kwargs)
+
+    def _minilm_from_state(self, state: dict | None) -> MiniLMFeaturizer:
+        featurizer = MiniLMFeaturizer.from_state(state)
+        self.query_pieces, self.query_keep = featurizer.max_pieces, featurizer.keep
+        return featurizer
 
 
 class TfidfFeaturizer(_KeepsLastCall):

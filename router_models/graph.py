@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from router_models.base import Router
-from router_models.featurize import MiniLMFeaturizer, query_text, text_key
+from router_models.featurize import QUERY_PIECES, QueryCut, query_text, text_key
 from router_models.graph_data import (
     EQ,
     QQ,
@@ -91,7 +91,7 @@ def _tensor(a: np.ndarray, long: bool = False) -> Any:
     return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.long if long else torch.float32)
 
 
-class GraphRouter(Router):
+class GraphRouter(QueryCut, Router):
     name = "gnn"
 
     def __init__(self, hidden: int = 32, layers: int = 2, heads: int = 1, k: int = 10,
@@ -100,7 +100,8 @@ class GraphRouter(Router):
                  patience: int = 40, ema: float = 0.9, fewshot_prob: float = 0.5,
                  gated: bool = True, probe: bool = True, n_clusters: int | None = None,
                  descriptions: dict[str, str] | None = None, seed: int = 0,
-                 threads: int | None = 1, progress: bool | None = None):
+                 threads: int | None = 1, progress: bool | None = None,
+                 query_pieces: int = QUERY_PIECES, query_keep: str = "tail"):
         self.hidden = hidden
         self.layers = layers
         self.heads = heads
@@ -121,6 +122,8 @@ class GraphRouter(Router):
         self.seed = seed
         self.threads = threads
         self.progress = progress
+        self.query_pieces = query_pieces
+        self.query_keep = query_keep
 
     # ---- fit -----------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -140,7 +143,7 @@ class GraphRouter(Router):
         from router_models.graph_model import train_gnn
 
         self._check_params()
-        self.featurizer_ = MiniLMFeaturizer()
+        self.featurizer_ = self._minilm()
         emb = self.featurizer_.transform(logs.prompts)
         Y = np.asarray(logs.scores, dtype=float)
         self.cost_attr_ = CostScale.fit(logs.costs)
@@ -392,7 +395,7 @@ class GraphRouter(Router):
     def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
         import torch
 
-        self.featurizer_ = MiniLMFeaturizer.from_state(state.get("featurizer"))
+        self.featurizer_ = self._minilm_from_state(state.get("featurizer"))
         self.n_lab_, self.tasks_ = int(state["n_lab"]), list(state["tasks"])
         self.text_keys_, self.history_ = list(state["text_keys"]), state["history"]
         self.cost_attr_ = CostScale(*state["cost_attr"])

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from router_models.base import Router
-from router_models.featurize import MiniLMFeaturizer
+from router_models.featurize import QUERY_PIECES, QueryCut
 from router_models.logs import BenchmarkLogs
 
 
@@ -28,16 +28,18 @@ def neighbour_mean(sims: np.ndarray, Y: np.ndarray, k: int, fill: np.ndarray) ->
     return q, idx
 
 
-class KNNRouter(Router):
+class KNNRouter(QueryCut, Router):
     name = "knn"
 
-    def __init__(self, k: int = 40):
+    def __init__(self, k: int = 40, query_pieces: int = QUERY_PIECES, query_keep: str = "tail"):
         self.k = k
+        self.query_pieces = query_pieces
+        self.query_keep = query_keep
 
     def _fit(self, logs: BenchmarkLogs) -> None:
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
-        self.featurizer_ = MiniLMFeaturizer()
+        self.featurizer_ = self._minilm()
         self.X_ = self.featurizer_.transform(logs.prompts)
         self.Y_ = np.asarray(logs.scores, dtype=np.float32)
         self.prompt_ids_ = list(logs.prompt_ids)
@@ -63,7 +65,7 @@ class KNNRouter(Router):
                 {"X": self.X_, "Y": self.Y_, "fill": self.fill_.astype(np.float32)})
 
     def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
-        self.featurizer_ = MiniLMFeaturizer.from_state(state.get("featurizer"))
+        self.featurizer_ = self._minilm_from_state(state.get("featurizer"))
         self.prompt_ids_ = list(state["prompt_ids"])
         self.X_, self.Y_ = arrays["X"], arrays["Y"]
         self.fill_ = arrays["fill"].astype(float)

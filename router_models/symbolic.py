@@ -57,7 +57,7 @@ import numpy as np
 
 from router_models.base import Router
 from router_models.classifier import _fold_ids
-from router_models.featurize import MiniLMFeaturizer
+from router_models.featurize import QUERY_PIECES, QueryCut
 from router_models.logs import BenchmarkLogs
 from router_models.metrics import evaluate_router, reference_points
 from router_models.skills import (
@@ -92,13 +92,14 @@ def _per_query(k: int, n_skills: int) -> int:
     return max(1, min(int(k), math.ceil(n_skills / 4)))
 
 
-class SymbolicRouter(Router):
+class SymbolicRouter(QueryCut, Router):
     name = "symbolic"
     accepts_skill_words: ClassVar[bool] = True  # predict_quality/explain/recruit(skill_words=)
 
     def __init__(self, n_skills: int = 1024, alpha: float = 1.0, skills_per_query: int = 16,
                  temperature: float = 0.2, cv: int = 5, seed: int = 0,
-                 phrases_per_prompt: int = 5, max_phrases: int = 3000):
+                 phrases_per_prompt: int = 5, max_phrases: int = 3000,
+                 query_pieces: int = QUERY_PIECES, query_keep: str = "tail"):
         self.n_skills = n_skills
         self.alpha = alpha
         self.skills_per_query = skills_per_query
@@ -107,6 +108,8 @@ class SymbolicRouter(Router):
         self.seed = seed
         self.phrases_per_prompt = phrases_per_prompt
         self.max_phrases = max_phrases
+        self.query_pieces = query_pieces
+        self.query_keep = query_keep
 
     # ---- fitting ---------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -122,7 +125,7 @@ class SymbolicRouter(Router):
 
     def _fit(self, logs: BenchmarkLogs) -> None:
         self._check_params()
-        self.featurizer_ = MiniLMFeaturizer(progress=logs.n_prompts > 1000)
+        self.featurizer_ = self._minilm(progress=logs.n_prompts > 1000)
         X = self.featurizer_.transform(logs.prompts)
         Y = np.asarray(logs.scores, dtype=float)
         phrases, picks, membership = extract_keyphrases(
@@ -311,7 +314,7 @@ class SymbolicRouter(Router):
                  "competence": self.competence_})
 
     def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
-        self.featurizer_ = MiniLMFeaturizer.from_state(state.get("featurizer"))
+        self.featurizer_ = self._minilm_from_state(state.get("featurizer"))
         self.vocab_ = SkillVocabulary(list(state["names"]), [list(p) for p in state["phrases"]],
                                       arrays["skill_emb"], arrays["skill_key"])
         self.params_ = dict(state["params"])

@@ -70,8 +70,10 @@ def test_train_holdout_and_eval_table(tmp_path: Path, logs):
     train, _ = logs
     out = tmp_path / "knn"
     sy(tmp_path / "data", "train", "--logs", str(train), "--router", "knn", "--param", "k=5", "--holdout", "0.25",
-       "--out", str(out))
-    assert json.loads((out / "router.json").read_text())["params"] == {"k": 5}  # --param reached the router
+       "--query-pieces", "64", "--query-keep", "head", "--out", str(out))
+    meta = json.loads((out / "router.json").read_text())
+    assert meta["params"] == {"k": 5, "query_pieces": 64, "query_keep": "head"}  # --param and the cut reached it
+    assert meta["state"]["featurizer"] == {"name": "minilm", "max_pieces": 64, "keep": "head"}
     held = out / "heldout.jsonl"
     assert held.is_file()
     table = sy(tmp_path / "data", "eval", "--router-dir", str(out), "--logs", str(held)).stdout
@@ -88,7 +90,13 @@ def test_train_holdout_and_eval_table(tmp_path: Path, logs):
     (["train", "--logs", "{train}", "--router", "knn", "--out", "x", "--format", "parquet-ish"], "parquet-ish"),
     (["eval", "--router-dir", "{tmp}", "--logs", "{train}"], "not a router directory"),
     (["train", "--logs", "{train}", "--router", "knn", "--out", "x", "--param", "depth=3"],
-     "the knn router has no such hyper-parameter; it has: k"),
+     "the knn router has no such hyper-parameter; it has: k, query_pieces, query_keep"),
+    (["train", "--logs", "{train}", "--router", "knn", "--out", "x", "--query-pieces", "300"],
+     "query_pieces=300: expected a whole number from 2 to 256"),
+    (["train", "--logs", "{train}", "--router", "symbolic", "--out", "x", "--query-keep", "middle"],
+     "query_keep='middle': expected one of head, tail"),
+    (["train", "--logs", "{train}", "--router", "classifier", "--featurizer", "tfidf", "--out", "x",
+      "--query-pieces", "64"], "--featurizer tfidf reads the whole query"),
     (["train", "--logs", "{train}", "--router", "knn", "--out", "x", "--param", "k"], "must be NAME=VALUE"),
     (["train", "--logs", "{train}", "--router", "knn", "--out", "x", "--param", "k=0"], "k must be >= 1"),
 ])
@@ -148,3 +156,10 @@ def test_add_expert_to_a_graph_router(tmp_path: Path, logs):
     refused = sy(tmp_path / "data", "add-expert", "--router-dir", str(knn), "--logs", str(few), "--expert",
                  "mid-poet", check=False)
     assert refused.returncode == 1 and "cannot take a new expert without retraining" in refused.stderr
+
+
+def test_train_help_shows_its_options_text_whole(tmp_path: Path):
+    """Help text goes through rich markup: a bracketed example must be escaped to show."""
+    text = " ".join(sy(tmp_path / "data", "train", "--help").stdout.split())
+    assert "{model: [input, output] USD per 1M tokens}" in text
+    assert "--query-pieces" in text and "2-256 (default 128)" in text

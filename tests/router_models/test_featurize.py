@@ -240,6 +240,8 @@ def test_featurizer_state_names_its_cut_and_old_states_read_the_head():
         MiniLMFeaturizer(max_pieces=300)
     with pytest.raises(ValueError, match="max_pieces"):
         MiniLMFeaturizer(max_pieces=1)
+    with pytest.raises(ValueError, match="max_pieces=64.5: expected a whole number"):
+        MiniLMFeaturizer(max_pieces=64.5)
 
 
 def test_lean_encoder_equals_sentence_transformers_on_mixed_batches(minilm, float32):

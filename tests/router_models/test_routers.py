@@ -292,9 +292,29 @@ def test_a_loaded_router_cuts_queries_as_it_was_trained(logs, minilm, name, tmp_
     (d / ROUTER_FILE).write_text(json.dumps(meta))
     old = load_router(d)
     assert (old.featurizer_.max_pieces, old.featurizer_.keep) == (256, "head")
+    assert (old.query_pieces, old.query_keep) == (256, "head")   # its params say how it reads
     q_old, q_new = old.predict_quality(queries), loaded.predict_quality(queries)
     assert np.abs(q_old[0] - q_new[0]).max() > 1e-6       # the long query is read differently
     np.testing.assert_allclose(q_old[1], q_new[1], atol=1e-6)   # a short one alike
+
+
+@pytest.mark.parametrize("name", ["knn", "classifier", "symbolic", "gnn"])
+def test_the_query_cut_is_a_hyper_parameter_of_every_minilm_router(logs, minilm, name, tmp_path):
+    params = {"knn": {"k": 5}, "classifier": {"model": "logreg", "cv": 1},
+              "symbolic": {"cv": 1}, "gnn": {"epochs": 20}}[name]
+    router = ROUTERS[name](**params, query_pieces=24, query_keep="head").fit(logs)
+    assert router.featurizer_.state()[0] == {"name": "minilm", "max_pieces": 24, "keep": "head"}
+    loaded = load_router(router.save(tmp_path / name))
+    assert loaded.get_params() == router.get_params() and loaded.featurizer_.max_pieces == 24
+    # reading the first 24 pieces of the last 1,000 characters, it does not see what a
+    # long query asks at its end
+    other = LONG_QUERY.replace("a short poem about the moon", "python code to sort a list!")
+    assert len(other) == len(LONG_QUERY)
+    X = loaded.featurizer_.transform([LONG_QUERY, other])
+    np.testing.assert_allclose(X[0], X[1], atol=1e-6)
+    np.testing.assert_allclose(*loaded.predict_quality([LONG_QUERY, other]), atol=1e-6)
+    with pytest.raises(ValueError, match="query_pieces=1: expected a whole number from 2 to 256"):
+        ROUTERS[name](**params, query_pieces=1).fit(logs)
 
 
 def test_round_trip_keeps_cv_results(logs, tmp_path):
