@@ -70,10 +70,13 @@ def marker(dataset: str) -> tuple[str, str]:
     return f"<!-- router-quality:{dataset}:begin -->", f"<!-- router-quality:{dataset}:end -->"
 
 
-def make_router(name: str, cv: int, seed: int, descriptions: dict[str, str] | None = None):
+def make_router(name: str, cv: int, seed: int, descriptions: dict[str, str] | None = None,
+                query_pieces: int | None = None):
     from router_models import ROUTERS
 
     kind, params = ROUTER_SPECS[name]
+    if query_pieces is not None and params.get("featurizer", "minilm") == "minilm":
+        params = params | {"query_pieces": query_pieces}
     if kind in ("classifier", "symbolic"):
         params = params | {"cv": cv, "seed": seed}
     if kind == "gnn":
@@ -91,11 +94,11 @@ def load_dataset(name: str, path: Path, max_prompts: int | None, seed: int):
     return logs
 
 
-def embed_all(prompts: list[str]) -> dict:
+def embed_all(prompts: list[str], query_pieces: int | None = None) -> dict:
     """MiniLM-embed every prompt once (into the cache): routers then only read it back."""
-    from router_models.featurize import MiniLMFeaturizer, default_cache, query_text
+    from router_models.featurize import QUERY_PIECES, MiniLMFeaturizer, default_cache, query_text
 
-    featurizer = MiniLMFeaturizer(progress=True)   # the routers' cut, and its cache keys
+    featurizer = MiniLMFeaturizer(progress=True, max_pieces=query_pieces or QUERY_PIECES)   # the routers' cut
     keys = list(dict.fromkeys(featurizer.cache_key(query_text(p)) for p in prompts))
     new = len(keys) - len(default_cache().get_many(keys))
     t0 = time.perf_counter()
@@ -165,7 +168,7 @@ def cross_validate(name: str, logs, routers: list[str], args: argparse.Namespace
         for r in routers:
             bar.set_postfix_str(r)
             t0 = time.perf_counter()
-            router = make_router(r, args.cv, args.seed, descriptions).fit(train)
+            router = make_router(r, args.cv, args.seed, descriptions, args.query_pieces).fit(train)
             t1 = time.perf_counter()
             q, c = router.predict_quality(test.prompts), router.predict_cost(test.prompts)
             fit_s[r] += t1 - t0
@@ -287,7 +290,7 @@ def run_dataset(name: str, path: Path, routers: list[str], args: argparse.Namesp
     load_s = time.perf_counter() - t0
     print(f"{name}: {logs.n_prompts} prompts x {logs.n_experts} experts from {path} ({load_s:.1f} s)",
           file=sys.stderr, flush=True)
-    embed = embed_all(logs.prompts) if any(r != "classifier-tfidf" for r in routers) else None
+    embed = embed_all(logs.prompts, args.query_pieces) if any(r != "classifier-tfidf" for r in routers) else None
     if embed:
         print(f"{name}: MiniLM embedded {embed['new']} new of {embed['texts']} texts in {embed['seconds']:.1f} s",
               file=sys.stderr, flush=True)
@@ -436,6 +439,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds by prompt (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cv", type=int, default=5, help="inner CV folds of the classifier's model selection")
+    p.add_argument("--query-pieces", type=int, default=None,
+                   help="word pieces MiniLM reads of a query's end (default: the routers' own, 128)")
     p.add_argument("--max-prompts", type=int, default=None, help="subsample each dataset to this many prompts")
     p.add_argument("--quick", action="store_true", help=f"2 folds, at most {QUICK_PROMPTS} prompts per dataset")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="SQLite file of MiniLM embeddings")
@@ -468,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     run = {"date": args.started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "commit": git_commit(),
            "command": shlex.join(["python", "benchmarks/router_quality.py", *argv_shown]),
            "settings": {"folds": args.folds, "seed": args.seed, "cv": args.cv, "max_prompts": args.max_prompts,
+                        "query_pieces": args.query_pieces,
                         "routers": args.routers, "routellm_prices_per_1m": ROUTELLM_PRICES}}
     t0, outputs = time.perf_counter(), []
     for name, path in args.sources:

@@ -83,9 +83,12 @@ def make_router(args: argparse.Namespace) -> object:
     if args.router not in ROUTERS:
         raise SystemExit(f"unknown router {args.router!r}; this checkout has {sorted(ROUTERS)}")
     cls = ROUTERS[args.router]
+    params = inspect.signature(cls).parameters
+    cut = {"query_pieces": args.query_pieces} if args.query_pieces and "query_pieces" in params else {}
     if args.router == "classifier":
-        return cls(featurizer=args.featurizer, cv=args.cv, seed=args.seed)
-    return cls(**({"seed": args.seed} if "seed" in inspect.signature(cls).parameters else {}))
+        return cls(featurizer=args.featurizer, cv=args.cv, seed=args.seed,
+                   **(cut if args.featurizer == "minilm" else {}))
+    return cls(**({"seed": args.seed} if "seed" in params else {}), **cut)
 
 
 def train_router(args: argparse.Namespace) -> tuple[object, list[str], dict]:
@@ -412,6 +415,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="kind of router to train (a name in router_models.ROUTERS: knn, classifier, symbolic, ...)")
     p.add_argument("--featurizer", choices=("minilm", "tfidf"), default="minilm",
                    help="features of the classifier trained here (default minilm)")
+    p.add_argument("--query-pieces", type=int, default=None,
+                   help="word pieces MiniLM reads of a query's end (default: the router's own, 128)")
     p.add_argument("--train-prompts", type=int, default=1000, help="prompts to train the classifier on")
     p.add_argument("--cv", type=int, default=5, help="inner CV folds of the classifier's model selection")
     p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])

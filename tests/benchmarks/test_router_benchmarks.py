@@ -99,6 +99,19 @@ def test_router_quality_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> Non
         assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_benchmarks_hand_a_query_cut_to_every_minilm_router() -> None:
+    quality, latency = _load("router_quality"), _load("routing_latency")
+    for name in ("knn", "classifier-minilm", "symbolic", "gnn"):
+        assert quality.make_router(name, 5, 0, None, 64).query_pieces == 64
+        assert quality.make_router(name, 5, 0).query_pieces == 128   # the routers' own default
+    tfidf = quality.make_router("classifier-tfidf", 5, 0, None, 64)
+    assert tfidf.featurizer == "tfidf" and tfidf.query_pieces == 128   # TF-IDF has no cut to set
+    for argv, pieces in ((["--router", "symbolic", "--query-pieces", "64"], 64),
+                         (["--query-pieces", "64"], 64), (["--featurizer", "tfidf", "--query-pieces", "64"], 128),
+                         (["--router", "gnn"], 128)):
+        assert latency.make_router(latency.parse_args(argv)).query_pieces == pieces, argv
+
+
 def test_task_oracle_routes_each_task_to_its_best_expert_for_the_price() -> None:
     """Task A (3 prompts): both experts right; task B (1 prompt): only the dear one. Knowing
     the task, A goes to the cheap expert and B to the dear one: full quality at 3.25 of the
