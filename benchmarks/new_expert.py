@@ -21,7 +21,9 @@ Where the logs come with expert descriptions (LLMRouter's models.json) the graph
 gets them, the held-out expert's included (its node's features at N = 0).
 
 Both get the new expert's price as the mean logged cost of its N calls (with N = 0: its
-mean logged cost on the training prompts, as a registry price would say). Reported on
+mean logged cost on the training prompts, as a registry price would say); the graph router
+(and the classifier at N = 0) prices it per question as ``CostModel.add_expert`` does:
+that price times the other experts' mean relative cost for the question. Reported on
 the test prompts: the held-out expert's prediction error (MAE and Brier against its
 logged scores) and the routing AIQ with every expert included.
 
@@ -121,12 +123,12 @@ def one_holdout(logs, name: str, args) -> list[dict]:
         else:
             clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=args.seed)
             clf.fit(train.select_experts(others))
-            q_o, c_o = clf.predict_quality(test.prompts), clf.predict_cost(test.prompts)
+            clf.cost_model_.add_expert(price)   # priced as the graph router prices it: its last column
+            q_o, c_all = clf.predict_quality(test.prompts), clf.predict_cost(test.prompts)
             q, c = np.zeros((len(test.prompts), logs.n_experts)), np.zeros((len(test.prompts), logs.n_experts))
             q[:, [k for k in range(logs.n_experts) if k != j]] = q_o
-            c[:, [k for k in range(logs.n_experts) if k != j]] = c_o
-            q[:, j] = q_o.mean(axis=1)
-        c[:, j] = price if not n else c[:, j]
+            c[:, [k for k in range(logs.n_experts) if k != j]] = c_all[:, :-1]
+            q[:, j], c[:, j] = q_o.mean(axis=1), c_all[:, -1]
         results["classifier"] = (q, c, time.perf_counter() - t1)
         for router, (q, c, secs) in results.items():
             err = q[:, j] - truth

@@ -57,6 +57,16 @@ class CostModel:
     fitted on ``cost / lin_j`` (a missing cost counts as ratio 1). On RouterBench this
     cuts the mean absolute error of out-of-fold cost predictions 2.6x (GPT-4 costs $0.0094
     per MBPP question and $0.0035 per Winogrande one, with the longer prompt).
+
+    An expert added after fitting (:meth:`add_expert`) has only a price. Its cost for a
+    question is that price times the fitted experts' mean relative cost for it,
+    ``mean_k cost_k(prompt) / typical_k`` (``typical``: each expert's mean predicted cost
+    over the training prompts, which :meth:`Router.fit` records), so it averages its
+    price and follows the kind of question as the others do. A flat price among
+    kind-aware ones misroutes: on LLMRouter a held-out expert priced flat cost the
+    classifier 0.005 of routing AIQ, priced this way it scored as well as with its true
+    logged cost (benchmarks/README.md, "New expert with few examples"). A model saved
+    without ``typical`` prices added experts flat.
     """
 
     RATIO_MIN, RATIO_MAX = 0.05, 20.0
@@ -67,6 +77,8 @@ class CostModel:
         self.slope = np.asarray(slope, dtype=float)
         self.ratio_coef = ratio_coef    # [m, d] float32, or None: the length part only
         self.ratio_bias = ratio_bias    # [m]
+        self.typical: np.ndarray | None = None   # [m] mean predicted cost on the training prompts
+        self.added = np.full(len(self.intercept), np.nan)   # [m] price of an added expert, else NaN
 
     @classmethod
     def fit(cls, prompts: list[str], costs: np.ndarray) -> "CostModel":
@@ -104,13 +116,29 @@ class CostModel:
         return self.ratio_coef is not None
 
     def add_expert(self, price: float) -> None:
-        """A new column: the expert costs ``price`` per call, whatever the prompt."""
+        """A new column: the expert costs ``price`` per call on average, shaped like the
+        fitted experts' costs (flat where ``typical`` is unknown)."""
         self.intercept = np.r_[self.intercept, price]
         self.slope = np.r_[self.slope, 0.0]
+        self.added = np.r_[self.added, float(price)]
+        if self.typical is not None:
+            self.typical = np.r_[self.typical, float(price)]
         if self.has_ratio:
             self.ratio_coef = np.vstack([self.ratio_coef, np.zeros((1, self.ratio_coef.shape[1]),
                                                                    np.float32)])
             self.ratio_bias = np.r_[self.ratio_bias, np.float32(1.0)].astype(np.float32)
+
+    def _shape_added(self, cost: np.ndarray) -> np.ndarray:
+        """Added experts' columns: their price times the fitted experts' mean relative cost."""
+        added = ~np.isnan(self.added)
+        if self.typical is None or not added.any():
+            return cost
+        base = ~added & (self.typical > 0)
+        if not base.any():
+            return cost
+        shape = (cost[:, base] / self.typical[base][None, :]).mean(axis=1)
+        cost[:, added] = shape[:, None] * self.added[added][None, :]
+        return cost
 
     def _length_part(self, prompts: list[str]) -> np.ndarray:
         length = np.array([len(p) for p in prompts], dtype=float)
@@ -121,13 +149,17 @@ class CostModel:
         the kind part when it was fitted, else the length part alone is returned."""
         lin = self._length_part(prompts)
         if not self.has_ratio or features is None or not len(prompts):
-            return lin
+            return self._shape_added(lin)
         ratio = np.asarray(features @ self.ratio_coef.T, dtype=float) + self.ratio_bias[None, :]
-        return lin * np.clip(ratio, self.RATIO_MIN, self.RATIO_MAX)
+        return self._shape_added(lin * np.clip(ratio, self.RATIO_MIN, self.RATIO_MAX))
 
     def to_dict(self) -> dict:
-        return {"intercept": self.intercept.tolist(), "slope": self.slope.tolist(),
-                "ratio": self.has_ratio}
+        out = {"intercept": self.intercept.tolist(), "slope": self.slope.tolist(),
+               "ratio": self.has_ratio}
+        if self.typical is not None:
+            out["typical"] = self.typical.tolist()
+            out["added"] = [None if np.isnan(v) else float(v) for v in self.added]
+        return out
 
     def arrays(self) -> dict[str, np.ndarray]:
         if not self.has_ratio:
@@ -137,10 +169,16 @@ class CostModel:
     @classmethod
     def from_dict(cls, d: dict, arrays: dict[str, np.ndarray] | None = None) -> "CostModel":
         model = cls(np.asarray(d["intercept"]), np.asarray(d["slope"]))
+        m = model.intercept.shape[0]
+        if d.get("typical") is not None:
+            typical = np.asarray(d["typical"], dtype=float)
+            added = np.array([np.nan if v is None else float(v) for v in d.get("added") or [None] * m])
+            if typical.shape != (m,) or added.shape != (m,):
+                raise ValueError(f"router.json's cost model: typical and added must list {m} experts")
+            model.typical, model.added = typical, added
         if d.get("ratio"):
             arrays = arrays or {}
             coef, bias = arrays.get("cost_model.ratio_coef"), arrays.get("cost_model.ratio_bias")
-            m = model.intercept.shape[0]
             if coef is None or bias is None or coef.ndim != 2 or coef.shape[0] != m \
                     or bias.shape != (m,):
                 raise ValueError("router.json's cost model has a kind part, but the arrays "
@@ -173,6 +211,7 @@ class Router:
         if not self.cost_model_.has_ratio:   # else _fit fitted it (_training_costs)
             self._fit_cost_kind(logs, features)
         costs = self.cost_model_.predict(logs.prompts, features)
+        self.cost_model_.typical = costs.mean(axis=0)   # what an added expert's price is shaped by
         self.cost_scale_ = float(max(costs.mean(axis=0).max(), 1e-12))
         forget = getattr(getattr(self, "featurizer_", None), "forget", None)
         if forget is not None:   # its last call was the training matrix: not kept

@@ -323,7 +323,10 @@ def test_new_expert_predictions_follow_its_few_examples(router, logs):
     calc, bard = q[:, 3], q[:, 4]
     assert calc[:3].min() > calc[3:].max(), calc
     assert bard[3:].min() > bard[:3].max(), bard
-    np.testing.assert_allclose(r.predict_cost(["x" * 50])[0, 3:], [2e-3, 5e-4])
+    # priced at their mean logged cost and price: that on average, shaped like the others
+    np.testing.assert_allclose(r.predict_cost(logs.prompts)[:, 3:].mean(axis=0), [2e-3, 5e-4], rtol=1e-6)
+    c = r.predict_cost(["x" * 50, logs.prompts[0]])
+    np.testing.assert_allclose(c[:, 3] / c[:, 4], 4.0)
     assert r.cost_scale_ >= 2e-3
     # the old experts keep predicting what they did (states moved a little, not the signal)
     assert np.abs(r.predict_quality(QUERIES)[:, :3] - before).max() < 0.2

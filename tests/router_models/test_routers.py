@@ -538,12 +538,31 @@ def test_a_fitted_router_does_not_keep_its_training_features(tmp_path):
         assert router.featurizer_._last is not None
 
 
-def test_cost_model_new_expert_costs_its_price_whatever_the_kind(tmp_path):
+def test_cost_model_new_expert_costs_its_price_shaped_like_the_others(tmp_path):
+    """An added expert has only a price: it costs that on average over the training
+    prompts, more for a question that costs the fitted experts more (here a code question:
+    ``verbose`` writes a long answer), as a flat price among kind-aware ones misroutes."""
     logs = kind_priced_logs(tmp_path)
     router = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(logs)
     cm = router.cost_model_
+    before = cm.predict(logs.prompts, router.featurizer_.transform(logs.prompts))
+    np.testing.assert_allclose(cm.typical, before.mean(axis=0))
     cm.add_expert(0.003)
-    X = router.featurizer_.transform(logs.prompts[:4])
-    c = cm.predict(logs.prompts[:4], X)
-    assert c.shape == (4, 3)
-    np.testing.assert_allclose(c[:, 2], 0.003, rtol=1e-6)
+    X = router.featurizer_.transform(logs.prompts)
+    c = cm.predict(logs.prompts, X)
+    assert c.shape == (len(logs.prompts), 3)
+    np.testing.assert_array_equal(c[:, :2], before)          # the fitted experts are untouched
+    assert c[:, 2].mean() == pytest.approx(0.003, rel=1e-6)   # its price, on average
+    code = np.array(["python function" in p for p in logs.prompts])
+    assert c[code, 2].mean() > 2 * c[~code, 2].mean()         # and dearer for code, like verbose
+    shape = (before / cm.typical[:2]).mean(axis=1)
+    np.testing.assert_allclose(c[:, 2], 0.003 * shape, rtol=1e-6)
+
+    back = CostModel.from_dict(json.loads(json.dumps(cm.to_dict())), cm.arrays())
+    np.testing.assert_allclose(back.predict(logs.prompts, X), c)
+    old = cm.to_dict()
+    del old["typical"], old["added"]                          # saved before this existed: flat
+    flat = CostModel.from_dict(old, cm.arrays()).predict(logs.prompts, X)
+    np.testing.assert_allclose(flat[:, 2], 0.003, rtol=1e-6)
+    with pytest.raises(ValueError, match="typical and added must list 3 experts"):
+        CostModel.from_dict(cm.to_dict() | {"typical": [1.0]}, cm.arrays())
