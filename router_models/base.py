@@ -64,8 +64,8 @@ class CostModel:
     over the training prompts, which :meth:`Router.fit` records), so it averages its
     price and follows the kind of question as the others do. A flat price among
     kind-aware ones misroutes: on LLMRouter a held-out expert priced flat cost the
-    classifier 0.005 of routing AIQ, priced this way it scored as well as with its true
-    logged cost (benchmarks/README.md, "New expert with few examples"). A model saved
+    classifier up to 0.028 of routing AIQ; priced this way it scored as well as with its
+    true logged cost (benchmarks/README.md, "New expert with few examples"). A model saved
     without ``typical`` prices added experts flat.
     """
 
@@ -212,7 +212,7 @@ class Router:
             self._fit_cost_kind(logs, features)
         costs = self.cost_model_.predict(logs.prompts, features)
         self.cost_model_.typical = costs.mean(axis=0)   # what an added expert's price is shaped by
-        self.cost_scale_ = float(max(costs.mean(axis=0).max(), 1e-12))
+        self.cost_scale_ = float(max(self.cost_model_.typical.max(), 1e-12))
         forget = getattr(getattr(self, "featurizer_", None), "forget", None)
         if forget is not None:   # its last call was the training matrix: not kept
             forget()
