@@ -20,7 +20,8 @@ share of the training prompts (inserted as new queries) stops training early.
 
 After ``fit`` every node's state per layer is cached: a new query is linked to its ``k``
 nearest training queries (cosine) and their tasks, and only its own layers are computed
-(``HeteroGNN.forward_new``). :meth:`GraphRouter.add_expert` puts a new expert into the
+(``HeteroGNN.forward_new``; for a live query its NumPy twin ``NewQueryPass``, which reads
+each relation's sources already projected). :meth:`GraphRouter.add_expert` puts a new expert into the
 graph with a few logged calls, without retraining::
 
     router = ROUTERS["gnn"]().fit(logs)
@@ -243,23 +244,30 @@ class GraphRouter(QueryCut, Router):
         return edges
 
     # ---- predict ---------------------------------------------------------------------
-    def _new_states(self, emb: np.ndarray, self_rows: np.ndarray | None = None) -> tuple[Any, Any]:
-        """``(h^L [b, H], pair [b, m, 4])`` of new queries from the cached states (messages
-        into them only); ``self_rows [b]``: a labelled query that must not be its own
-        neighbour, or -1."""
-        import torch
-
+    def _new_edges(self, emb: np.ndarray, self_rows: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+        """The edges into new queries ``{relation: ((src, dst), attr)}`` and their pair
+        features ``[b, m, 6]``; ``self_rows [b]``: a labelled query that must not be its
+        own neighbour, or -1."""
         nbr, sim, (rows, tasks, w) = self._link(emb, self_rows)
         b, k = nbr.shape
         qq = np.stack([nbr.ravel(), np.repeat(np.arange(b), k)])
         tq = np.stack([tasks, rows])
         pair = with_probe(pair_features(qq, sim.ravel(), tq, w, self.labels_, self.te_mean_,
                                         self.te_size_, b), self._probe()(emb))
-        edges = {QQ: _tensor(qq, long=True), TQ: _tensor(tq, long=True),
-                 EQ: torch.zeros((2, 0), dtype=torch.long)}
-        attrs = {QQ: _tensor(sim.reshape(-1, 1)), TQ: _tensor(w[:, None]), EQ: torch.zeros((0, 2))}
+        return {QQ: (qq, sim.reshape(-1, 1).astype(np.float32)),
+                TQ: (tq, np.asarray(w, np.float32)[:, None])}, pair
+
+    def _new_states(self, emb: np.ndarray, self_rows: np.ndarray | None = None) -> tuple[Any, Any]:
+        """``(h^L [b, H], pair [b, m, 6])`` tensors of new queries from the cached states
+        (messages into them only), through the torch modules (for training)."""
+        import torch
+
+        edges, pair = self._new_edges(emb, self_rows)
+        index = {r: _tensor(edges[r][0], long=True) for r in (QQ, TQ)}
+        attrs = {r: _tensor(edges[r][1]) for r in (QQ, TQ)}
+        index[EQ], attrs[EQ] = torch.zeros((2, 0), dtype=torch.long), torch.zeros((0, 2))
         with torch.no_grad():
-            return self.model_.forward_new(_tensor(emb), self.states_, edges, attrs), _tensor(pair)
+            return self.model_.forward_new(_tensor(emb), self.states_, index, attrs), _tensor(pair)
 
     def _probe(self) -> Probe:
         return Probe(self.probe_w_, self.probe_n_)
@@ -272,10 +280,30 @@ class GraphRouter(QueryCut, Router):
             logits = self.model_.decode_all(h_q, h_e, pair) + _tensor(self.e_bias_)
             return torch.sigmoid(logits).numpy().astype(float)
 
+    def _live(self) -> Any:
+        """The NumPy pass over the current model and cached states (:class:`NewQueryPass`),
+        rebuilt when either is replaced; None where the model has no such pass."""
+        from router_models.graph_model import NewQueryPass
+
+        built = getattr(self, "_live_for", (None, None))
+        if built[0] is not self.model_ or built[1] is not self.states_:
+            self._live_pass = NewQueryPass.build(self.model_, self.states_)
+            self._live_for = (self.model_, self.states_)
+        return self._live_pass
+
     def _predict(self, queries: list[str]) -> np.ndarray:
         emb = self.featurizer_.transform(queries)
-        return np.concatenate([self._scores(*self._new_states(emb[s:s + _BATCH]))
-                               for s in range(0, len(emb), _BATCH)])
+        live = self._live()
+        out = []
+        for s in range(0, len(emb), _BATCH):
+            if live is None:
+                out.append(self._scores(*self._new_states(emb[s:s + _BATCH])))
+                continue
+            edges, pair = self._new_edges(emb[s:s + _BATCH])
+            h_e = self.states_[-1][E].numpy() + self.e_shift_
+            logits = live.logits(live.states(emb[s:s + _BATCH], edges), h_e, pair) + self.e_bias_
+            out.append(1 / (1 + np.exp(-logits.astype(float))))
+        return np.concatenate(out)
 
     def _predict_full_graph(self, queries: list[str]) -> np.ndarray:
         """Reference for :meth:`_predict`: the whole graph with the queries inserted as new

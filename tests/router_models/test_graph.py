@@ -38,7 +38,13 @@ from router_models.graph_data import (
     task_expert_stats,
     with_probe,
 )
-from router_models.graph_model import HeteroGNN, ScoreGatedConv, SourceFirstGeneralConv, messages_into_new
+from router_models.graph_model import (
+    HeteroGNN,
+    NewQueryPass,
+    ScoreGatedConv,
+    SourceFirstGeneralConv,
+    messages_into_new,
+)
 from router_models.logs import BenchmarkLogs, load_logs, write_logs
 from tests.router_models.test_routers import (
     EXPERTS,
@@ -251,6 +257,41 @@ def test_cached_inference_equals_the_full_graph_with_the_queries_inserted(router
     np.testing.assert_allclose(cached, router._predict_full_graph(QUERIES), atol=1e-5)
     one_by_one = np.vstack([router.predict_quality([q]) for q in QUERIES])
     np.testing.assert_allclose(cached, one_by_one, atol=1e-6)  # a query's batch does not matter
+
+
+@pytest.mark.parametrize("params", [{}, {"heads": 2, "gated": False}], ids=["default", "2-heads-ungated"])
+def test_the_numpy_live_pass_equals_the_torch_modules(logs, router, params):
+    """Live queries go through :class:`NewQueryPass`; its states and scores are the torch
+    path's (``forward_new`` + ``decode_all``) for one query and for a batch."""
+    r = router if not params else GraphRouter(**SMALL, **params).fit(logs)
+    live = r._live()
+    assert isinstance(live, NewQueryPass)
+    emb = r.featurizer_.transform(QUERIES)
+    h_torch, pair_torch = r._new_states(emb)
+    edges, pair = r._new_edges(emb)
+    np.testing.assert_allclose(live.states(emb, edges), h_torch.numpy(), atol=1e-5)
+    np.testing.assert_allclose(pair, pair_torch.numpy(), atol=0)
+    np.testing.assert_allclose(r.predict_quality(QUERIES), r._scores(h_torch, pair_torch), atol=1e-6)
+    np.testing.assert_allclose(r.predict_quality(QUERIES[:1]), r._scores(h_torch, pair_torch)[:1], atol=1e-6)
+
+
+def test_the_live_pass_follows_the_graph_and_falls_back_to_torch(logs):
+    from torch_geometric.nn import GeneralConv
+
+    r = GraphRouter(**SMALL).fit(logs)
+    before = r._live()
+    r.add_expert("coin", MATH_TRAIN, [1.0] * len(MATH_TRAIN), price_per_call=1e-3)
+    assert r._live() is not before   # the cached states changed: rebuilt
+    np.testing.assert_allclose(r.predict_quality(QUERIES), r._predict_full_graph(QUERIES), atol=1e-5)
+    # a relation into queries that the pass does not write out: the torch modules score
+    model = copy.deepcopy(r.model_)
+    model.convs[0].convs[QQ] = GeneralConv((16, 16), 16, 1, aggr="add", skip_linear=True, attention=True)
+    assert NewQueryPass.build(model, r.states_) is None
+    assert NewQueryPass.build(model.train(), r.states_) is None
+    r.model_ = model.eval()
+    assert r._live() is None
+    np.testing.assert_allclose(r.predict_quality(QUERIES), r._scores(*r._new_states(
+        r.featurizer_.transform(QUERIES))), atol=1e-6)
 
 
 def test_fit_is_deterministic(logs, router):
