@@ -20,10 +20,12 @@ training prompts, for N in 0, 10, 50, 200:
 Where the logs come with expert descriptions (LLMRouter's models.json) the graph router
 gets them, the held-out expert's included (its node's features at N = 0).
 
-Both get the new expert's price as the mean logged cost of its N calls (with N = 0: its
-mean logged cost on the training prompts, as a registry price would say); the graph router
-(and the classifier at N = 0) prices it per question as ``CostModel.add_expert`` does:
-that price times the other experts' mean relative cost for the question. Reported on
+Both price the new expert per question as ``CostModel.add_expert`` does: a price times the
+other experts' mean relative cost for the question. The price: with N = 0, its mean logged
+cost on the training prompts, as a registry price would say; with N calls, read from their
+costs next to the other experts' costs of the same prompts (``price_from_calls`` in the
+graph router's ``add_expert``; in the classifier's fit, which prices so any expert logged
+on fewer than half of the prompts). Reported on
 the test prompts: the held-out expert's prediction error (MAE and Brier against its
 logged scores) and the routing AIQ with every expert included.
 

@@ -338,8 +338,11 @@ class GraphRouter(QueryCut, Router):
 
         A prompt that is a training query links to that node; any other prompt becomes a
         new query node (inserted like a test query). The expert node gets ``description``
-        (default its name) and its price; every cached state is recomputed. The cost model
-        predicts ``mean(costs)`` (else ``price_per_call``) per call. ``finetune_steps > 0``
+        (default its name) and its price; every cached state is recomputed. Its price is
+        read from its logged costs (:meth:`CostModel.price_from_calls`: what they come to
+        over the training prompts, next to the other experts' costs of the same prompts),
+        else ``price_per_call``; the cost model shapes it per question like the others
+        (:meth:`CostModel.add_expert`). ``finetune_steps > 0``
         fits a shift of the new expert's final state and a logit bias to its examples
         (Adam, the rest frozen), which changes no other expert's predictions.
         """
@@ -357,8 +360,10 @@ class GraphRouter(QueryCut, Router):
         ok = ~np.isnan(scores)
         if ((scores[ok] < 0) | (scores[ok] > 1)).any():
             raise ValueError("scores must be in [0, 1] (NaN = not logged)")
-        logged = costs[ok & ~np.isnan(costs)]
-        price = float(logged.mean()) if logged.size else price_per_call
+        logged = ok & ~np.isnan(costs)
+        priced = [p for p, keep in zip(prompts, logged) if keep]
+        price = (self.cost_model_.price_from_calls(priced, self._cost_features(priced), costs[logged])
+                 if logged.any() else price_per_call)
         if price is None:
             raise ValueError("give costs for the logged calls or price_per_call: "
                              "a router must know what an expert costs")

@@ -566,3 +566,74 @@ def test_cost_model_new_expert_costs_its_price_shaped_like_the_others(tmp_path):
     np.testing.assert_allclose(flat[:, 2], 0.003, rtol=1e-6)
     with pytest.raises(ValueError, match="typical and added must list 3 experts"):
         CostModel.from_dict(cm.to_dict() | {"typical": [1.0]}, cm.arrays())
+
+
+def test_cost_model_prices_an_expert_logged_on_few_prompts_by_the_others_shape(tmp_path):
+    """``newbie`` has costs for 4 of 24 prompts: it is priced like an added expert (its
+    logged costs over the fitted experts' shape on those prompts, times the shape), not by
+    a ridge that reads its unlogged prompts, nor from 4 calls alone."""
+    logs = kind_priced_logs(tmp_path)
+    rows = [0, 1, 2, 3]   # two code questions, two multiple-choice ones
+    newbie = np.full((logs.n_prompts, 1), np.nan)
+    newbie[rows, 0] = [0.004, 0.001, 0.004, 0.001]
+    wide = BenchmarkLogs(logs.prompt_ids, logs.prompts, logs.tasks, logs.experts + ["newbie"],
+                         np.c_[logs.scores, np.where(np.isnan(newbie), np.nan, 0.5)], np.c_[logs.costs, newbie])
+    router = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(wide)
+    cm = router.cost_model_
+    X = router.featurizer_.transform(logs.prompts)
+    c = cm.predict(logs.prompts, X)
+    assert np.isnan(cm.added[:2]).all() and not np.isnan(cm.added[2])
+    shape = (c[:, :2] / cm.typical[:2]).mean(axis=1)
+    price = newbie[rows, 0].sum() / shape[rows].sum()
+    np.testing.assert_allclose(c[:, 2], price * shape, rtol=1e-6)
+    np.testing.assert_allclose(cm.typical[2], price, rtol=1e-6)   # its mean over the prompts
+    code = np.array(["python function" in p for p in logs.prompts])
+    assert c[code, 2].mean() > 2 * c[~code, 2].mean()
+    # the fitted experts are priced as without it
+    alone = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(logs)
+    np.testing.assert_allclose(c[:, :2], alone.predict_cost(logs.prompts), rtol=1e-6)
+    back = load_router(router.save(tmp_path / "r"))
+    np.testing.assert_allclose(back.predict_cost(logs.prompts), router.predict_cost(logs.prompts), rtol=1e-6)
+
+
+def test_cost_model_fits_an_expert_with_gaps_on_its_logged_calls(tmp_path):
+    """A missing cost is not read as the length model's price: ``verbose`` with half its
+    multiple-choice costs unlogged still costs $0.001 for them and $0.01 for code; with
+    every expert logged on few prompts, each is fitted on its own calls."""
+    logs = kind_priced_logs(tmp_path)
+    j = logs.experts.index("verbose")
+    code = np.array(["python function" in p for p in logs.prompts])
+    gappy = np.flatnonzero(~code)[::2]
+    costs = logs.costs.copy()
+    costs[gappy, j] = np.nan
+    holes = BenchmarkLogs(logs.prompt_ids, logs.prompts, logs.tasks, logs.experts, logs.scores, costs)
+    router = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(holes)
+    c = router.predict_cost(logs.prompts)[:, j]
+    assert np.isnan(router.cost_model_.added).all()
+    whole = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(logs).predict_cost(logs.prompts)[:, j]
+    np.testing.assert_allclose(c[gappy], whole[gappy], rtol=0.3)   # near as if they were logged
+    assert (c[gappy] < 0.002).all()   # a missing cost read as ratio 1 priced them at $0.0042
+    assert c[code].mean() > 4 * c[~code].mean()
+    # every column logged on few prompts: no shape to borrow, each from its own calls
+    few = np.full_like(logs.costs, np.nan)
+    few[:6] = logs.costs[:6]
+    sparse = BenchmarkLogs(logs.prompt_ids, logs.prompts, logs.tasks, logs.experts, logs.scores, few)
+    r = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(sparse)
+    assert np.isnan(r.cost_model_.added).all()
+    assert np.isfinite(r.predict_cost(logs.prompts)).all()
+
+
+def test_a_new_experts_price_from_calls_on_dear_questions_is_below_their_mean(tmp_path):
+    """Three calls at $0.004, all on code questions, which cost the fitted experts ~1.4x
+    their mean: the expert's price per call over all questions is $0.004 / 1.4."""
+    logs = kind_priced_logs(tmp_path)
+    router = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(logs)
+    cm = router.cost_model_
+    code = [p for p in logs.prompts if "python function" in p][:3]
+    X = router.featurizer_.transform(code)
+    shape = (cm.predict(code, X) / cm.typical).mean(axis=1)
+    assert 1.2 < shape.mean() < 1.6
+    price = cm.price_from_calls(code, X, [0.004] * 3)
+    assert price == pytest.approx(0.012 / shape.sum(), rel=1e-9)
+    cm.typical = None   # a model saved without typical costs: the calls' mean
+    assert cm.price_from_calls(code, X, [0.004] * 3) == pytest.approx(0.004)
