@@ -144,6 +144,10 @@ def train(
     for row in getattr(est, "cv_results_", []) or []:
         console.print(f"  cv {row['model']}: AIQ {row['aiq']:.4f}, Brier {row['brier']:.4f}")
     console.print(f"experts: {', '.join(est.experts_)}")
+    shaped = [(e, p) for e, p in zip(est.experts_, est.cost_model_.added.tolist()) if p == p]   # not NaN
+    if shaped:
+        console.print("priced by the other experts' cost per question (costs logged on under half "
+                      "of the prompts): " + ", ".join(f"{e} ${p:.6f}/call on average" for e, p in shaped))
 
 
 def _fmt(x: Any, money: bool = False) -> str:

@@ -163,3 +163,22 @@ def test_train_help_shows_its_options_text_whole(tmp_path: Path):
     text = " ".join(sy(tmp_path / "data", "train", "--help").stdout.split())
     assert "{model: [input, output] USD per 1M tokens}" in text
     assert "--query-pieces" in text and "2-256 (default 128)" in text
+
+
+def test_train_names_an_expert_priced_from_few_logged_costs(tmp_path: Path):
+    """A model new to the logs (costs for 6 of 80 prompts) is priced like the others per
+    question, and `train` says so."""
+    rows = _rows(80, 1)
+    seen = 0
+    for row in rows:
+        if row["model"] == "mid-poet":
+            seen += 1
+            if seen > 6:
+                row["cost_usd"] = None
+    train = tmp_path / "train.jsonl"
+    write_logs(rows, train)
+    proc = sy(tmp_path / "data", "train", "--logs", str(train), "--router", "classifier", "--featurizer", "tfidf",
+              "--cv", "0", "--out", str(tmp_path / "clf"))
+    assert "priced by the other experts' cost per question" in proc.stdout
+    line = next(x for x in proc.stdout.splitlines() if "priced by" in x)
+    assert "mid-poet $0.000400/call" in line and "dear-all" not in line, line
