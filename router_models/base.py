@@ -108,9 +108,10 @@ class CostModel:
         with costs for fewer than ``SHAPED_BELOW`` of the prompts (a model new to the logs,
         with a few calls) is priced as an added one: its logged costs over the fitted
         experts' mean relative cost for the same prompts, times that shape. On LLMRouter a
-        held-out expert with 10-200 logged calls routed 0.02-0.05 of AIQ better so than
-        from a ridge on its own calls, and than from one that read its unlogged prompts as
-        costing the length model (benchmarks/README.md, "New expert with few examples").
+        held-out expert with 10 logged calls routed 0.02-0.05 of AIQ better priced so than
+        by a ridge on its own calls (0-0.02 better with 50-200 calls, equal with 1,000),
+        and better still than by one that read its unlogged prompts as costing the length
+        model (benchmarks/README.md, "New expert with few examples").
         """
         from sklearn.linear_model import Ridge
 
