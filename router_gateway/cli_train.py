@@ -322,6 +322,8 @@ def add_expert_cmd(
     est.save(out or router_dir)
     console.print(f"added {expert} from {int(have.sum())} logged calls -> {out or router_dir}; "
                   f"experts: {', '.join(est.experts_)}")
+    console.print(f"{expert} is priced at ${float(est.cost_model_.added[-1]):.6f}/call on average over the "
+                  "training prompts, per question like the others")
 
 
 def register(app: typer.Typer) -> None:

@@ -141,6 +141,7 @@ def test_add_expert_to_a_graph_router(tmp_path: Path, logs):
     proc = sy(tmp_path / "data", "add-expert", "--router-dir", str(out), "--logs", str(few), "--expert", "mid-poet",
               "--out", str(tmp_path / "gnn3"), timeout=300)
     assert "added mid-poet from 30 logged calls" in proc.stdout
+    assert "mid-poet is priced at $0.000400/call on average" in proc.stdout   # every call cost that
     from router_models import load_router
 
     router = load_router(tmp_path / "gnn3")
