@@ -13,9 +13,11 @@ training prompts, for N in 0, 10, 50, 200:
   this row out): a shift of the new expert's final state and a logit bias fitted to its
   N calls, nothing else trained.
 - classifier (MiniLM + logistic regression, no inner CV, for speed): refitted on the
-  training logs with the held-out column known only on those N prompts. With N = 0 it
-  has nothing to learn from: its prediction for the new expert is the mean of its
-  predictions for the others.
+  training logs with the held-out column known only on those N prompts (its head for
+  the new expert then weighs N / (N + 200), the rest the others' mean prediction shifted
+  to its logged mean: ``ClassifierRouter``'s docstring). With N = 0 it has nothing to
+  learn from: its prediction for the new expert is the mean of its predictions for the
+  others.
 
 Where the logs come with expert descriptions (LLMRouter's models.json) the graph router
 gets them, the held-out expert's included (its node's features at N = 0).

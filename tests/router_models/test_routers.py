@@ -637,3 +637,42 @@ def test_a_new_experts_price_from_calls_on_dear_questions_is_below_their_mean(tm
     assert price == pytest.approx(0.012 / shape.sum(), rel=1e-9)
     cm.typical = None   # a model saved without typical costs: the calls' mean
     assert cm.price_from_calls(code, X, [0.004] * 3) == pytest.approx(0.004)
+
+
+def test_classifier_expert_scored_on_few_prompts_leans_on_the_others(tmp_path):
+    """``newbie`` is scored on 4 of 24 prompts: its own head weighs 4 / 204, the rest is
+    the other experts' mean prediction shifted to its mean logged score there."""
+    import router_models.classifier as classifier_module
+
+    logs = kind_priced_logs(tmp_path)
+    rows = [0, 1, 2, 3]
+    newbie = np.full((logs.n_prompts, 1), np.nan)
+    newbie[rows, 0] = [1.0, 1.0, 1.0, 0.0]
+    wide = BenchmarkLogs(logs.prompt_ids, logs.prompts, logs.tasks, logs.experts + ["newbie"],
+                         np.c_[logs.scores, newbie], np.c_[logs.costs, np.where(np.isnan(newbie), np.nan, 1e-3)])
+    router = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(wide)
+    lean = router.lean_
+    np.testing.assert_array_equal(lean["base"], [True, True, False])
+    w = 4 / (4 + classifier_module.SHRINK_CALLS)
+    np.testing.assert_allclose(lean["weight"], [1, 1, w])
+    X = router.featurizer_.transform(logs.prompts)
+    head = router.head_.predict(X)
+    shift = 0.75 - head[rows, :2].mean()
+    np.testing.assert_allclose(lean["shift"][2], shift)
+    q = router.predict_quality(logs.prompts)
+    np.testing.assert_allclose(q[:, :2], np.clip(head[:, :2], 0, 1))   # the others: their heads
+    prior = np.clip(head[:, :2].mean(axis=1) + shift, 0, 1)
+    np.testing.assert_allclose(q[:, 2], w * head[:, 2] + (1 - w) * prior)
+    assert np.abs(q[:, 2] - head[:, 2]).max() > 0.005   # it changed something
+    assert router.explain(logs.prompts[0])["own_head_weight"] == {"newbie": round(w, 4)}
+    back = load_router(router.save(tmp_path / "r"))
+    np.testing.assert_array_equal(back.predict_quality(logs.prompts), q)
+    # every expert scored on most prompts: the heads alone, nothing saved for it
+    full = ClassifierRouter(featurizer="tfidf", model="logreg", cv=0).fit(logs)
+    assert full.lean_ is None
+    d = full.save(tmp_path / "full")
+    meta = json.loads((d / ROUTER_FILE).read_text())
+    assert meta["state"]["lean"] is False
+    del meta["state"]["lean"]                               # saved before this existed
+    (d / ROUTER_FILE).write_text(json.dumps(meta))
+    np.testing.assert_array_equal(load_router(d).predict_quality(logs.prompts), full.predict_quality(logs.prompts))
