@@ -22,6 +22,7 @@ from router_gateway.errors import UpstreamTimeout
 from router_gateway.model_string import parse_model
 from router_gateway.registry_view import RegistryView, health_loop
 from tests.router_gateway.conftest import Gateway, make_settings, scripted_experts, serve_in_thread
+from tests.router_gateway.test_slots import _given_back_now
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -304,6 +305,8 @@ def test_an_expert_at_its_max_concurrency_sends_the_next_request_elsewhere(exper
             assert "max_concurrency" in r.json()["error"]["message"]
 
         for _ in range(3):   # a stream read to its end gives its place back
+            # once relayed whole: on the gateway's next turn after the client read [DONE]
+            assert _given_back_now(experts, "quick")
             r = ask("quick", stream=True)
             assert r.headers["x-switchyard-expert"] == "quick" and r.text.rstrip().endswith("[DONE]")
         metrics = c.get("/metrics").text
