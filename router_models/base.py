@@ -310,7 +310,9 @@ class Router:
         }
 
     def get_params(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if not k.endswith("_")}
+        """The constructor's arguments: not fitted state (``name_``), nor private caches
+        (``_name``), which a prediction may have built."""
+        return {k: v for k, v in vars(self).items() if not (k.endswith("_") or k.startswith("_"))}
 
     # ---- persistence ---------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

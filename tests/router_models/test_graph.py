@@ -442,6 +442,7 @@ def test_explain_names_neighbours_tasks_and_scores(router):
 def test_save_load_round_trip_is_identical_and_never_unpickles(logs, tmp_path, monkeypatch):
     r = GraphRouter(**SMALL).fit(logs)
     r.add_expert("calc", MATH_TRAIN + POEM_TRAIN, [1] * 6 + [0] * 6, [1e-3] * 12, finetune_steps=5)
+    r.predict_quality(QUERIES)   # builds the live pass, which is not saved
     d = r.save(tmp_path / "gnn")
 
     def refuse(*a, **k):
