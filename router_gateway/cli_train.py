@@ -296,7 +296,7 @@ def add_expert_cmd(
     """Add a new expert to a trained graph router from a few logged calls, without retraining."""
     import numpy as np
 
-    from router_models import load_router
+    from router_models import load_router, sparse
     from router_models.base import ArtifactError
 
     try:
@@ -324,6 +324,10 @@ def add_expert_cmd(
                   f"experts: {', '.join(est.experts_)}")
     console.print(f"{expert} is priced at ${float(est.cost_model_.added[-1]):.6f}/call on average over the "
                   "training prompts, per question like the others")
+    own = sparse.own_weights(est.experts_, getattr(est, "lean_", None)).get(expert)
+    if own is not None:
+        console.print(f"with {int(have.sum())} calls its own predicted scores weigh {own:.0%}, the rest is the other "
+                      "experts' mean shifted toward its logged mean; more calls, more weight")
 
 
 def register(app: typer.Typer) -> None:

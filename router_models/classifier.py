@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from router_models.base import Router
+from router_models import sparse
 from router_models.featurize import FEATURIZERS, QUERY_PIECES, QueryCut, make_featurizer
 from router_models.logs import BenchmarkLogs
 from router_models.metrics import evaluate_router, reference_points
@@ -64,21 +65,15 @@ def cross_validate(X: Any, Y: np.ndarray, costs: np.ndarray, c_hat: np.ndarray,
     return rows
 
 
-SHRINK_BELOW = 0.5   # share of the prompts: an expert scored on fewer leans on the others
-SHRINK_CALLS = 200   # K: such an expert's own head weighs n / (n + K) of its prediction
+SHRINK_CALLS = 200   # an expert scored on few prompts: its own head weighs n / (n + K)
 
 
 class ClassifierRouter(QueryCut, Router):
     """Query features -> one score model (head) per expert, chosen by cross-validation.
 
-    An expert scored on fewer than ``SHRINK_BELOW`` of the training prompts (a model new
-    to the logs, with ``n`` calls) has a head fitted on little. Its prediction leans on the
-    others: ``w h_j(x) + (1 - w) clip(mean_base h_k(x) + d_j)``, ``w = n / (n + SHRINK_CALLS)``,
-    where ``base`` are the experts scored on at least that share and ``d_j`` shifts their
-    mean to the new expert's mean logged score on its own prompts. On the held-out
-    experts of benchmarks/new_expert.py this routed better at 10-50 calls (Yi-34B on
-    RouterBench +0.021 at 10, qwen2.5-7b on LLMRouter +0.009 at 50) and within 0.003 of
-    the head alone otherwise (benchmarks/README.md, "New expert with few examples").
+    An expert scored on few prompts (a model new to the logs, with ``n`` calls) has a head
+    fitted on little: its prediction leans on the other experts' mean prediction, its head
+    weighing ``n / (n + SHRINK_CALLS)`` (:mod:`router_models.sparse`).
     """
 
     name = "classifier"
@@ -127,38 +122,26 @@ class ClassifierRouter(QueryCut, Router):
         self._fit_lean(X, Y)
 
     def _fit_lean(self, X: Any, Y: np.ndarray) -> None:
-        """``lean_``: per expert the head's weight ``w`` (1: its head alone) and shift ``d``
-        of the class docstring's formula, and the ``base`` experts; None if no expert is
-        scored on few prompts (or none on many)."""
-        counts = (~np.isnan(Y)).sum(axis=0)
-        base = counts >= SHRINK_BELOW * len(Y)
-        sparse = (counts > 0) & ~base
-        self.lean_ = None
-        if not (sparse.any() and base.any()):
-            return
-        ref = self.head_.predict(X)[:, base].mean(axis=1)
-        weight, shift = np.ones(Y.shape[1]), np.zeros(Y.shape[1])
-        for j in np.flatnonzero(sparse):
+        """``lean_`` (:func:`router_models.sparse.fit_lean`); None if no expert is scored on
+        few prompts."""
+        pred = self.head_.predict(X)
+
+        def own_mean(j: int, base: np.ndarray) -> tuple[float, float]:
             ok = ~np.isnan(Y[:, j])
-            weight[j] = counts[j] / (counts[j] + SHRINK_CALLS)
-            shift[j] = Y[ok, j].mean() - ref[ok].mean()
-        self.lean_ = {"base": base, "weight": weight, "shift": shift}
+            return float(Y[ok, j].mean()), float(pred[ok][:, base].mean())
+
+        self.lean_ = sparse.fit_lean((~np.isnan(Y)).sum(axis=0), len(Y), SHRINK_CALLS, own_mean)
 
     def _predict(self, queries: list[str]) -> np.ndarray:
         q = self.head_.predict(self.featurizer_.transform(queries))
-        lean = getattr(self, "lean_", None)
-        if lean is None:
-            return q
-        prior = np.clip(q[:, lean["base"]].mean(axis=1, keepdims=True) + lean["shift"], 0.0, 1.0)
-        return lean["weight"] * q + (1 - lean["weight"]) * prior
+        return sparse.lean(q, getattr(self, "lean_", None))
 
     def _explain(self, query: str) -> dict[str, Any]:
         out: dict[str, Any] = {"features": self.featurizer,
                                "model": self.head_.state()[0],
                                "cross_validation": self.cv_results_}
         if getattr(self, "lean_", None) is not None:   # experts scored on few prompts
-            out["own_head_weight"] = {e: round(float(w), 4) for e, w in
-                                      zip(self.experts_, self.lean_["weight"]) if w < 1}
+            out["own_head_weight"] = sparse.own_weights(self.experts_, self.lean_)
         if self.featurizer == "tfidf" and self.head_.kind == "logreg":
             # Terms that pushed each expert's predicted score up the most.
             x = self.featurizer_.transform([query]).tocsr()
@@ -176,9 +159,8 @@ class ClassifierRouter(QueryCut, Router):
         fstate, farrays = self.featurizer_.state()
         hstate, harrays = self.head_.state()
         lean = getattr(self, "lean_", None)
-        larrays = {} if lean is None else {f"lean.{k}": np.asarray(v, dtype=float) for k, v in lean.items()}
         return ({"featurizer": fstate, "head": hstate, "cv_results": self.cv_results_,
-                 "lean": lean is not None}, {**farrays, **harrays, **larrays})
+                 "lean": lean is not None}, {**farrays, **harrays, **sparse.to_arrays(lean)})
 
     def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
         from router_models.estimators import head_from_state
@@ -190,10 +172,5 @@ class ClassifierRouter(QueryCut, Router):
                 state["featurizer"], arrays)
         self.head_ = head_from_state(state["head"], arrays)
         self.cv_results_ = state["cv_results"]
-        self.lean_ = None   # saved before experts scored on few prompts leaned on the others
-        if state.get("lean"):
-            m = len(self.experts_)
-            lean = {k: np.asarray(arrays[f"lean.{k}"], dtype=float) for k in ("base", "weight", "shift")}
-            if any(v.shape != (m,) for v in lean.values()):
-                raise ValueError(f"classifier lean arrays must list {m} experts")
-            self.lean_ = lean | {"base": lean["base"] > 0.5}
+        # an artifact saved before experts scored on few prompts leaned on the others has none
+        self.lean_ = sparse.from_arrays(bool(state.get("lean")), arrays, len(self.experts_), "classifier")

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from router_models import sparse
 from router_models.base import Router
 from router_models.featurize import QUERY_PIECES, QueryCut, query_text, text_key
 from router_models.graph_data import (
@@ -69,6 +70,7 @@ from router_models.logs import BenchmarkLogs
 log = logging.getLogger(__name__)
 
 _BATCH = 4096  # new queries per cached forward pass
+OWN_CALLS = 50  # an expert with few logged calls: its own prediction weighs n / (n + OWN_CALLS)
 _ARRAYS = ("q_emb", "q_task", "t_x", "e_x", "qe", "qe_attr", "e_shift", "e_bias", "probe_w", "probe_n")
 
 
@@ -177,6 +179,7 @@ class GraphRouter(QueryCut, Router):
             self.history_ = train_gnn(self, progress)
             del self.probe_oof_  # training only: new queries get the probe fitted on all
             self._refresh()
+            self._fit_lean()
 
     def _make_model(self) -> Any:
         from router_models.graph_model import HeteroGNN
@@ -292,7 +295,12 @@ class GraphRouter(QueryCut, Router):
         return self._live_pass
 
     def _predict(self, queries: list[str]) -> np.ndarray:
-        emb = self.featurizer_.transform(queries)
+        own = self._own_predict(self.featurizer_.transform(queries))
+        return sparse.lean(own, getattr(self, "lean_", None))
+
+    def _own_predict(self, emb: np.ndarray) -> np.ndarray:
+        """Each expert's own predicted scores of new queries ``emb [b, d]``, before the
+        sparse experts lean on the others."""
         live = self._live()
         out = []
         for s in range(0, len(emb), _BATCH):
@@ -327,7 +335,21 @@ class GraphRouter(QueryCut, Router):
         data = hetero_graph(np.concatenate([self.q_emb_, emb]), self.t_x_, self.e_x_, e, probe)
         with torch.no_grad():
             states = self.model_(data.x_dict, data.edge_index_dict, data.edge_attr_dict)
-        return np.clip(self._scores(states[-1][Q][n:], data[Q].pair[n:]), 0, 1)
+        own = np.clip(self._scores(states[-1][Q][n:], data[Q].pair[n:]), 0, 1)
+        return sparse.lean(own, getattr(self, "lean_", None))
+
+    def _fit_lean(self) -> None:
+        """``lean_`` (:mod:`router_models.sparse`): an expert with logged calls on fewer
+        than half of the training queries (one added with a few) leans on the others, its
+        own prediction weighing ``n / (n + OWN_CALLS)``."""
+        counts = np.bincount(self.qe_[1], minlength=len(self.experts_))
+
+        def own_mean(j: int, base: np.ndarray) -> tuple[float, float]:
+            mine = self.qe_[1] == j
+            predicted = self._own_predict(self.q_emb_[self.qe_[0][mine]])[:, base]
+            return float(self.qe_attr_[mine, 0].mean()), float(predicted.mean())
+
+        self.lean_ = sparse.fit_lean(counts, self.n_lab_, OWN_CALLS, own_mean)
 
     # ---- a new expert ----------------------------------------------------------------
     def add_expert(self, name: str, prompts: list[str], scores: Any, costs: Any = None,
@@ -388,6 +410,7 @@ class GraphRouter(QueryCut, Router):
             self._refresh()
             if finetune_steps > 0 and len(prompts):
                 finetune_expert(self, j, rows, scores, finetune_steps)
+            self._fit_lean()
         return self
 
     def _query_rows(self, prompts: list[str]) -> np.ndarray:
@@ -414,7 +437,9 @@ class GraphRouter(QueryCut, Router):
                                for i, s in zip(nbr[0][:5], sim[0][:5])],
                 "tasks": [{"task": self.tasks_[tasks[i]], "weight": round(float(w[i]), 4)}
                           for i in order],
-                "logged_calls": {e: int(c) for e, c in zip(self.experts_, calls)}}
+                "logged_calls": {e: int(c) for e, c in zip(self.experts_, calls)},
+                **({"own_prediction_weight": sparse.own_weights(self.experts_, self.lean_)}
+                   if getattr(self, "lean_", None) is not None else {})}
 
     def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
         arrays = {f"model.{k}": v.detach().numpy() for k, v in self.model_.state_dict().items()}
@@ -423,7 +448,9 @@ class GraphRouter(QueryCut, Router):
         arrays.update({name: getattr(self, name + "_") for name in _ARRAYS})
         return ({"n_lab": self.n_lab_, "tasks": self.tasks_, "text_keys": self.text_keys_,
                  "cost_attr": [self.cost_attr_.mu, self.cost_attr_.sd],
-                 "history": self.history_, "featurizer": self.featurizer_.state()[0]}, arrays)
+                 "history": self.history_, "featurizer": self.featurizer_.state()[0],
+                 "lean": getattr(self, "lean_", None) is not None},
+                {**arrays, **sparse.to_arrays(getattr(self, "lean_", None))})
 
     def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
         import torch
@@ -441,6 +468,8 @@ class GraphRouter(QueryCut, Router):
         self.model_.load_state_dict({k[6:]: torch.from_numpy(v.copy()) for k, v in arrays.items()
                                      if k.startswith("model.")})
         self.model_.eval()
+        # saved before experts with few calls leaned on the others: none
+        self.lean_ = sparse.from_arrays(bool(state.get("lean")), arrays, len(self.experts_), "graph router")
         self._label_tables()  # the cached states come back from the file, as saved
         self.states_ = [{v: torch.from_numpy(arrays[f"state.{layer}.{v}"].copy()) for v in (Q, T, E)}
                         for layer in range(self.layers + 1)]

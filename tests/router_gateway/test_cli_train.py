@@ -142,13 +142,17 @@ def test_add_expert_to_a_graph_router(tmp_path: Path, logs):
               "--out", str(tmp_path / "gnn3"), timeout=300)
     assert "added mid-poet from 30 logged calls" in proc.stdout
     assert "mid-poet is priced at $0.000400/call on average" in proc.stdout   # every call cost that
+    assert "with 30 calls its own predicted scores weigh 38%" in " ".join(proc.stdout.split())  # 30 / (30 + 50)
     from router_models import load_router
 
     router = load_router(tmp_path / "gnn3")
     assert router.experts_ == ["cheap-math", "dear-all", "mid-poet"]
     q = router.predict_quality(["write a short poem about the sea and the number 7",
                                 "compute 12 plus 30 and give the sum"])
-    assert q[0, 2] > q[1, 2]  # its 30 examples say: right on poems, wrong on sums
+    # its 30 examples say: right on poems, wrong on sums; against the other experts (whose
+    # mean its prediction leans on with so few calls) it is predicted better on the poem
+    lead = q[:, 2] - q[:, :2].mean(axis=1)
+    assert lead[0] > lead[1] + 0.05, q
     again = sy(tmp_path / "data", "add-expert", "--router-dir", str(tmp_path / "gnn3"), "--logs", str(few),
                "--expert", "mid-poet", check=False)
     assert again.returncode == 1 and "already in the router" in again.stderr

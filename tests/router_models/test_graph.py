@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from router_models import ROUTERS, load_router
+from router_models import ROUTERS, load_router, sparse
 from router_models.base import NotFittedError
 from router_models.graph import GraphRouter
 from router_models.graph_data import (
@@ -290,8 +290,10 @@ def test_the_live_pass_follows_the_graph_and_falls_back_to_torch(logs):
     assert NewQueryPass.build(model.train(), r.states_) is None
     r.model_ = model.eval()
     assert r._live() is None
-    np.testing.assert_allclose(r.predict_quality(QUERIES), r._scores(*r._new_states(
-        r.featurizer_.transform(QUERIES))), atol=1e-6)
+    emb = r.featurizer_.transform(QUERIES)
+    own = r._scores(*r._new_states(emb))
+    np.testing.assert_allclose(r._own_predict(emb), own, atol=1e-6)
+    np.testing.assert_allclose(r.predict_quality(QUERIES), np.clip(sparse.lean(own, r.lean_), 0, 1), atol=1e-6)
 
 
 def test_fit_is_deterministic(logs, router):
@@ -385,6 +387,45 @@ def test_new_expert_predictions_follow_its_few_examples(router, logs):
     _, pair = r._new_states(r.featurizer_.transform(QUERIES))
     np.testing.assert_allclose(pair[:, -1, -1], 36 / 86, rtol=1e-6)
     np.testing.assert_allclose(r.predict_quality(QUERIES), r._predict_full_graph(QUERIES), atol=1e-5)
+
+
+def test_an_expert_with_few_calls_leans_on_the_others(logs, tmp_path):
+    """An added expert's own prediction weighs n / (n + OWN_CALLS); the rest is the other
+    experts' mean prediction shifted toward its mean logged score (by n / (n + 50)). With
+    no calls it is their mean: an average expert at its own price."""
+    from router_models.base import ROUTER_FILE
+    from router_models.graph import OWN_CALLS
+
+    r = GraphRouter(**SMALL).fit(logs)
+    assert r.lean_ is None                        # every expert logged on every prompt
+    r.add_expert("blank", [], [], price_per_call=1e-3)
+    q = r.predict_quality(QUERIES)
+    np.testing.assert_allclose(q[:, 3], q[:, :3].mean(axis=1), atol=1e-12)
+    assert r.lean_["weight"][3] == 0 and r.lean_["shift"][3] == 0
+    prompts = MATH_TRAIN + POEM_TRAIN
+    is_math = np.array([1.0] * 6 + [0.0] * 6)
+    r.add_expert("calc", prompts, is_math, price_per_call=1e-3)
+    emb = r.featurizer_.transform(QUERIES)
+    own = r._own_predict(emb)
+    w = 12 / (12 + OWN_CALLS)
+    base_on_its_prompts = r._own_predict(r.featurizer_.transform(prompts))[:, :3].mean()
+    shift = (is_math.mean() - base_on_its_prompts) * 12 / (12 + sparse.SHIFT_CALLS)
+    np.testing.assert_array_equal(r.lean_["base"], [True, True, True, False, False])
+    np.testing.assert_allclose(r.lean_["weight"], [1, 1, 1, 0, w])
+    np.testing.assert_allclose(r.lean_["shift"][4], shift, rtol=1e-6)
+    q = r.predict_quality(QUERIES)
+    np.testing.assert_allclose(q[:, :3], own[:, :3], atol=1e-12)   # the others: their own
+    np.testing.assert_allclose(q[:, 4], w * own[:, 4] + (1 - w) * np.clip(own[:, :3].mean(axis=1) + shift, 0, 1))
+    assert np.abs(q[:, 4] - own[:, 4]).max() > 0.01
+    assert r.explain(QUERIES[0])["own_prediction_weight"] == {"blank": 0.0, "calc": round(w, 4)}
+    d = r.save(tmp_path / "gnn")
+    np.testing.assert_array_equal(load_router(d).predict_quality(QUERIES), q)
+    meta = json.loads((d / ROUTER_FILE).read_text())
+    del meta["state"]["lean"]                     # saved before added experts leaned
+    (d / ROUTER_FILE).write_text(json.dumps(meta))
+    old = load_router(d)
+    assert old.lean_ is None and "own_prediction_weight" not in old.explain(QUERIES[0])
+    np.testing.assert_allclose(old.predict_quality(QUERIES), np.clip(own, 0, 1), atol=1e-6)
 
 
 def test_new_expert_fine_tuning_moves_only_its_own_column(logs):

@@ -642,8 +642,10 @@ def test_a_new_experts_price_from_calls_on_dear_questions_is_below_their_mean(tm
 
 def test_classifier_expert_scored_on_few_prompts_leans_on_the_others(tmp_path):
     """``newbie`` is scored on 4 of 24 prompts: its own head weighs 4 / 204, the rest is
-    the other experts' mean prediction shifted to its mean logged score there."""
+    the other experts' mean prediction shifted toward its mean logged score there (the
+    shift trusted by 4 / 54)."""
     import router_models.classifier as classifier_module
+    from router_models.sparse import SHIFT_CALLS
 
     logs = kind_priced_logs(tmp_path)
     rows = [0, 1, 2, 3]
@@ -658,7 +660,7 @@ def test_classifier_expert_scored_on_few_prompts_leans_on_the_others(tmp_path):
     np.testing.assert_allclose(lean["weight"], [1, 1, w])
     X = router.featurizer_.transform(logs.prompts)
     head = router.head_.predict(X)
-    shift = 0.75 - head[rows, :2].mean()
+    shift = (0.75 - head[rows, :2].mean()) * 4 / (4 + SHIFT_CALLS)
     np.testing.assert_allclose(lean["shift"][2], shift)
     q = router.predict_quality(logs.prompts)
     np.testing.assert_allclose(q[:, :2], np.clip(head[:, :2], 0, 1))   # the others: their heads
@@ -677,3 +679,34 @@ def test_classifier_expert_scored_on_few_prompts_leans_on_the_others(tmp_path):
     del meta["state"]["lean"]                               # saved before this existed
     (d / ROUTER_FILE).write_text(json.dumps(meta))
     np.testing.assert_array_equal(load_router(d).predict_quality(logs.prompts), full.predict_quality(logs.prompts))
+
+
+def test_sparse_lean_arithmetic_on_hand_made_counts():
+    """Base experts (logged on at least half of the prompts) keep their own prediction;
+    a sparse one weighs its own by n / (n + K) and shifts the base mean by its logged
+    offset times n / (n + SHIFT_CALLS); one with no calls is the base mean."""
+    from router_models import sparse
+
+    asked = []
+
+    def own_mean(j, base):
+        asked.append((j, base.tolist()))
+        return 0.9, 0.6
+
+    lean = sparse.fit_lean(np.array([100, 60, 10, 0]), 100, 40, own_mean)
+    assert asked == [(2, [True, True, False, False])]   # no calls: nothing to read
+    np.testing.assert_allclose(lean["weight"], [1, 1, 10 / 50, 0])
+    np.testing.assert_allclose(lean["shift"], [0, 0, 0.3 * 10 / (10 + sparse.SHIFT_CALLS), 0])
+    q = np.array([[0.2, 0.4, 1.0, 0.7], [0.9, 0.9, 0.0, 0.0]])
+    out = sparse.lean(q, lean)
+    np.testing.assert_allclose(out[:, :2], q[:, :2])
+    np.testing.assert_allclose(out[:, 3], [0.3, 0.9])
+    np.testing.assert_allclose(out[:, 2], 0.2 * q[:, 2] + 0.8 * np.clip([0.3 + 0.05, 0.9 + 0.05], 0, 1))
+    assert sparse.own_weights(["a", "b", "c", "d"], lean) == {"c": 0.2, "d": 0.0}
+    back = sparse.from_arrays(True, sparse.to_arrays(lean), 4, "test")
+    assert all(np.array_equal(back[k], lean[k]) for k in sparse.KEYS) and back["base"].dtype == bool
+    with pytest.raises(ValueError, match="must list 3 experts"):
+        sparse.from_arrays(True, sparse.to_arrays(lean), 3, "test")
+    assert sparse.fit_lean(np.array([50, 80]), 100, 40, own_mean) is None   # none sparse
+    assert sparse.fit_lean(np.array([5, 8]), 100, 40, own_mean) is None     # none to lean on
+    assert sparse.lean(q, None) is q
