@@ -8,14 +8,14 @@ training prompts, for N in 0, 10, 50, 200:
 
 - gnn: ``GraphRouter.add_expert(name, prompts, scores, costs)``: the trained network is
   not touched; the expert node and its N edges join the graph (and, from 20 calls, a
-  ridge probe fitted on them).
+  ridge probe fitted on them). Its prediction weighs N / (N + 50), the rest is the
+  other experts' mean prediction shifted toward its logged mean (``router_models.sparse``).
 - gnn-ft: the same plus ``finetune_steps`` (``--finetune-steps``, default 100; 0 leaves
   this row out): a shift of the new expert's final state and a logit bias fitted to its
   N calls, nothing else trained.
 - classifier (MiniLM + logistic regression, no inner CV, for speed): refitted on the
   training logs with the held-out column known only on those N prompts (its head for
-  the new expert then weighs N / (N + 200), the rest the others' mean prediction shifted
-  to its logged mean: ``ClassifierRouter``'s docstring). With N = 0 it has nothing to
+  the new expert then weighs N / (N + 200), the rest as for the graph router). With N = 0 it has nothing to
   learn from: its prediction for the new expert is the mean of its predictions for the
   others.
 
@@ -29,7 +29,8 @@ costs next to the other experts' costs of the same prompts (``price_from_calls``
 graph router's ``add_expert``; in the classifier's fit, which prices so any expert logged
 on fewer than half of the prompts). Reported on
 the test prompts: the held-out expert's prediction error (MAE and Brier against its
-logged scores) and the routing AIQ with every expert included.
+logged scores) and the routing AIQ with every expert included, beside each router's AIQ
+without the new expert (the row "without it"): adding an expert should not route worse.
 
     python benchmarks/new_expert.py                         # RouterBench, 3 held-out models
     python benchmarks/new_expert.py --logs ../shared/data/llmrouter --holdout gemma-2-9b-it ...
@@ -57,6 +58,7 @@ DEFAULT_CACHE = Path("~/.cache/switchyard/embeddings.sqlite")
 HOLDOUTS = ["gpt-3.5-turbo-1106", "zero-one-ai/Yi-34B-Chat", "meta/code-llama-instruct-34b-chat"]
 NS = (0, 10, 50, 200)
 FINETUNE_STEPS = 100
+LEFT_OUT = "without it"   # the row of each router trained and routing without the new expert
 MARKERS = ("<!-- new-expert:begin -->", "<!-- new-expert:end -->")  # RouterBench's section
 
 
@@ -99,6 +101,16 @@ def one_holdout(logs, name: str, args) -> list[dict]:
     gnn_fit = time.perf_counter() - t0
     state = gnn.save(args.tmp / "gnn")
     out = []
+    # each router without the new expert: what adding it should not make worse
+    oi = [k for k in range(logs.n_experts) if k != j]
+    gcols = [gnn.experts_.index(e) for e in others]
+    without = {"gnn": (gnn.predict_quality(test.prompts)[:, gcols], gnn.predict_cost(test.prompts)[:, gcols])}
+    clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=args.seed).fit(train.select_experts(others))
+    without["classifier"] = (clf.predict_quality(test.prompts), clf.predict_cost(test.prompts))
+    for router, (q_o, c_o) in without.items():
+        aiq = float(evaluate_router(router, test.scores[:, oi], test.costs[:, oi], q_o, c_o, ref=ref).aiq)
+        out.append({"holdout": name, "n": None, "router": router, "aiq": aiq})
+        print(f"{name} without it, {router}: AIQ {aiq:.4f}", file=sys.stderr, flush=True)
     for n in args.ns:
         rows = order[:n]
         price = float(np.nanmean(train.costs[rows, j])) if n else full_price
@@ -157,7 +169,11 @@ def plot(rows: list[dict], path: Path, ns: list[int]) -> None:
             xs = [n for n in ns if any(r["router"] == router and r["n"] == n for r in rows)]
             ys = [np.mean([r[metric] for r in rows if r["router"] == router and r["n"] == n]) for n in xs]
             if xs:
-                ax.plot([ns.index(n) for n in xs], ys, style, label=router)
+                line, = ax.plot([ns.index(n) for n in xs], ys, style, label=router)
+                left_out = [r["aiq"] for r in rows if r["router"] == router and r["n"] is None]
+                if metric == "aiq" and left_out:
+                    ax.axhline(np.mean(left_out), color=line.get_color(), lw=0.8, ls=":",
+                               label=f"{router} without it")
     for ax in axes:
         ax.set_xticks(range(len(ns)), [str(n) for n in ns])
     axes[0].set(title="held-out expert: prediction MAE (lower is better)", xlabel="logged calls N", ylabel="MAE")
@@ -174,7 +190,7 @@ def render(rows: list[dict], run: dict, json_path: str, png_path: str, ns: list[
     routers = [r for r in ("gnn", "gnn-ft", "classifier") if any(x["router"] == r for x in rows)]
 
     def cell(router, n, key, fmt, holdout=None):
-        xs = [r[key] for r in rows if r["router"] == router and r["n"] == n
+        xs = [r[key] for r in rows if r["router"] == router and r["n"] == n and key in r
               and (holdout is None or r["holdout"] == holdout)]
         return format(np.mean(xs), fmt) if xs else "-"
 
@@ -186,10 +202,10 @@ def render(rows: list[dict], run: dict, json_path: str, png_path: str, ns: list[
     metrics = (("MAE", "mae", ".3f"), ("Brier", "brier", ".3f"), ("AIQ", "aiq", ".4f"))
     head = [f"{r} {label}" for label, _, _ in metrics for r in routers]
     lines += ["| N logged calls | " + " | ".join(head) + " |", "| --- " * (len(head) + 1) + "|"]
-    for n in ns:
-        lines.append(f"| {n} | " + " | ".join(cell(r, n, key, fmt) for _, key, fmt in metrics for r in routers)
-                     + " |")
-    secs = {r: np.mean([x["seconds"] for x in rows if x["router"] == r]) for r in routers}
+    for n in [None, *ns]:
+        lines.append(f"| {LEFT_OUT if n is None else n} | "
+                     + " | ".join(cell(r, n, key, fmt) for _, key, fmt in metrics for r in routers) + " |")
+    secs = {r: np.mean([x["seconds"] for x in rows if x["router"] == r and "seconds" in x]) for r in routers}
     took = f"Adding the expert to the graph router took {secs['gnn']:.2f} s on average (no training)"
     if "gnn-ft" in secs:
         took += f", {secs['gnn-ft']:.2f} s with {run.get('finetune_steps')} fine-tuning steps"
@@ -197,8 +213,8 @@ def render(rows: list[dict], run: dict, json_path: str, png_path: str, ns: list[
     head = [f"{r} {label}" for label, key, _ in metrics if key != "brier" for r in routers]
     lines += ["| held-out model | N | " + " | ".join(head) + " |", "| --- " * (len(head) + 2) + "|"]
     for h in run["holdouts"]:
-        for n in ns:
-            lines.append(f"| {h} | {n} | " + " | ".join(cell(r, n, key, fmt, h) for _, key, fmt in metrics
+        for n in [None, *ns]:
+            lines.append(f"| {h} | {LEFT_OUT if n is None else n} | " + " | ".join(cell(r, n, key, fmt, h) for _, key, fmt in metrics
                                                          if key != "brier" for r in routers) + " |")
     return "\n".join(lines)
 
