@@ -167,10 +167,16 @@ def test_new_expert_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> None:
     (path,) = out.glob("new_expert-*.json")
     report = json.loads(path.read_text())
     assert report["holdouts"] == ["medium"] and report["ns"] == [0, 10]
-    rows = report["rows"]
+    without = {r["router"]: r for r in report["rows"] if r["n"] is None}   # each router without the new expert
+    assert sorted(without) == ["classifier", "gnn"] and all(0.0 < r["aiq"] <= 1.0 for r in without.values())
+    rows = [r for r in report["rows"] if r["n"] is not None]
     # no fine-tuning without examples: gnn-ft only at N=10
     assert sorted((r["n"], r["router"]) for r in rows) == [(0, "classifier"), (0, "gnn"), (10, "classifier"),
                                                             (10, "gnn"), (10, "gnn-ft")]
+    table = bench.render(report["rows"], report, "r.json", "r.png", [0, 10])
+    assert f"| without it | - | - | - | - | - | - | {without['gnn']['aiq']:.4f} | - | " \
+           f"{without['classifier']['aiq']:.4f} |" in table
+    assert f"| medium | without it | - | - | - | {without['gnn']['aiq']:.4f} |" in table
     ten = {r["router"]: r for r in rows if r["n"] == 10}
     assert ten["gnn-ft"]["mae"] != ten["gnn"]["mae"]        # the fine-tuning moved the new expert
     for r in rows:
