@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from router_models.logs import BenchmarkLogs
+from router_models.sparse import SPARSE_BELOW
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ class CostModel:
     """
 
     RATIO_MIN, RATIO_MAX = 0.05, 20.0
-    SHAPED_BELOW = 0.5   # share of the prompts: an expert logged on fewer is priced by shape
+    # share of the prompts: an expert logged on fewer is priced by shape (and its quality
+    # leans on the other experts', router_models.sparse)
+    SHAPED_BELOW = SPARSE_BELOW
 
     def __init__(self, intercept: np.ndarray, slope: np.ndarray,
                  ratio_coef: np.ndarray | None = None, ratio_bias: np.ndarray | None = None):
