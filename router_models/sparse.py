@@ -16,8 +16,9 @@ expert sends it prompts it fails; under-rating one only leaves it unused. On the
 models of benchmarks/new_expert.py (six, two datasets) the graph router's description-
 and-graph prediction for an expert with 0-10 calls routed worse than leaving that expert
 out (LLMRouter: -0.05 AIQ at worst), and a shift read off 10 calls at full weight cost
-Yi-34B 0.02 AIQ on RouterBench in either router; ``SHIFT_CALLS`` = 50 was chosen on
-RouterBench and held on LLMRouter (benchmarks/README.md, "New expert with few examples").
+Yi-34B 0.01-0.02 AIQ on RouterBench in either router. ``SHIFT_CALLS`` = 50 was chosen on
+RouterBench and held on LLMRouter and on two other splits of both (benchmarks/README.md,
+"New expert with few examples").
 """
 
 from __future__ import annotations
