@@ -1,9 +1,9 @@
 """A new expert with few logged calls: the graph router (add_expert, no retraining) against
 the classifier router given the same examples.
 
-For each held-out model: the prompts are split 80/20 by prompt (seeded). Both routers
-are trained on the training prompts with the held-out model's column removed. Then the
-held-out model gets N logged calls, drawn (seeded, the same for both routers) from the
+For each split seed (``--seed``, default 0 1 2) and held-out model: the prompts are split
+80/20 by prompt. Both routers are trained on the training prompts with the held-out
+model's column removed. Then the held-out model gets N logged calls, drawn (seeded, the same for both routers) from the
 training prompts, for N in 0, 10, 50, 200:
 
 - gnn: ``GraphRouter.add_expert(name, prompts, scores, costs)``: the trained network is
@@ -34,7 +34,8 @@ without the new expert (the row "without it"): adding an expert should not route
 
     python benchmarks/new_expert.py                         # RouterBench, 3 held-out models
     python benchmarks/new_expert.py --logs ../shared/data/llmrouter --holdout gemma-2-9b-it ...
-    python benchmarks/new_expert.py --quick --no-readme     # 1 model, N in 0, 10
+    python benchmarks/new_expert.py --seed 0 --no-readme     # one split
+    python benchmarks/new_expert.py --quick --no-readme     # 1 model, 1 split, N in 0, 10
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "routerbench"
 DEFAULT_CACHE = Path("~/.cache/switchyard/embeddings.sqlite")
 HOLDOUTS = ["gpt-3.5-turbo-1106", "zero-one-ai/Yi-34B-Chat", "meta/code-llama-instruct-34b-chat"]
 NS = (0, 10, 50, 200)
+SEEDS = (0, 1, 2)
 FINETUNE_STEPS = 100
 LEFT_OUT = "without it"   # the row of each router trained and routing without the new expert
 MARKERS = ("<!-- new-expert:begin -->", "<!-- new-expert:end -->")  # RouterBench's section
@@ -81,22 +83,22 @@ def held_out_logs(logs, name: str, rows: np.ndarray):
     return out
 
 
-def one_holdout(logs, name: str, args) -> list[dict]:
+def one_holdout(logs, name: str, args, seed: int) -> list[dict]:
     from router_models import ROUTERS
     from router_models.logs import split_by_prompt
     from router_models.metrics import evaluate_router, reference_points
 
-    train, test = split_by_prompt(logs, test_size=0.2, seed=args.seed)
+    train, test = split_by_prompt(logs, test_size=0.2, seed=seed)
     test = test.complete()
     j = logs.experts.index(name)
     others = [e for e in logs.experts if e != name]
     truth = test.scores[:, j]
     ref = reference_points(test.scores, test.costs)
     have = np.flatnonzero(~np.isnan(train.scores[:, j]))
-    order = np.random.default_rng(args.seed).permutation(have)
+    order = np.random.default_rng(seed).permutation(have)
     full_price = float(np.nanmean(train.costs[:, j]))
     t0 = time.perf_counter()
-    gnn = ROUTERS["gnn"](seed=args.seed, progress=False, descriptions=args.descriptions
+    gnn = ROUTERS["gnn"](seed=seed, progress=False, descriptions=args.descriptions
                          ).fit(train.select_experts(others))
     gnn_fit = time.perf_counter() - t0
     state = gnn.save(args.tmp / "gnn")
@@ -105,12 +107,12 @@ def one_holdout(logs, name: str, args) -> list[dict]:
     oi = [k for k in range(logs.n_experts) if k != j]
     gcols = [gnn.experts_.index(e) for e in others]
     without = {"gnn": (gnn.predict_quality(test.prompts)[:, gcols], gnn.predict_cost(test.prompts)[:, gcols])}
-    clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=args.seed).fit(train.select_experts(others))
+    clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=seed).fit(train.select_experts(others))
     without["classifier"] = (clf.predict_quality(test.prompts), clf.predict_cost(test.prompts))
     for router, (q_o, c_o) in without.items():
         aiq = float(evaluate_router(router, test.scores[:, oi], test.costs[:, oi], q_o, c_o, ref=ref).aiq)
-        out.append({"holdout": name, "n": None, "router": router, "aiq": aiq})
-        print(f"{name} without it, {router}: AIQ {aiq:.4f}", file=sys.stderr, flush=True)
+        out.append({"holdout": name, "seed": seed, "n": None, "router": router, "aiq": aiq})
+        print(f"seed {seed} {name} without it, {router}: AIQ {aiq:.4f}", file=sys.stderr, flush=True)
     for n in args.ns:
         rows = order[:n]
         price = float(np.nanmean(train.costs[rows, j])) if n else full_price
@@ -133,11 +135,11 @@ def one_holdout(logs, name: str, args) -> list[dict]:
         # the classifier, refitted with the N examples
         t1 = time.perf_counter()
         if n:
-            clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=args.seed)
+            clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=seed)
             clf.fit(held_out_logs(train, name, rows))
             q, c = clf.predict_quality(test.prompts), clf.predict_cost(test.prompts)
         else:
-            clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=args.seed)
+            clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=seed)
             clf.fit(train.select_experts(others))
             clf.cost_model_.add_expert(price)   # priced as the graph router prices it: its last column
             q_o, c_all = clf.predict_quality(test.prompts), clf.predict_cost(test.prompts)
@@ -148,11 +150,11 @@ def one_holdout(logs, name: str, args) -> list[dict]:
         results["classifier"] = (q, c, time.perf_counter() - t1)
         for router, (q, c, secs) in results.items():
             err = q[:, j] - truth
-            out.append({"holdout": name, "n": int(n), "router": router,
+            out.append({"holdout": name, "seed": seed, "n": int(n), "router": router,
                         "mae": float(np.mean(np.abs(err))), "brier": float(np.mean(err ** 2)),
                         "aiq": float(evaluate_router(router, test.scores, test.costs, q, c, ref=ref).aiq),
                         "seconds": secs, "gnn_fit_s": gnn_fit})
-            print(f"{name} N={n} {router}: MAE {out[-1]['mae']:.3f} Brier {out[-1]['brier']:.3f} "
+            print(f"seed {seed} {name} N={n} {router}: MAE {out[-1]['mae']:.3f} Brier {out[-1]['brier']:.3f} "
                   f"AIQ {out[-1]['aiq']:.4f} ({secs:.1f} s)", file=sys.stderr, flush=True)
     return out
 
@@ -185,6 +187,15 @@ def plot(rows: list[dict], path: Path, ns: list[int]) -> None:
     fig.savefig(path, dpi=110)
 
 
+def gains_over_without(rows: list[dict], router: str, n: int) -> list[float]:
+    """AIQ with the new expert minus the router's AIQ without it, per (seed, held-out model);
+    gnn-ft is read against the graph router without it."""
+    base = "gnn" if router == "gnn-ft" else router
+    without = {(r.get("seed"), r["holdout"]): r["aiq"] for r in rows if r["router"] == base and r["n"] is None}
+    return [r["aiq"] - without[(r.get("seed"), r["holdout"])] for r in rows
+            if r["router"] == router and r["n"] == n and (r.get("seed"), r["holdout"]) in without]
+
+
 def render(rows: list[dict], run: dict, json_path: str, png_path: str, ns: list[int]) -> str:
     m = run["machine"]
     routers = [r for r in ("gnn", "gnn-ft", "classifier") if any(x["router"] == r for x in rows)]
@@ -196,8 +207,9 @@ def render(rows: list[dict], run: dict, json_path: str, png_path: str, ns: list[
 
     lines = [f"Measured {run['date']} on {m['cpu']}, {m['cores']} cores ({m['os']}, Python {m['python']}), "
              f"commit {run['commit']}, with this command:", "", f"    {run['command']}", "",
-             f"{run['dataset']} logs{run['described']}, 80/20 split by prompt (seed {run['seed']}); held-out models: "
-             f"{', '.join(run['holdouts'])}. Mean over the held-out models; raw results: "
+             f"{run['dataset']} logs{run['described']}, 80/20 split by prompt, one split per seed "
+             f"({', '.join(map(str, run['seeds']))}); held-out models: "
+             f"{', '.join(run['holdouts'])}. Mean over the held-out models and seeds; raw results: "
              f"[`{json_path}`]({json_path}).", "", f"![new expert]({png_path})", ""]
     metrics = (("MAE", "mae", ".3f"), ("Brier", "brier", ".3f"), ("AIQ", "aiq", ".4f"))
     head = [f"{r} {label}" for label, _, _ in metrics for r in routers]
@@ -205,6 +217,15 @@ def render(rows: list[dict], run: dict, json_path: str, png_path: str, ns: list[
     for n in [None, *ns]:
         lines.append(f"| {LEFT_OUT if n is None else n} | "
                      + " | ".join(cell(r, n, key, fmt) for _, key, fmt in metrics for r in routers) + " |")
+    lines += ["", "What adding the new expert does to routing: AIQ with it minus the same router's AIQ "
+              "without it, on the same split, mean over the held-out models and seeds (the worst of them):", "",
+              "| N logged calls | " + " | ".join(routers) + " |", "| --- " * (len(routers) + 1) + "|"]
+    for n in ns:
+        cells = []
+        for r in routers:
+            gains = gains_over_without(rows, r, n)
+            cells.append(f"{np.mean(gains):+.4f} ({min(gains):+.4f})" if gains else "-")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     secs = {r: np.mean([x["seconds"] for x in rows if x["router"] == r and "seconds" in x]) for r in routers}
     took = f"Adding the expert to the graph router took {secs['gnn']:.2f} s on average (no training)"
     if "gnn-ft" in secs:
@@ -214,8 +235,8 @@ def render(rows: list[dict], run: dict, json_path: str, png_path: str, ns: list[
     lines += ["| held-out model | N | " + " | ".join(head) + " |", "| --- " * (len(head) + 2) + "|"]
     for h in run["holdouts"]:
         for n in [None, *ns]:
-            lines.append(f"| {h} | {LEFT_OUT if n is None else n} | " + " | ".join(cell(r, n, key, fmt, h) for _, key, fmt in metrics
-                                                         if key != "brier" for r in routers) + " |")
+            lines.append(f"| {h} | {LEFT_OUT if n is None else n} | " + " | ".join(
+                cell(r, n, key, fmt, h) for _, key, fmt in metrics if key != "brier" for r in routers) + " |")
     return "\n".join(lines)
 
 
@@ -229,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logs", type=Path, default=DEFAULT_DATA)
     p.add_argument("--holdout", nargs="+", default=HOLDOUTS)
     p.add_argument("--ns", nargs="+", type=int, default=list(NS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=list(SEEDS),
+                   help="split seeds: one 80/20 split (and draw of the N calls) per seed")
     p.add_argument("--quick", action="store_true", help="one held-out model, N in 0 and 10")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -240,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.finetune_steps < 0:
         p.error("--finetune-steps must be >= 0")
     if args.quick:
-        args.holdout, args.ns = args.holdout[:1], [0, 10]
+        args.holdout, args.ns, args.seed = args.holdout[:1], [0, 10], args.seed[:1]
     use_cache_file(args.cache.expanduser())
     started = dt.datetime.now(dt.timezone.utc)
     logs = load_logs(args.logs)
@@ -251,13 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = Path(tmp)
-        for h in args.holdout:
-            rows += one_holdout(logs, h, args)
+        for seed in args.seed:
+            for h in args.holdout:
+                rows += one_holdout(logs, h, args, seed)
     run = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_facts(), "commit": git_commit(),
            "command": shlex.join(["python", "benchmarks/new_expert.py", *(sys.argv[1:] if argv is None else argv)]),
            "dataset": args.logs.name.split(".")[0],
            "described": " (expert descriptions from models.json)" if args.descriptions else "",
-           "seed": args.seed, "holdouts": args.holdout, "ns": args.ns, "finetune_steps": args.finetune_steps}
+           "seeds": args.seed, "holdouts": args.holdout, "ns": args.ns, "finetune_steps": args.finetune_steps}
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     args.results.mkdir(parents=True, exist_ok=True)
     jpath, ppath = args.results / f"new_expert-{stamp}.json", args.results / f"new_expert-{stamp}.png"

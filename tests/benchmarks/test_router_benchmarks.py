@@ -160,23 +160,32 @@ def test_new_expert_smoke(tiny_logs: dict[str, Path], tmp_path: Path) -> None:
     bench = _load("new_expert")
     readme = bench.README.read_text()
     out = tmp_path / "results"
-    argv = ["--logs", str(tiny_logs["routerbench"]), "--holdout", "medium", "--ns", "0", "10", "--no-readme",
+    argv = ["--logs", str(tiny_logs["routerbench"]), "--holdout", "medium", "--ns", "0", "10", "--seed", "0", "1",
+            "--no-readme",
             "--results", str(out), "--cache", str(tmp_path / "emb.sqlite")]
     assert bench.main(argv) == 0
     assert bench.README.read_text() == readme
     (path,) = out.glob("new_expert-*.json")
     report = json.loads(path.read_text())
-    assert report["holdouts"] == ["medium"] and report["ns"] == [0, 10]
-    without = {r["router"]: r for r in report["rows"] if r["n"] is None}   # each router without the new expert
-    assert sorted(without) == ["classifier", "gnn"] and all(0.0 < r["aiq"] <= 1.0 for r in without.values())
-    rows = [r for r in report["rows"] if r["n"] is not None]
+    assert report["holdouts"] == ["medium"] and report["ns"] == [0, 10] and report["seeds"] == [0, 1]
+    assert {r["seed"] for r in report["rows"]} == {0, 1}   # one split per seed
+    without = {(r["router"], r["seed"]): r["aiq"] for r in report["rows"] if r["n"] is None}  # each router without it
+    assert sorted(without) == [("classifier", 0), ("classifier", 1), ("gnn", 0), ("gnn", 1)]
+    assert all(0.0 < a <= 1.0 for a in without.values())
+    rows = [r for r in report["rows"] if r["n"] is not None and r["seed"] == 0]
     # no fine-tuning without examples: gnn-ft only at N=10
     assert sorted((r["n"], r["router"]) for r in rows) == [(0, "classifier"), (0, "gnn"), (10, "classifier"),
                                                             (10, "gnn"), (10, "gnn-ft")]
     table = bench.render(report["rows"], report, "r.json", "r.png", [0, 10])
-    assert f"| without it | - | - | - | - | - | - | {without['gnn']['aiq']:.4f} | - | " \
-           f"{without['classifier']['aiq']:.4f} |" in table
-    assert f"| medium | without it | - | - | - | {without['gnn']['aiq']:.4f} |" in table
+    g, c = (np.mean([without[(r, s)] for s in (0, 1)]) for r in ("gnn", "classifier"))
+    assert f"| without it | - | - | - | - | - | - | {g:.4f} | - | {c:.4f} |" in table
+    assert f"| medium | without it | - | - | - | {g:.4f} |" in table
+    # what adding it does: with minus without, per split, for each router (gnn-ft against gnn's without)
+    ten = {(r["router"], r["seed"]): r["aiq"] for r in report["rows"] if r["n"] == 10}
+    gains = [ten[("gnn-ft", s)] - without[("gnn", s)] for s in (0, 1)]
+    assert bench.gains_over_without(report["rows"], "gnn-ft", 10) == pytest.approx(gains)
+    assert f"{np.mean(gains):+.4f} ({min(gains):+.4f})" in table.split("What adding")[1]
+    rows = [r for r in report["rows"] if r["n"] is not None]
     ten = {r["router"]: r for r in rows if r["n"] == 10}
     assert ten["gnn-ft"]["mae"] != ten["gnn"]["mae"]        # the fine-tuning moved the new expert
     for r in rows:
