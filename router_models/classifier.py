@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from router_models.base import Router
 from router_models import sparse
+from router_models.base import Router
 from router_models.featurize import FEATURIZERS, QUERY_PIECES, QueryCut, make_featurizer
 from router_models.logs import BenchmarkLogs
 from router_models.metrics import evaluate_router, reference_points
