@@ -230,7 +230,8 @@ def render(rows: list[dict], run: dict, json_path: str, png_path: str, ns: list[
     took = f"Adding the expert to the graph router took {secs['gnn']:.2f} s on average (no training)"
     if "gnn-ft" in secs:
         took += f", {secs['gnn-ft']:.2f} s with {run.get('finetune_steps')} fine-tuning steps"
-    lines += ["", f"{took}; refitting the classifier took {secs['classifier']:.1f} s. Per held-out model:", ""]
+    lines += ["", f"{took}; refitting the classifier took {secs['classifier']:.1f} s. "
+              "Per held-out model (mean over the seeds):", ""]
     head = [f"{r} {label}" for label, key, _ in metrics if key != "brier" for r in routers]
     lines += ["| held-out model | N | " + " | ".join(head) + " |", "| --- " * (len(head) + 2) + "|"]
     for h in run["holdouts"]:
