@@ -3,8 +3,8 @@ the classifier router given the same examples.
 
 For each split seed (``--seed``, default 0 1 2) and held-out model: the prompts are split
 80/20 by prompt. Both routers are trained on the training prompts with the held-out
-model's column removed. Then the held-out model gets N logged calls, drawn (seeded, the same for both routers) from the
-training prompts, for N in 0, 10, 50, 200:
+model's column removed. Then the held-out model gets N logged calls, drawn (seeded, the
+same for both routers) from the training prompts, for N in 0, 10, 50, 200:
 
 - gnn: ``GraphRouter.add_expert(name, prompts, scores, costs)``: the trained network is
   not touched; the expert node and its N edges join the graph (and, from 20 calls, a
@@ -15,9 +15,9 @@ training prompts, for N in 0, 10, 50, 200:
   N calls, nothing else trained.
 - classifier (MiniLM + logistic regression, no inner CV, for speed): refitted on the
   training logs with the held-out column known only on those N prompts (its head for
-  the new expert then weighs N / (N + 200), the rest as for the graph router). With N = 0 it has nothing to
-  learn from: its prediction for the new expert is the mean of its predictions for the
-  others.
+  the new expert then weighs N / (N + 200), the rest as for the graph router). With
+  N = 0 it has nothing to learn from: its prediction for the new expert is the mean of
+  its predictions for the others.
 
 Where the logs come with expert descriptions (LLMRouter's models.json) the graph router
 gets them, the held-out expert's included (its node's features at N = 0).
@@ -41,6 +41,7 @@ without the new expert (the row "without it"): adding an expert should not route
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import shlex
@@ -72,8 +73,6 @@ def markers(dataset: str) -> tuple[str, str]:
 
 def held_out_logs(logs, name: str, rows: np.ndarray):
     """The training logs with ``name``'s column known only on ``rows``."""
-    import copy
-
     out = copy.deepcopy(logs)
     j = out.experts.index(name)
     keep = np.zeros(out.n_prompts, dtype=bool)
@@ -107,8 +106,11 @@ def one_holdout(logs, name: str, args, seed: int) -> list[dict]:
     oi = [k for k in range(logs.n_experts) if k != j]
     gcols = [gnn.experts_.index(e) for e in others]
     without = {"gnn": (gnn.predict_quality(test.prompts)[:, gcols], gnn.predict_cost(test.prompts)[:, gcols])}
-    clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=seed).fit(train.select_experts(others))
-    without["classifier"] = (clf.predict_quality(test.prompts), clf.predict_cost(test.prompts))
+    t1 = time.perf_counter()
+    clf_without = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=seed
+                                        ).fit(train.select_experts(others))
+    clf_without_s = time.perf_counter() - t1
+    without["classifier"] = (clf_without.predict_quality(test.prompts), clf_without.predict_cost(test.prompts))
     for router, (q_o, c_o) in without.items():
         aiq = float(evaluate_router(router, test.scores[:, oi], test.costs[:, oi], q_o, c_o, ref=ref).aiq)
         out.append({"holdout": name, "seed": seed, "n": None, "router": router, "aiq": aiq})
@@ -138,16 +140,15 @@ def one_holdout(logs, name: str, args, seed: int) -> list[dict]:
             clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=seed)
             clf.fit(held_out_logs(train, name, rows))
             q, c = clf.predict_quality(test.prompts), clf.predict_cost(test.prompts)
-        else:
-            clf = ROUTERS["classifier"](featurizer="minilm", model="logreg", cv=0, seed=seed)
-            clf.fit(train.select_experts(others))
-            clf.cost_model_.add_expert(price)   # priced as the graph router prices it: its last column
+        else:   # the classifier without it, plus its price: the graph router's pricing, its last column
+            clf = copy.deepcopy(clf_without)
+            clf.cost_model_.add_expert(price)
             q_o, c_all = clf.predict_quality(test.prompts), clf.predict_cost(test.prompts)
             q, c = np.zeros((len(test.prompts), logs.n_experts)), np.zeros((len(test.prompts), logs.n_experts))
             q[:, [k for k in range(logs.n_experts) if k != j]] = q_o
             c[:, [k for k in range(logs.n_experts) if k != j]] = c_all[:, :-1]
             q[:, j], c[:, j] = q_o.mean(axis=1), c_all[:, -1]
-        results["classifier"] = (q, c, time.perf_counter() - t1)
+        results["classifier"] = (q, c, time.perf_counter() - t1 + (0.0 if n else clf_without_s))
         for router, (q, c, secs) in results.items():
             err = q[:, j] - truth
             out.append({"holdout": name, "seed": seed, "n": int(n), "router": router,
