@@ -65,11 +65,14 @@ from router_models.collab.logit import (
     _load_checkpoint,
     _save_checkpoint,
     check_group,
+    fill_module,
+    read_module,
+    save_module,
 )
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+KIND = "latent-fusion"
 
 
 @dataclass(frozen=True)
@@ -255,33 +258,14 @@ class LatentFusion(torch.nn.Module):
 
     # -- files -------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  str(directory / "model.safetensors"))
-        config = {"format_version": FORMAT_VERSION, "kind": "latent-fusion", "experts": self.names,
-                  "hidden_size": self.hidden_size, "boundaries": self.boundaries, "config": asdict(self.config),
-                  "tokenizer_fingerprint": self.fingerprint}
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        return directory
+        return save_module(self, directory, {
+            "kind": KIND, "experts": self.names, "hidden_size": self.hidden_size,
+            "boundaries": self.boundaries, "config": asdict(self.config), "tokenizer_fingerprint": self.fingerprint})
 
     @classmethod
     def load(cls, directory: str | Path, group: ExpertGroup | None = None) -> LatentFusion:
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        try:
-            meta = json.loads((directory / "config.json").read_text())
-            state = load_file(str(directory / "model.safetensors"))
-        except FileNotFoundError as exc:
-            raise RouterFileError(f"{directory} is not a saved latent-fusion model ({exc.filename} missing)") from None
-        except Exception as exc:  # noqa: BLE001 - OSError, bad JSON, or safetensors' own error type
-            raise RouterFileError(f"{directory}: unreadable latent-fusion files: {exc}") from None
-        if meta.get("kind") != "latent-fusion" or meta.get("format_version") != FORMAT_VERSION:
-            raise RouterFileError(f"{directory} holds {meta.get('kind')!r} format {meta.get('format_version')}, "
-                                  f"not a latent-fusion model v{FORMAT_VERSION}")
+        meta, state = read_module(directory, KIND, "latent-fusion model")
         try:
             config = LatentFusionConfig(**meta["config"])
             model = cls(meta["experts"], meta["hidden_size"], meta["boundaries"], config, meta["tokenizer_fingerprint"])
@@ -291,11 +275,7 @@ class LatentFusion(torch.nn.Module):
             check_group(model.names, model.fingerprint, group, directory)
             if any(not group.trunk_layers <= b <= group.n_layers for b in model.boundaries):
                 raise RouterFileError(f"{directory}: fusion boundaries {model.boundaries} do not fit the group")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise RouterFileError(f"{directory}: weights do not match config.json: {exc}") from None
-        return model.eval().requires_grad_(False)
+        return fill_module(model, state, directory)
 
 
 # -- training ----------------------------------------------------------------------------------

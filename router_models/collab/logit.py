@@ -54,6 +54,7 @@ from router_models.collab.group import ExpertGroup, GroupError, tokenizer_finger
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+KIND = "logit-addition-router"
 DELTA_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -124,43 +125,65 @@ class LogitRouter(torch.nn.Module):
 
     # -- files -------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  str(directory / "model.safetensors"))
-        config = {"format_version": FORMAT_VERSION, "kind": "logit-addition-router", "experts": self.names,
-                  "hidden_size": self.hidden_size, "width": self.width, "tokenizer_fingerprint": self.fingerprint,
-                  "delta_scale": self.delta_scale}
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        return directory
+        return save_module(self, directory, {
+            "kind": KIND, "experts": self.names, "hidden_size": self.hidden_size, "width": self.width,
+            "tokenizer_fingerprint": self.fingerprint, "delta_scale": self.delta_scale})
 
     @classmethod
     def load(cls, directory: str | Path, group: ExpertGroup | None = None) -> LogitRouter:
-        from safetensors.torch import load_file
-
         directory = Path(directory)
+        config, state = read_module(directory, KIND, "logit-addition router")
         try:
-            config = json.loads((directory / "config.json").read_text())
-            state = load_file(str(directory / "model.safetensors"))
-        except FileNotFoundError as exc:
-            raise RouterFileError(f"{directory} is not a saved logit-addition router ({exc.filename} missing)") \
-                from None
-        except Exception as exc:  # noqa: BLE001 - OSError, bad JSON, or safetensors' own error type
-            raise RouterFileError(f"{directory}: unreadable router files: {exc}") from None
-        if config.get("kind") != "logit-addition-router" or config.get("format_version") != FORMAT_VERSION:
-            raise RouterFileError(f"{directory} holds {config.get('kind')!r} format "
-                                  f"{config.get('format_version')}, not a logit-addition router v{FORMAT_VERSION}")
-        router = cls(config["experts"], config["hidden_size"], config["width"], config["tokenizer_fingerprint"])
-        router.delta_scale = float(config.get("delta_scale", 1.0))
+            router = cls(config["experts"], config["hidden_size"], config["width"], config["tokenizer_fingerprint"])
+            router.delta_scale = float(config.get("delta_scale", 1.0))
+        except (TypeError, KeyError, ValueError) as exc:
+            raise RouterFileError(f"{directory}: config.json is inconsistent: {exc}") from None
         if group is not None:
             check_group(router.names, router.fingerprint, group, directory)
-        try:
-            router.load_state_dict(state)
-        except RuntimeError as exc:
-            raise RouterFileError(f"{directory}: weights do not match config.json: {exc}") from None
-        return router.eval().requires_grad_(False)
+        return fill_module(router, state, directory)
+
+
+def save_module(module: torch.nn.Module, directory: str | Path, config: dict) -> Path:
+    """Write a collaboration head as ``model.safetensors`` (its weights) and ``config.json``
+    (``config`` with this file format's version): no pickle on either side."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},
+              str(directory / "model.safetensors"))
+    config = {"format_version": FORMAT_VERSION} | config
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def read_module(directory: Path, kind: str, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config, weights)`` of a folder written by :func:`save_module` for a head of ``kind``;
+    :class:`RouterFileError` naming ``what`` was expected when it is missing, unreadable, or
+    another kind or format version."""
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        state = load_file(str(directory / "model.safetensors"))
+    except FileNotFoundError as exc:
+        raise RouterFileError(f"{directory} is not a saved {what} ({exc.filename} missing)") from None
+    except Exception as exc:  # noqa: BLE001 - OSError, bad JSON, or safetensors' own error type
+        raise RouterFileError(f"{directory}: unreadable {what} files: {exc}") from None
+    if not isinstance(config, dict) or config.get("kind") != kind or config.get("format_version") != FORMAT_VERSION:
+        got = config if isinstance(config, dict) else {}
+        raise RouterFileError(f"{directory} holds {got.get('kind')!r} format {got.get('format_version')}, "
+                              f"not a {what} v{FORMAT_VERSION}")
+    return config, state
+
+
+def fill_module(module: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path):
+    """``module`` with the weights ``state`` read from ``directory``, frozen for inference."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise RouterFileError(f"{directory}: weights do not match config.json: {exc}") from None
+    return module.eval().requires_grad_(False)
 
 
 def check_group(names: list[str], fingerprint: str, group: ExpertGroup, where) -> None:

@@ -118,6 +118,16 @@ def test_save_load_round_trip_and_refusals(group, tokenizer, tmp_path):
         LatentFusion.load(tmp_path / "m", tiny_group(tokenizer, n_experts=2))
     with pytest.raises(RouterFileError, match="not a saved latent-fusion model"):
         LatentFusion.load(tmp_path / "nothing")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"kind": "logit-addition-router"}))
+    with pytest.raises(RouterFileError, match="'logit-addition-router' format 1, not a latent-fusion model v1"):
+        LatentFusion.load(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "boundaries"}))
+    with pytest.raises(RouterFileError, match="config.json is inconsistent"):
+        LatentFusion.load(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("[1, 2]")
+    with pytest.raises(RouterFileError, match="None format None, not a latent-fusion model"):
+        LatentFusion.load(tmp_path / "m")
 
 
 def test_top_1_is_the_primary_alone(group):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -54,6 +55,13 @@ def test_save_load_round_trip_and_refusals(group, tokenizer, tmp_path):
         LogitRouter.load(tmp_path / "r", other)
     with pytest.raises(RouterFileError, match="not a saved logit-addition router"):
         LogitRouter.load(tmp_path / "missing")
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    (tmp_path / "r" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "width"}))
+    with pytest.raises(RouterFileError, match="config.json is inconsistent"):
+        LogitRouter.load(tmp_path / "r")
+    (tmp_path / "r" / "config.json").write_text(json.dumps(config | {"format_version": 99}))
+    with pytest.raises(RouterFileError, match="'logit-addition-router' format 99, not a logit-addition router v1"):
+        LogitRouter.load(tmp_path / "r")
     (tmp_path / "r" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(RouterFileError, match="unreadable"):
         LogitRouter.load(tmp_path / "r")
@@ -66,7 +74,6 @@ def test_training_learns_to_pick_the_expert_that_wrote_the_answers(group, tmp_pa
     examples = greedy_examples(group, 1, _prompts(60, 1), 10)
     router = train_logit_router(group, examples, tmp_path, progress=False,
                                 config=LogitTrainConfig(width=32, epochs=4, lr=3e-3, batch_positions=64, margin=0.0))
-    import json
 
     report = json.loads((tmp_path / "train_report.json").read_text())
     assert report["best_expert_share"]["tiny-1"] > 0.8
