@@ -3,6 +3,8 @@ the collaboration heads (the quick fleet's 135M models are used where realism ma
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 
@@ -15,6 +17,12 @@ def tiny_tokenizer(vocab: int = 256):
     tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def random_prompts(n: int, seed: int = 0, vocab: int = 256) -> list[list[int]]:
+    """``n`` seeded prompts of 4-8 token ids from the tiny vocabulary (pad and eos left out)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(2, vocab) for _ in range(rng.randrange(4, 9))] for _ in range(n)]
 
 
 def tiny_group(tokenizer, n_experts: int = 3, layers: int = 4, shared: int = 2, seed: int = 0):

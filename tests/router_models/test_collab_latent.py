@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from router_models.collab.latent import (
     boundaries_for,
     train_latent_fusion,
 )
-from tests.router_models.collab_tiny import greedy_examples, tiny_group, tiny_tokenizer
+from tests.router_models.collab_tiny import greedy_examples, random_prompts, tiny_group, tiny_tokenizer
 
 CONFIG = LatentFusionConfig(shared_width=16, heads=2, router_width=8, top_k=2, batch_size=4)
 
@@ -33,11 +32,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def group(tokenizer):
     return tiny_group(tokenizer)
-
-
-def _prompts(n: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(2, 256) for _ in range(rng.randrange(4, 9))] for _ in range(n)]
 
 
 def _perturbed(group) -> LatentFusion:
@@ -59,7 +53,7 @@ def test_boundaries_lie_past_the_shared_trunk(group):
 def test_untrained_fusion_leaves_the_primary_unchanged(group):
     model = LatentFusion.for_group(group, CONFIG)
     params = SamplingParams(max_tokens=10, temperature=0.0)
-    for prompt in _prompts(3):
+    for prompt in random_prompts(3):
         primary, peers = model.select(group, prompt)
         assert len(peers) == 1 and primary not in peers
         fused = [s.token for s in model.generate(group, prompt, params)]
@@ -72,7 +66,7 @@ def test_full_sequence_fusion_equals_incremental_decoding(group):
     # (group cache + cached peer keys/values: the prompt, then a chunk of two tokens, then
     # one at a time) must give the same logits at every position.
     model = _perturbed(group)
-    prompt, cont = _prompts(1, 5)[0], [5, 17, 33, 2, 90]
+    prompt, cont = random_prompts(1, 5)[0], [5, 17, 33, 2, 90]
     primary, peers, feed = model.session(group, prompt)
     with torch.no_grad():
         steps = [feed(torch.tensor([prompt])), feed(torch.tensor([cont[:2]]), last_only=False)]
@@ -94,7 +88,7 @@ def test_full_sequence_fusion_equals_incremental_decoding(group):
 
 def test_gradients_reach_router_and_interaction_not_experts(group):
     model = _perturbed(group).train()
-    examples = greedy_examples(group, 1, _prompts(4, 2), 5)
+    examples = greedy_examples(group, 1, random_prompts(4, 2), 5)
     ids, starts, lengths = _batch(examples, range(4), 0, group.device)
     logits = model.route_logits(group, ids, starts)
     primaries = torch.tensor([1, 1, 2, 0])
@@ -110,7 +104,7 @@ def test_save_load_round_trip_and_refusals(group, tokenizer, tmp_path):
     model = _perturbed(group)
     model.save(tmp_path / "m")
     back = LatentFusion.load(tmp_path / "m", group)
-    prompt = _prompts(1, 7)[0]
+    prompt = random_prompts(1, 7)[0]
     params = SamplingParams(max_tokens=5, temperature=0.0)
     assert [s.token for s in back.generate(group, prompt, params)] == [s.token for s in model.generate(group, prompt,
                                                                                                          params)]
@@ -133,7 +127,7 @@ def test_save_load_round_trip_and_refusals(group, tokenizer, tmp_path):
 def test_top_1_is_the_primary_alone(group):
     model = _perturbed(group)
     model.config = LatentFusionConfig(**{**CONFIG.__dict__, "top_k": 1})
-    prompt = _prompts(1, 9)[0]
+    prompt = random_prompts(1, 9)[0]
     params = SamplingParams(max_tokens=8, temperature=0.0)
     primary, peers = model.select(group, prompt)
     assert peers == []
@@ -145,7 +139,7 @@ def test_one_expert_group_is_the_expert_alone(tokenizer):
     solo = tiny_group(tokenizer, n_experts=1)
     model = LatentFusion.for_group(solo, CONFIG)
     assert model.boundaries == []
-    prompt = _prompts(1, 11)[0]
+    prompt = random_prompts(1, 11)[0]
     params = SamplingParams(max_tokens=8, temperature=0.0)
     assert model.select(solo, prompt) == (0, [])
     assert [s.token for s in model.generate(solo, prompt, params)] == [s.token for s in generate(solo, prompt, params)]
@@ -168,7 +162,7 @@ def test_answer_losses_use_each_experts_own_head(tokenizer):
     models[1].model.layers[0].load_state_dict(models[0].model.layers[0].state_dict())
     pair = ExpertGroup(["a", "b"], models, tokenizer)
     assert pair.trunk_layers == 1 and not pair.shared_head
-    examples = [(p + [7, 8, 9], len(p)) for p in _prompts(3, 4)]
+    examples = [(p + [7, 8, 9], len(p)) for p in random_prompts(3, 4)]
     ids, starts, lengths = _batch(examples, range(3), 0, pair.device)
     with torch.no_grad():
         hidden = pair(ids)
@@ -183,7 +177,7 @@ def test_answer_losses_use_each_experts_own_head(tokenizer):
 def test_training_resumes_mid_epoch_as_if_never_stopped(group, tmp_path, monkeypatch):
     import router_models.collab.latent as latent
 
-    examples = greedy_examples(group, 2, _prompts(20, 4), 4)   # 18 fitted = 5 steps per epoch
+    examples = greedy_examples(group, 2, random_prompts(20, 4), 4)   # 18 fitted = 5 steps per epoch
     config = LatentFusionConfig(shared_width=16, heads=2, router_width=8, epochs=2, batch_size=4, checkpoint_every=2)
     whole = train_latent_fusion(group, examples, tmp_path / "whole", config=config, progress=False)
     real, calls = latent._train_step, []
@@ -210,7 +204,7 @@ def test_training_resumes_mid_epoch_as_if_never_stopped(group, tmp_path, monkeyp
 def test_training_learns_the_router_and_resumes(group, tmp_path):
     # Expert 1 wrote the answers: the router must learn to choose it; the report and the
     # checkpoint must be written, and a second call resumes instead of training again.
-    examples = greedy_examples(group, 1, _prompts(40, 3), 6)
+    examples = greedy_examples(group, 1, random_prompts(40, 3), 6)
     config = LatentFusionConfig(shared_width=16, heads=2, router_width=16, epochs=4, lr=1e-2, batch_size=8)
     model = train_latent_fusion(group, examples, tmp_path, config=config, progress=False)
     report = json.loads((tmp_path / "train_report.json").read_text())

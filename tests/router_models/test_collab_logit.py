@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from router_models.collab import logit as logit_mod
 from router_models.collab.decode import SamplingParams, generate
 from router_models.collab.logit import LogitRouter, LogitTrainConfig, RouterFileError, train_logit_router
-from tests.router_models.collab_tiny import greedy_examples, tiny_group, tiny_tokenizer
+from tests.router_models.collab_tiny import greedy_examples, random_prompts, tiny_group, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +21,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def group(tokenizer):
     return tiny_group(tokenizer)
-
-
-def _prompts(n: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(2, 256) for _ in range(rng.randrange(4, 9))] for _ in range(n)]
 
 
 def test_untrained_router_adds_nothing_and_routes_every_row(group):
@@ -71,7 +65,7 @@ def test_training_learns_to_pick_the_expert_that_wrote_the_answers(group, tmp_pa
     # Answers are expert 1's greedy continuations, so expert 1 gives the reference token
     # the highest probability almost everywhere: the router must learn to pick it, and the
     # correction must lower the reference tokens' loss further.
-    examples = greedy_examples(group, 1, _prompts(60, 1), 10)
+    examples = greedy_examples(group, 1, random_prompts(60, 1), 10)
     router = train_logit_router(group, examples, tmp_path, progress=False,
                                 config=LogitTrainConfig(width=32, epochs=4, lr=3e-3, batch_positions=64, margin=0.0))
 
@@ -86,7 +80,7 @@ def test_training_learns_to_pick_the_expert_that_wrote_the_answers(group, tmp_pa
 
 
 def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(group, tmp_path, monkeypatch):
-    examples = greedy_examples(group, 1, _prompts(12, 3), 6)
+    examples = greedy_examples(group, 1, random_prompts(12, 3), 6)
     config = LogitTrainConfig(width=16, epochs=3, batch_positions=16, chunk_examples=4)
     whole = train_logit_router(group, examples, tmp_path / "a", config=config, progress=False)
 
