@@ -141,13 +141,31 @@ def train(
         _fail(str(exc))
     est.save(out)
     console.print(f"trained {est!r} on {data.n_prompts} prompts in {took:.1f} s -> {out}")
-    for row in getattr(est, "cv_results_", []) or []:
-        console.print(f"  cv {row['model']}: AIQ {row['aiq']:.4f}, Brier {row['brier']:.4f}")
+    _print_cv(getattr(est, "cv_results_", None) or [])
     console.print(f"experts: {', '.join(est.experts_)}")
     shaped = [(e, p) for e, p in zip(est.experts_, est.cost_model_.added.tolist()) if p == p]   # not NaN
     if shaped:
         console.print("priced by the other experts' cost per question (costs logged on under half "
                       "of the prompts): " + ", ".join(f"{e} ${p:.6f}/call on average" for e, p in shaped))
+
+
+CV_ROWS = 5   # candidates of a router's model selection printed after training, best first
+
+
+def _print_cv(rows: list[dict]) -> None:
+    """The best candidates of the router's inner cross-validation (the classifier's rows name
+    a ``model``, the symbolic router's ``params``), the chosen one first."""
+    def rank(row: dict) -> tuple[float, float]:   # the routers' own choice: AIQ, then Brier
+        aiq = row["aiq"]
+        return (aiq if aiq == aiq else -1.0, -row["brier"])
+
+    rows = sorted(rows, key=rank, reverse=True)
+    for i, row in enumerate(rows[:CV_ROWS]):
+        label = row.get("model", row.get("params"))
+        console.print(f"  cv {label}: AIQ {row['aiq']:.4f}, Brier {row['brier']:.4f}"
+                      + ("  (chosen)" if i == 0 else ""))
+    if len(rows) > CV_ROWS:
+        console.print(f"  cv: {len(rows) - CV_ROWS} more candidates not shown (all in router.json)")
 
 
 def _fmt(x: Any, money: bool = False) -> str:

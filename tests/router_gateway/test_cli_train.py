@@ -84,6 +84,26 @@ def test_train_holdout_and_eval_table(tmp_path: Path, logs):
     assert "60 prompts were in the router's training logs" in both and "20 prompts" in both
 
 
+def test_train_symbolic_prints_its_model_selection(tmp_path: Path, logs):
+    # The symbolic router's cross-validation rows name "params", the classifier's "model":
+    # the summary after training prints either, best first, the chosen one marked.
+    import ast
+
+    train, _ = logs
+    out = tmp_path / "sym"
+    proc = sy(tmp_path / "data", "train", "--logs", str(train), "--router", "symbolic", "--cv", "3",
+              "--out", str(out))
+    meta = json.loads((out / "router.json").read_text())
+    rows = meta["state"]["cv_results"]
+    assert len(rows) > 5 and "trained SymbolicRouter" in proc.stdout
+    lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip().startswith("cv")]
+    assert len(lines) == 6 and lines[0].endswith("(chosen)") and f"{len(rows) - 5} more" in lines[-1]
+    chosen = ast.literal_eval(lines[0][len("cv "):lines[0].index("}") + 1])
+    assert chosen == meta["state"]["params"]
+    shown = [float(ln.split("AIQ ")[1].split(",")[0]) for ln in lines[:5]]
+    assert shown == sorted(shown, reverse=True) and shown[0] == round(max(r["aiq"] for r in rows), 4)
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--logs", "missing.jsonl", "--router", "knn", "--out", "x"], "no such logs"),
     (["train", "--logs", "{train}", "--router", "nope", "--out", "x"], "unknown router 'nope'"),
