@@ -153,19 +153,25 @@ CV_ROWS = 5   # candidates of a router's model selection printed after training,
 
 
 def _print_cv(rows: list[dict]) -> None:
-    """The best candidates of the router's inner cross-validation (the classifier's rows name
-    a ``model``, the symbolic router's ``params``), the chosen one first."""
+    """A table of the best candidates of the router's inner cross-validation (the
+    classifier's rows name a ``model``, the symbolic router's ``params``), best first: the
+    first is the one the router chose."""
+    if not rows:
+        return
+
     def rank(row: dict) -> tuple[float, float]:   # the routers' own choice: AIQ, then Brier
         aiq = row["aiq"]
         return (aiq if aiq == aiq else -1.0, -row["brier"])
 
     rows = sorted(rows, key=rank, reverse=True)
+    table = Table("candidate", "AIQ", "Brier", "", title="model selection by cross-validation, best first")
     for i, row in enumerate(rows[:CV_ROWS]):
         label = row.get("model", row.get("params"))
-        console.print(f"  cv {label}: AIQ {row['aiq']:.4f}, Brier {row['brier']:.4f}"
-                      + ("  (chosen)" if i == 0 else ""))
+        label = " ".join(f"{k}={v}" for k, v in label.items()) if isinstance(label, dict) else str(label)
+        table.add_row(label, f"{row['aiq']:.4f}", f"{row['brier']:.4f}", "chosen" if i == 0 else "")
+    console.print(table)
     if len(rows) > CV_ROWS:
-        console.print(f"  cv: {len(rows) - CV_ROWS} more candidates not shown (all in router.json)")
+        console.print(f"{len(rows) - CV_ROWS} more candidates in router.json (cv_results)")
 
 
 def _fmt(x: Any, money: bool = False) -> str:

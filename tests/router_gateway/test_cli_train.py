@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,8 @@ def test_train_then_eval_json_layout_and_plot(tmp_path: Path, logs):
     out = tmp_path / "clf"
     proc = sy(tmp_path / "data", "train", "--logs", str(train), "--router", "classifier", "--featurizer", "tfidf",
               "--cv", "3", "--out", str(out))
-    assert "trained ClassifierRouter" in proc.stdout and "cv {" in proc.stdout
+    assert "trained ClassifierRouter" in proc.stdout and "model selection by cross-validation" in proc.stdout
+    assert "kind=logreg" in proc.stdout and "chosen" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["arrays.safetensors", "router.json"]
     plot = tmp_path / "curve.png"
     res = json.loads(sy(tmp_path / "data", "eval", "--router-dir", str(out), "--logs", str(test), "--json",
@@ -87,8 +89,6 @@ def test_train_holdout_and_eval_table(tmp_path: Path, logs):
 def test_train_symbolic_prints_its_model_selection(tmp_path: Path, logs):
     # The symbolic router's cross-validation rows name "params", the classifier's "model":
     # the summary after training prints either, best first, the chosen one marked.
-    import ast
-
     train, _ = logs
     out = tmp_path / "sym"
     proc = sy(tmp_path / "data", "train", "--logs", str(train), "--router", "symbolic", "--cv", "3",
@@ -96,12 +96,13 @@ def test_train_symbolic_prints_its_model_selection(tmp_path: Path, logs):
     meta = json.loads((out / "router.json").read_text())
     rows = meta["state"]["cv_results"]
     assert len(rows) > 5 and "trained SymbolicRouter" in proc.stdout
-    lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip().startswith("cv")]
-    assert len(lines) == 6 and lines[0].endswith("(chosen)") and f"{len(rows) - 5} more" in lines[-1]
-    chosen = ast.literal_eval(lines[0][len("cv "):lines[0].index("}") + 1])
-    assert chosen == meta["state"]["params"]
-    shown = [float(ln.split("AIQ ")[1].split(",")[0]) for ln in lines[:5]]
-    assert shown == sorted(shown, reverse=True) and shown[0] == round(max(r["aiq"] for r in rows), 4)
+    text = proc.stdout
+    assert "model selection by cross-validation" in text and f"{len(rows) - 5} more candidates" in text
+    first = text[text.index("candidate"):text.index("chosen")]   # the chosen row, maybe wrapped
+    assert all(f"{k}={v}" in first for k, v in meta["state"]["params"].items())
+    shown = [float(a) for a in re.findall(r"│ (\d\.\d{4}) │ \d\.\d{4} │", text)]
+    assert len(shown) == 5 and shown == sorted(shown, reverse=True)
+    assert shown[0] == round(max(r["aiq"] for r in rows), 4)
 
 
 @pytest.mark.parametrize("args, message", [
