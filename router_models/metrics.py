@@ -430,6 +430,28 @@ def _dense_costs(x: np.ndarray, per_segment: int = 24) -> np.ndarray:
     return np.unique(np.concatenate([x, *fill]))
 
 
+LABEL_OFFSETS = ((4, 4), (4, -11), (4, 15), (4, -22), (-4, 4), (4, 26))   # points from the dot
+
+
+def _spread_labels(fig, labels: list) -> None:
+    """Move each expert's name to the first of ``LABEL_OFFSETS`` where it overlaps no name
+    placed before it (highest dots first); one that fits nowhere keeps the first offset."""
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for text in sorted(labels, key=lambda t: -t.xy[1]):
+        for dx, dy in LABEL_OFFSETS:
+            text.set_position((dx, dy))
+            text.set_horizontalalignment("right" if dx < 0 else "left")
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        else:
+            text.set_position(LABEL_OFFSETS[0])
+            text.set_horizontalalignment("left")
+            box = text.get_window_extent(renderer)
+        placed.append(box)
+
+
 def plot_curves(reports: Sequence[CurveReport], single_experts: Sequence[tuple[str, float, float]],
                 path: str | Path, title: str | None = None) -> Path:
     """One PNG: each router's operating points and its hull (extended flat to the right
@@ -451,13 +473,15 @@ def plot_curves(reports: Sequence[CurveReport], single_experts: Sequence[tuple[s
         oracle = r.name == "oracle"
         hx = _dense_costs(np.r_[h[:, 0], max(right, h[-1, 0])])
         (line,) = ax.plot(hx, hull_quality_at(h, hx), ls="--" if oracle else "-",
-                          color="black" if oracle else None, label=f"{r.name} (AIQ {r.aiq:.3f})")
+                          color="black" if oracle else None,
+                          label=f"{r.name} (AIQ {r.aiq:.3f})" if len(pts) > 1 else f"{r.name} (one point)")
         if not oracle:  # the oracle's points are all on its hull, and can be thousands
             ax.scatter(pts[:, 0], pts[:, 1], s=30 if len(pts) == 1 else 8, marker="*" if
                        len(pts) == 1 else "o", color=line.get_color(), alpha=0.7, zorder=4)
+    labels = []
     for name, cost, quality in single_experts:
         ax.scatter([cost], [quality], s=40, color="tab:gray", edgecolors="black", zorder=3)
-        ax.annotate(name, (cost, quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        labels.append(ax.annotate(name, (cost, quality), textcoords="offset points", xytext=(4, 4), fontsize=8))
     positive = [x for x in xs if x > 0]
     if positive and len(positive) == len(xs):
         ax.set_xscale("log")
@@ -468,7 +492,8 @@ def plot_curves(reports: Sequence[CurveReport], single_experts: Sequence[tuple[s
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
+    _spread_labels(fig, labels)
     if reports:
-        ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(path, dpi=120)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)   # clear of the dots' names
+    fig.savefig(path, dpi=120, bbox_inches="tight")   # the legend, and a name past the right edge
     return Path(path)

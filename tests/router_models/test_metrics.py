@@ -316,6 +316,30 @@ def test_plot_curves_writes_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_expert_names_on_the_plot_do_not_overlap():
+    # Three experts at almost the same cost and quality: their names are spread apart.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from router_models.metrics import _spread_labels
+
+    fig = Figure(figsize=(8, 5.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    dots = [("mistralai/mixtral-8x7b-chat", 0.50, 0.700), ("zero-one-ai/Yi-34B-Chat", 0.51, 0.705),
+            ("gpt-3.5-turbo-1106", 0.52, 0.698), ("far-away", 0.1, 0.1)]
+    labels = [ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4)) for n, x, y in dots]
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert boxes[0].overlaps(boxes[1])          # as first placed
+    _spread_labels(fig, labels)
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert labels[3].get_position() == (4, 4)    # a name with room keeps its place
+
+
 def test_plot_curves_with_a_free_expert(tmp_path):
     scores, costs = random_instance(4)
     costs[:, 0] = 0.0
