@@ -210,7 +210,7 @@ def read(path: Path, fmt: str, *, prices: Prices | None = None, progress: bool =
             part = reader(f, fmt, report, counts, prices or {})
             _prefix_collisions(part, f.stem, text_of, counts)
             cells.extend(part)
-            if progress:
+            if progress and len(files) > 1:   # one file: the caller's summary says it all
                 print(f"read {f}: {len(part)} cells", file=sys.stderr)
     report.rows_read = counts.pop("rows_read", 0)
     for rule, n in counts.items():

@@ -321,7 +321,7 @@ def load_logs(path: str | Path, format: str | None = None, *, progress: bool = F
     start = time.perf_counter()
     cells, report = importers.read(path, fmt, prices=prices, progress=progress)
     logs = assemble(cells, report)
-    if progress:
+    if progress and path.is_dir():   # after its files' lines; a caller summarises one file
         print(f"loaded {path} ({fmt}): {logs.n_prompts} prompts x {logs.n_experts} experts in "
               f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
     return logs

@@ -291,6 +291,8 @@ def test_progress_goes_to_stderr(capsys):
     load_logs(FIX / "routellm", progress=True)
     err = capsys.readouterr().err
     assert "mmlu_anatomy.csv: 7 cells" in err and "5 prompts x 2 experts" in err
+    load_logs(FIX / "routellm" / "mmlu" / "mmlu_anatomy.csv", progress=True)
+    assert capsys.readouterr().err == ""   # one file: nothing to follow, the caller summarises it
 
 
 def test_rows_directory_of_per_model_files(tmp_path):
