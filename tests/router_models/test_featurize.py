@@ -485,3 +485,13 @@ def test_cache_bookkeeping_is_linear_in_the_number_of_new_texts():
     x = NoModel(cache=EmbeddingCache()).transform(texts)
     assert x.shape == (20_000, EMBED_DIM)
     assert time.perf_counter() - start < 2.0
+
+
+def test_loading_minilm_draws_no_progress_bar_and_leaves_bars_on():
+    import subprocess
+    import sys
+
+    code = ("from transformers.utils import logging as hf; from router_models.featurize import minilm_model; "
+            "minilm_model(); print(hf.is_progress_bar_enabled())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert proc.stdout.strip() == "True" and "Loading weights" not in proc.stderr
