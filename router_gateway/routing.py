@@ -253,15 +253,20 @@ class RoutingTable:
             self.entries = entries
 
     async def _load(self, dep: RouterDeployment, sig: tuple, router: Router | None) -> LoadedDeployment:
-        if router is None:
-            try:
+        """Load the deployment's router (unless the caller just did) and warm it up with one
+        made-up query, so that its first client does not wait seconds for the encoder."""
+        try:
+            if router is None:
                 router = await asyncio.to_thread(load_router, dep.router_dir)
-            except Exception as exc:  # any failure to load means "this router is down", never a crash
-                msg = f"router '{dep.name}' failed to load from {dep.router_dir}: {exc}"
-                log.error(msg)
-                return LoadedDeployment(dep, None, None, msg, sig)
-        log.info("router '%s': loaded %s router from %s", dep.name, router.name, dep.router_dir)
-        return LoadedDeployment(dep, router, BatchedScorer(router), None, sig)
+            scorer = BatchedScorer(router)
+            warm_ms = await asyncio.to_thread(scorer.warm)
+        except Exception as exc:  # any failure to load or score means "this router is down", never a crash
+            msg = f"router '{dep.name}' failed to load from {dep.router_dir}: {exc}"
+            log.error(msg)
+            return LoadedDeployment(dep, None, None, msg, sig)
+        log.info("router '%s': loaded %s router from %s, warmed up in %.0f ms", dep.name, router.name,
+                 dep.router_dir, warm_ms)
+        return LoadedDeployment(dep, router, scorer, None, sig)
 
     async def run(self) -> None:
         while True:

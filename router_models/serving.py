@@ -31,6 +31,7 @@ from router_models.base import Router
 from router_models.featurize import length_groups, torch_threads
 
 _Waiter = tuple[str, str, asyncio.Future]   # cache key, text, the caller's future
+WARM_QUERY = "What is the capital of France? Answer in one word."
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,16 @@ class BatchedScorer:
         self._draining = 0
         self.batches = 0
         self.scored = 0
+
+    def warm(self) -> float:
+        """Score :data:`WARM_QUERY` once, outside the cache and the counters, so that the
+        first client does not pay for loading the encoder, its first forward pass, or state
+        a router builds on its first prediction (about 3 s for a MiniLM router). Blocking:
+        call it from a thread. Returns the milliseconds it took."""
+        t0 = time.perf_counter()
+        with torch_threads(self.threads):
+            self._predict([WARM_QUERY])
+        return (time.perf_counter() - t0) * 1e3
 
     @staticmethod
     def _key(text: str) -> str:

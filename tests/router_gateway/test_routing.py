@@ -300,6 +300,23 @@ def test_routers_are_kept_across_refreshes_and_reloaded_when_their_files_change(
     assert headers["x-switchyard-expert"] == "math-expert"
 
 
+def test_a_deployed_router_is_warmed_up_before_its_first_request(routed: Gateway, router_dir: Path):
+    # The admin API loads the router, and the table scores one made-up query with it before
+    # it is routable, so that the first client does not wait for the encoder to load.
+    from router_models.serving import WARM_QUERY
+
+    with routed.client(ADMIN_KEY) as c:
+        r = c.post("/v1/routers", json={"name": "warmed", "router_dir": str(router_dir), "expert_map": EXPERT_MAP})
+        assert r.status_code == 201, r.text
+    try:
+        entry = routed.app.state.routing.entries["warmed"]
+        assert entry.router.featurizer_._last[0] == [WARM_QUERY]   # its one prediction so far
+        assert entry.scorer.scored == 0 and len(entry.scorer._cache) == 0
+    finally:
+        with routed.client(ADMIN_KEY) as c:
+            assert c.delete("/v1/routers/warmed").status_code in (200, 204)
+
+
 def test_a_router_that_fails_to_load_answers_503(routed: Gateway, tmp_path: Path, router_dir: Path):
     import shutil
 

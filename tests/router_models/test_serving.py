@@ -266,3 +266,15 @@ def test_two_workers_score_two_batches_at_once(router):
     results = score_all(BatchedScorer(meeting, max_batch=1, workers=2), prompts(2, offset=950))
     assert [type(r).__name__ for r in results] == ["Scores", "Scores"]
     assert len(meeting.calls) == 2
+
+
+def test_warm_up_scores_one_query_outside_the_cache_and_the_counters(router):
+    from router_models.serving import WARM_QUERY
+
+    recorded = PaddingRouter(router)
+    scorer = BatchedScorer(recorded, threads=1)
+    assert scorer.warm() > 0
+    assert recorded.calls == [[WARM_QUERY]] and recorded.threads == [1]
+    assert scorer.batches == scorer.scored == 0 and len(scorer._cache) == 0
+    first = asyncio.run(scorer.score(WARM_QUERY))   # a client asking it is still scored, then cached
+    assert not first.cached and recorded.calls[-1] == [WARM_QUERY] and scorer.scored == 1
