@@ -53,7 +53,8 @@ RULES = {
     "missing_cost": "{n} logged cells had no cost; their cost is NaN",
     "unparseable_cost": "{n} costs were unparseable or negative; their cost is NaN",
     "unparseable_number": "{n} token counts or latencies were unparseable or negative; left NaN",
-    "no_cost_in_source": "no cost in source: cost is NaN for {n} logged cells (pass prices= to derive it)",
+    "no_cost_in_source": "no cost in source: cost is NaN for {n} logged cells (give prices to derive it: "
+                         "--prices-file FILE, or prices= in Python)",
     "unknown_model_price": "{n} logged cells belong to a model without a price; their cost is NaN",
     "duplicate_row_averaged": "{n} repeated (prompt, model) rows were averaged into one cell (score and cost)",
     "duplicate_id_merged": "{n} rows reused a prompt_id with a different prompt text; the first text was "
