@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-console = Console()
-err_console = Console(stderr=True)
+PIPED_WIDTH = 160   # columns for output that is not a terminal (a file, a pager, CI logs)
+
+
+def _width(stream) -> int | None:
+    """None (the terminal's own width, or ``COLUMNS``) for a terminal; otherwise
+    ``PIPED_WIDTH``, so that a table piped to a file or a pager is not squeezed into 80
+    columns with every cell cut short."""
+    if os.environ.get("COLUMNS") or stream.isatty():
+        return None
+    return PIPED_WIDTH
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 
 
 def open_store(settings):

@@ -182,3 +182,27 @@ def _is_redis_for(proc_dir: Path, data_dir: Path) -> bool:
         return "redis-server" in (proc_dir / "cmdline").read_text() and (proc_dir / "cwd").resolve() == data_dir
     except OSError:
         return False
+
+
+def test_piped_output_is_wide_and_a_terminal_or_columns_decide_otherwise(tmp_path: Path, monkeypatch):
+    import io
+
+    from router_gateway.cli_common import PIPED_WIDTH, _width
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert _width(io.StringIO()) == PIPED_WIDTH and _width(Tty()) is None
+    monkeypatch.setenv("COLUMNS", "100")
+    assert _width(io.StringIO()) is None
+    # As a user piping a table to a file or a pager: its rows are not cut to 80 columns.
+    d = tmp_path / "data"
+    sy(d, "experts", "add", "a-rather-long-expert-name-for-a-wide-table", "--backend", "openai",
+       "--base-url", "http://127.0.0.1:9/v1", "--served-model", "some-served-model-name", "--no-check")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"SWITCHYARD_DATA_DIR": str(d), "NO_COLOR": "1"}
+    env.pop("SWITCHYARD_REDIS_URL", None)
+    out = subprocess.run([sys.executable, "-m", "router_gateway.cli", "experts", "list"], env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "a-rather-long-expert-name-for-a-wide-table" in out and max(map(len, out.splitlines())) > 80
