@@ -219,6 +219,9 @@ def evaluate(router_dir: Path, logs: Path, fmt: Optional[str] = None,
         import numpy as np
 
         fresh = np.array([pid not in seen for pid in data.prompt_ids])
+        if not fresh.any():
+            _fail(f"all {data.n_prompts} prompts of {logs} were in the router's training logs; evaluate "
+                  "on prompts it has not seen (`switchyard train --holdout 0.2` keeps some aside)")
         if not fresh.all():
             console.print(f"[yellow]{int((~fresh).sum())} prompts were in the router's training "
                           "logs; evaluating on the other prompts only[/yellow]")

@@ -84,6 +84,12 @@ def test_train_holdout_and_eval_table(tmp_path: Path, logs):
     # The whole training file: the 60 prompts it trained on are left out.
     both = sy(tmp_path / "data", "eval", "--router-dir", str(out), "--logs", str(train)).stdout
     assert "60 prompts were in the router's training logs" in both and "20 prompts" in both
+    # Logs it was trained on only: nothing left to evaluate, and the error says why.
+    seen = tmp_path / "seen.jsonl"
+    held_ids = {json.loads(line)["prompt_id"] for line in held.read_text().splitlines()}
+    write_logs([r for r in _rows(80, 1) if r["prompt_id"] not in held_ids], seen)
+    proc = sy(tmp_path / "data", "eval", "--router-dir", str(out), "--logs", str(seen), check=False)
+    assert proc.returncode == 1 and "in the router's training logs" in proc.stderr and "--holdout" in proc.stderr
 
 
 def test_train_symbolic_prints_its_model_selection(tmp_path: Path, logs):
