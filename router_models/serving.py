@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -71,13 +72,15 @@ class BatchedScorer:
         self.scored = 0
 
     def warm(self) -> float:
-        """Score :data:`WARM_QUERY` once, outside the cache and the counters, so that the
-        first client does not pay for loading the encoder, its first forward pass, or state
-        a router builds on its first prediction (about 3 s for a MiniLM router). Blocking:
-        call it from a thread. Returns the milliseconds it took."""
+        """Score :data:`WARM_QUERY` once, outside this scorer's cache and counters, so that
+        the first client does not pay for loading the encoder, its first forward pass, or
+        state a router builds on its first prediction (about 3 s for a MiniLM router). The
+        query ends in a fresh random tag, so that a persistent embedding cache cannot answer
+        it without the encoder. Blocking: call it from a thread. Returns the milliseconds it
+        took."""
         t0 = time.perf_counter()
         with torch_threads(self.threads):
-            self._predict([WARM_QUERY])
+            self._predict([f"{WARM_QUERY} ({uuid.uuid4().hex[:12]})"])
         return (time.perf_counter() - t0) * 1e3
 
     @staticmethod
