@@ -36,6 +36,9 @@ def _prices(path: Optional[Path]) -> dict | None:
         _fail(f"--prices-file {path}: expected {{\"model\": [input_per_1m, output_per_1m]}}: {exc}")
 
 
+DROPPED_WARN = 0.1   # share of the source's rows dropped above which loading warns
+
+
 def _load(logs: Path, fmt: Optional[str], prices: Optional[Path]):
     from router_models.logs import LogFormatError, load_logs
 
@@ -51,6 +54,9 @@ def _load(logs: Path, fmt: Optional[str], prices: Optional[Path]):
                   f"{rep.dropped_rows} dropped")
     for note in rep.notes:
         console.print(f"  - {note}")
+    if rep.rows_read and rep.dropped_rows > DROPPED_WARN * rep.rows_read:
+        console.print(f"[yellow]warning: {rep.dropped_rows} of {rep.rows_read} rows "
+                      f"({rep.dropped_rows / rep.rows_read:.0%}) were dropped; the notes above say why[/yellow]")
     return data
 
 

@@ -23,9 +23,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from router_models.logs import FORMATS, Cells, LoadReport, LogFormatError, count_tokens, prompt_text
+from router_models.logs import FORMATS, ROW_COLUMNS, Cells, LoadReport, LogFormatError, count_tokens, prompt_text
 
 _REQUIRED = ("prompt", "model", "score")
+_EXTRA_COLUMNS = ("response",)   # read by no router, written by `switchyard fleet eval`: not worth a note
 _MISSING = frozenset({"", "nan", "none", "null", "na", "n/a"})
 _SUFFIXES = {"rows-jsonl": (".jsonl",), "rows-csv": (".csv",), "rows-parquet": (".parquet",),
              "routerbench": (".csv",), "routellm": (".csv",)}
@@ -86,6 +87,8 @@ def parse_score(v: Any, counts: Counter) -> float | None:
         status = "bad"
     if status != "ok":
         counts["missing_score" if status == "missing" else "unparseable_score"] += 1
+        if status == "bad" and 1.0 < x <= 100.0:
+            counts["score_above_one"] += 1   # a hint in the report: percentages?
         return None
     return x
 
@@ -274,6 +277,11 @@ def _read_rows(f: Path, fmt: str, report: LoadReport, counts: Counter, prices: P
     if not all(c in columns for c in _REQUIRED):
         raise LogFormatError(f"{f}: format {fmt} needs columns {list(_REQUIRED)}; saw {_show(columns)}")
     cost_missing_rule = "missing_cost" if "cost_usd" in columns else "no_cost_in_source"
+    ignored = [c for c in columns if c not in ROW_COLUMNS and c not in _EXTRA_COLUMNS and not _is_index(c)]
+    if ignored:
+        counts["ignored_column"] += len(ignored)
+        report.add("ignored_column", 0, note=f"ignored {{n}} column(s) not in the row schema: "
+                                            f"{', '.join(ignored[:20])} (the schema's: {', '.join(ROW_COLUMNS)})")
     cells = Cells()
     for r in records:
         counts["rows_read"] += 1

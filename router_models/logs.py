@@ -49,6 +49,8 @@ RULES = {
     "missing_model": "{n} rows had no model name and were dropped",
     "missing_score": "{n} (prompt, model) cells had no score and were left out (score and cost NaN)",
     "unparseable_score": "{n} scores were unparseable or outside [0, 1] and were dropped",
+    "score_above_one": "{n} of those lie in (1, 100]: if the scores are percentages, divide them by 100",
+    "ignored_column": "ignored {n} column(s) not in the row schema",
     "unparseable_line": "{n} lines were not JSON objects and were dropped",
     "missing_cost": "{n} logged cells had no cost; their cost is NaN",
     "unparseable_cost": "{n} costs were unparseable or negative; their cost is NaN",

@@ -111,6 +111,18 @@ def test_train_symbolic_prints_its_model_selection(tmp_path: Path, logs):
     assert shown[0] == round(max(r["aiq"] for r in rows), 4)
 
 
+def test_loading_warns_when_many_rows_are_dropped(tmp_path: Path):
+    rows = _rows(20, 4)
+    for r in rows[::2]:
+        r["score"] = 100.0 * r["score"] + 50.0   # half of them on a 0-100 scale: dropped
+    logs = write_logs(rows, tmp_path / "half.jsonl")
+    proc = sy(tmp_path / "data", "train", "--logs", str(logs), "--router", "knn", "--out", str(tmp_path / "k"))
+    assert "warning: 30 of 60 rows (50%) were dropped" in proc.stdout and "divide them by 100" in proc.stdout
+    clean = sy(tmp_path / "data", "train", "--logs", str(write_logs(_rows(20, 4), tmp_path / "ok.jsonl")),
+               "--router", "knn", "--out", str(tmp_path / "k2"))
+    assert "warning" not in clean.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--logs", "missing.jsonl", "--router", "knn", "--out", "x"], "no such logs"),
     (["train", "--logs", "{train}", "--router", "nope", "--out", "x"], "unknown router 'nope'"),

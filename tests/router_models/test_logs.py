@@ -191,7 +191,7 @@ def test_llmrouter_matrices_costs_and_report():
          [NAN, 4 * 0.2 + 0.4, NAN]]) / 1e6, rtol=1e-12)
     r = logs.report
     assert (r.rows_read, r.dropped_rows) == (5, 2)
-    assert r.counts == {"missing_score": 1, "unparseable_score": 1, "prompt_without_scores": 1,
+    assert r.counts == {"missing_score": 1, "unparseable_score": 1, "score_above_one": 1, "prompt_without_scores": 1,
                         "query_not_found": 1, "multi_task_prompt": 1, "unknown_model_price": 1,
                         "cost_derived_from_tokens": 7}
     assert any("ground_truth answer (a stand-in: the source has no responses), floor 1" in n for n in r.notes)
@@ -246,7 +246,7 @@ def test_rows_jsonl_dirty_rows():
     assert logs.latency_s[0, 0] == 0.5
     r = logs.report
     assert (r.rows_read, r.dropped_rows) == (12, 5)
-    assert r.counts == {"missing_score": 1, "unparseable_score": 2, "missing_prompt": 1, "unparseable_line": 1,
+    assert r.counts == {"missing_score": 1, "unparseable_score": 2, "score_above_one": 1, "missing_prompt": 1, "unparseable_line": 1,
                         "missing_cost": 1, "unparseable_cost": 1, "prompt_id_generated": 1,
                         "duplicate_prompt_merged": 1, "duplicate_row_averaged": 2}
 
@@ -260,6 +260,22 @@ def test_rows_csv_with_index_column():
     np.testing.assert_allclose(logs.costs, [[0.01, 0.025], [NAN, NAN]], rtol=1e-12)
     assert logs.report.counts == {"missing_score": 1, "missing_cost": 1, "duplicate_prompt_merged": 1,
                                   "multi_task_prompt": 1, "duplicate_row_averaged": 1}
+
+
+def test_rows_report_unread_columns_and_scores_that_look_like_percentages(tmp_path):
+    # A user's own CSV: costs under "cost" (the schema says cost_usd), scores in 0..100, a
+    # pandas index and a response column (neither worth a note).
+    f = tmp_path / "mine.csv"
+    lines = ["Unnamed: 0,prompt,model,score,cost,response"]
+    lines += [f"{i},question {i},{m},{s},0.001,text" for i, (m, s) in
+              enumerate([("a", 0), ("b", 100), ("a", 50), ("b", 1), ("a", 250)])]
+    f.write_text("\n".join(lines) + "\n")
+    r = load_logs(f).report
+    assert r.counts["ignored_column"] == 1 and r.counts["unparseable_score"] == 3 and r.counts["score_above_one"] == 2
+    notes = "\n".join(r.notes)
+    assert "ignored 1 column(s) not in the row schema: cost (the schema's: prompt_id" in notes
+    assert "2 of those lie in (1, 100]: if the scores are percentages, divide them by 100" in notes
+    assert "response" not in notes and "Unnamed" not in notes and r.dropped_rows == 3
 
 
 def test_rows_parquet_bool_scores(tmp_path):
