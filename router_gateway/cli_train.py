@@ -162,14 +162,11 @@ def _print_cv(rows: list[dict]) -> None:
     """A table of the best candidates of the router's inner cross-validation (the
     classifier's rows name a ``model``, the symbolic router's ``params``), best first: the
     first is the one the router chose."""
+    from router_models.classifier import cv_rank
+
     if not rows:
         return
-
-    def rank(row: dict) -> tuple[float, float]:   # the routers' own choice: AIQ, then Brier
-        aiq = row["aiq"]
-        return (aiq if aiq == aiq else -1.0, -row["brier"])
-
-    rows = sorted(rows, key=rank, reverse=True)
+    rows = sorted(rows, key=cv_rank, reverse=True)
     table = Table("candidate", "AIQ", "Brier", "", title="model selection by cross-validation, best first")
     for i, row in enumerate(rows[:CV_ROWS]):
         label = row.get("model", row.get("params"))

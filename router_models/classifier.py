@@ -33,6 +33,11 @@ def _fold_ids(n: int, k: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n) % k
 
 
+def cv_rank(row: dict) -> tuple[float, float]:
+    """How model selection orders a cross-validation row: AIQ (NaN last), then Brier score."""
+    return float(np.nan_to_num(row["aiq"], nan=-1.0)), -row["brier"]
+
+
 def cross_validate(X: Any, Y: np.ndarray, costs: np.ndarray, c_hat: np.ndarray,
                    candidates: list[dict], k: int = 5, seed: int = 0,
                    progress: bool = False) -> list[dict]:
@@ -111,8 +116,7 @@ class ClassifierRouter(QueryCut, Router):
             self.cv_results_ = cross_validate(X, Y, logs.costs, c_hat, candidates,
                                               k=self.cv, seed=self.seed,
                                               progress=logs.n_prompts > 1000)
-            best = max(self.cv_results_, key=lambda r: (np.nan_to_num(r["aiq"], nan=-1.0),
-                                                        -r["brier"]))
+            best = max(self.cv_results_, key=cv_rank)
             spec = best["model"]
         else:
             self.cv_results_ = []

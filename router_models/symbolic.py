@@ -56,7 +56,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from router_models.base import Router
-from router_models.classifier import _fold_ids
+from router_models.classifier import _fold_ids, cv_rank
 from router_models.featurize import QUERY_PIECES, QueryCut
 from router_models.logs import BenchmarkLogs
 from router_models.metrics import evaluate_router, reference_points
@@ -147,8 +147,7 @@ class SymbolicRouter(QueryCut, Router):
             sizes = sorted({min(s, cap) for s in GRID["n_skills"]})
             self.cv_results_ = self._cross_validate(X, Y, logs.costs, c_hat, sizes,
                                                     vocabulary, vocabs)
-            best = max(self.cv_results_, key=lambda r: (np.nan_to_num(r["aiq"], nan=-1.0),
-                                                        -r["brier"]))
+            best = max(self.cv_results_, key=cv_rank)
             chosen = dict(best["params"])
         vocab = vocabs.get(chosen["n_skills"]) or vocabulary(min(chosen["n_skills"], cap))
         chosen["n_skills"] = vocab.size
